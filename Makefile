@@ -1,0 +1,52 @@
+# The two commands of the README: `make smoke` (whole DAG at smoke scale) and `make test` (test suite).
+# Each first creates/updates the project-local environment in .venv/ from the exact lock in envs/.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+UV_VERSION := 0.13.9
+STAMP := $(VENV)/.densessl-installed
+CORES ?= 2
+SMOKE_ARGS ?=
+
+.PHONY: env smoke test test-fast lint lock clean-smoke dry-run
+
+env: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(BIN)/uv: | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+# Reinstall only when the lock or the package metadata change; uv keeps a download cache, so a second
+# machine-local install (or CI after a session) costs seconds.
+$(STAMP): envs/requirements.lock pyproject.toml | $(BIN)/uv
+	$(BIN)/uv pip install --python $(BIN)/python --require-hashes -r envs/requirements.lock
+	$(BIN)/uv pip install --python $(BIN)/python --no-deps -e .
+	$(BIN)/python -m densessl doctor
+	touch $(STAMP)
+
+smoke: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES) --configfile config.yaml --config preset=smoke $(SMOKE_ARGS)
+
+dry-run: $(STAMP)
+	$(BIN)/snakemake -n --configfile config.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not e2e" tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
+	$(BIN)/snakemake --lint --configfile config.yaml
+
+# Re-resolve the lock from pyproject.toml (needs network). Commit the result.
+lock: | $(BIN)/uv
+	$(BIN)/uv pip compile pyproject.toml --extra dev --generate-hashes --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 -o envs/requirements.lock
+
+clean-smoke:
+	rm -rf results/smoke

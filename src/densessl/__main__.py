@@ -1,0 +1,3 @@
+from densessl.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,105 @@
+"""Backbones by name. Every architecture is a timm ``VisionTransformer`` built from explicit keyword
+arguments (never a hub download), so the same code builds the 2-layer smoke ViT and ViT-H/16.
+
+The architecture name plus its keyword arguments are stored with every exported checkpoint, which is all a
+later stage needs to rebuild the module before loading the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+from timm.models.vision_transformer import VisionTransformer
+
+from densessl.errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Standard ViT sizes (Dosovitskiy et al.; DINO vision_transformer.py uses the same widths/depths/heads for
+# S and B, see reference/methods/dino.md §1). qkv_bias=True and LayerNorm eps 1e-6 match DINO and timm.
+VIT_ARCHS: dict[str, dict[str, Any]] = {
+    # smoke scale: design.md "Smoke scale" (D=128, depth 4, 64 px, patch 8 worked best on 2 CPU cores)
+    "vit-tiny-p8": dict(img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4),
+    "vit-s16": dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    "vit-b16": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "vit-l16": dict(img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16),
+    "vit-h16": dict(img_size=224, patch_size=16, embed_dim=1280, depth=32, num_heads=16),
+}
+
+# Report names of architectures, as the papers write them.
+ARCH_DISPLAY = {
+    "vit-tiny-p8": "ViT-Tiny/8 (smoke)",
+    "vit-s16": "ViT-S/16",
+    "vit-b16": "ViT-B/16",
+    "vit-l16": "ViT-L/16",
+    "vit-h16": "ViT-H/16",
+}
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    patch_size: int
+    embed_dim: int
+    num_heads: int
+    num_prefix_tokens: int
+    img_size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+def vit_kwargs(arch: str, **overrides: Any) -> dict[str, Any]:
+    """Full keyword arguments for ``VisionTransformer`` of ``arch``; ``overrides`` win (e.g. drop_path_rate)."""
+    if arch not in VIT_ARCHS:
+        raise ConfigError(f"unknown architecture {arch!r}; choose one of {sorted(VIT_ARCHS)}")
+    kwargs: dict[str, Any] = dict(
+        VIT_ARCHS[arch],
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        num_classes=0,
+        class_token=True,
+        global_pool="token",
+        dynamic_img_size=True,  # multi-crop feeds 224 and 96 px crops through the same positional embedding
+        drop_path_rate=0.0,
+        gelu_tanh=False,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def create_backbone(arch: str, **overrides: Any) -> VisionTransformer:
+    """Build the backbone ``arch`` with random weights (timm's default init)."""
+    kwargs = vit_kwargs(arch, **overrides)
+    gelu_tanh = kwargs.pop("gelu_tanh")
+    if gelu_tanh:  # LOCA's flax ViT uses the tanh approximation of GELU (reference/methods/loca.md §4)
+        kwargs["act_layer"] = partial(nn.GELU, approximate="tanh")
+    if not kwargs["class_token"] and kwargs["global_pool"] == "token":
+        kwargs["global_pool"] = "avg"
+    kwargs["norm_layer"] = partial(nn.LayerNorm, eps=1e-6)
+    return VisionTransformer(**kwargs)
+
+
+def backbone_info(model: nn.Module) -> BackboneInfo:
+    patch = model.patch_embed.patch_size
+    img = model.patch_embed.img_size
+    return BackboneInfo(
+        patch_size=int(patch[0] if isinstance(patch, tuple) else patch),
+        embed_dim=int(model.embed_dim),
+        num_heads=int(model.blocks[0].attn.num_heads),
+        num_prefix_tokens=int(model.num_prefix_tokens),
+        img_size=int(img[0] if isinstance(img, tuple) else img),
+    )
+
+
+def patch_tokens(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Final-norm patch tokens as a grid (B, D, H/p, W/p); prefix (class/register) tokens dropped."""
+    tokens = model.forward_features(images)
+    prefix = model.num_prefix_tokens
+    b, _, h, w = images.shape
+    p = backbone_info(model).patch_size
+    grid = tokens[:, prefix:, :]
+    return grid.transpose(1, 2).reshape(b, grid.shape[-1], h // p, w // p)
