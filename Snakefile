@@ -1,0 +1,25 @@
+# densessl: the whole reproduction as one DAG. Rules only declare files and call `python -m densessl`;
+# all logic (paths, settings, validation) lives in src/densessl. See README.md.
+from pathlib import Path
+
+from densessl.config import load_config
+
+configfile: "config.yaml"
+
+# The preset may be overridden with `--config preset=paper`; other settings belong in config files.
+CFG = load_config(workflow.configfiles, preset=config.get("preset"))
+CONFIG_ARGS = " ".join(f"--config {f}" for f in workflow.configfiles) + f" --preset {CFG.preset}"
+PY = "python -m densessl"
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/convert.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        [str(p) for p in CFG.all_targets()],
+    default_target: True

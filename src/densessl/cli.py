@@ -1,0 +1,134 @@
+"""`python -m densessl <stage>`: the single entry point that Snakemake rules and DVC stages both call.
+
+Stages: data, pretrain, convert, evaluate, report; plus `doctor` (checks the environment) and
+`data synthesize` (write a synthetic dataset anywhere, outside the DAG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from densessl.errors import DenseSSLError
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", action="append", default=None, metavar="FILE",
+                   help="config file(s), merged in order onto the preset (default: config.yaml)")
+    p.add_argument("--preset", choices=["smoke", "paper"], default=None, help="override config.yaml's preset")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: config 'threads')")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="densessl", description=__doc__)
+    sub = parser.add_subparsers(dest="stage", required=True)
+
+    p = sub.add_parser("data", help="prepare one dataset (synthesise at smoke scale) and write its manifest")
+    _add_common(p)
+    p.add_argument("--dataset", required=True)
+
+    p = sub.add_parser("synthesize", help="write a synthetic dataset in a real layout to any folder")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--size", default="smoke", choices=["tiny", "smoke"])
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("pretrain", help="pretrain one run (resumes from its checkpoint if present)")
+    _add_common(p)
+    p.add_argument("--run", required=True, help="run id, e.g. dino/vit-tiny-p8-imagenet")
+
+    p = sub.add_parser("convert", help="export a run's backbone (teacher weights) or a random init")
+    _add_common(p)
+    p.add_argument("--run", required=True)
+
+    p = sub.add_parser("evaluate", help="run one evaluation protocol on one backbone")
+    _add_common(p)
+    p.add_argument("protocol")
+    p.add_argument("--run", required=True)
+    p.add_argument("--device", default=None)
+
+    p = sub.add_parser("report", help="build the report tables from every metrics.json")
+    _add_common(p)
+
+    p = sub.add_parser("targets", help="print the files `snakemake` would build (one per line)")
+    _add_common(p)
+
+    sub.add_parser("doctor", help="check that torch and torchvision's compiled ops work")
+    return parser
+
+
+def _config(args: argparse.Namespace):  # noqa: ANN202
+    from densessl.config import load_config
+
+    cfg = load_config(args.config or ["config.yaml"], preset=args.preset)
+    import torch
+
+    torch.set_num_threads(args.threads or cfg.threads)
+    return cfg
+
+
+def doctor() -> None:
+    import torch
+    import torchvision
+    from torchvision.ops import nms, roi_align
+
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 11.0, 11.0], [50.0, 50.0, 60.0, 60.0]])
+    keep = nms(boxes, torch.tensor([0.9, 0.8, 0.7]), 0.5)
+    assert keep.tolist() == [0, 2], keep
+    pooled = roi_align(torch.ones(1, 1, 8, 8), [torch.tensor([[0.0, 0.0, 4.0, 4.0]])], output_size=2)
+    assert pooled.shape == (1, 1, 2, 2)
+    cuda = torch.cuda.is_available()
+    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}: nms and roi_align OK "
+          f"(CUDA {'available: ' + torch.cuda.get_device_name(0) if cuda else 'not available, CPU'})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        if args.stage == "doctor":
+            doctor()
+        elif args.stage == "synthesize":
+            from densessl.data.synthetic import synthesize
+
+            print(synthesize(args.dataset, args.out, args.size, args.seed))
+        elif args.stage == "data":
+            from densessl.stages.data import run_data
+
+            print(run_data(_config(args), args.dataset))
+        elif args.stage == "pretrain":
+            from densessl.stages.pretrain import run_pretrain
+
+            print(run_pretrain(_config(args), args.run))
+        elif args.stage == "convert":
+            from densessl.stages.convert import run_convert
+
+            print(run_convert(_config(args), args.run))
+        elif args.stage == "evaluate":
+            from densessl.stages.evaluate import run_evaluate
+
+            print(run_evaluate(_config(args), args.protocol, args.run, args.device))
+        elif args.stage == "report":
+            from densessl.report.build import build_report
+
+            print(build_report(_config(args)))
+        elif args.stage == "targets":
+            for target in _config(args).all_targets():
+                print(target)
+    except DenseSSLError as exc:
+        print(f"densessl {args.stage}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from densessl.train.trainer import REQUEUE_EXIT_CODE, Preempted
+
+        if isinstance(exc, Preempted):
+            print(f"densessl {args.stage}: {exc}; exiting with {REQUEUE_EXIT_CODE} (requeue)", file=sys.stderr)
+            return REQUEUE_EXIT_CODE
+        raise
+    except KeyboardInterrupt:
+        print(f"densessl {args.stage}: interrupted; outputs are written atomically, re-run to continue",
+              file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,246 @@
+"""config.yaml + preset → one resolved configuration, validated with messages that name the field.
+
+The preset file (workflow/presets/<preset>.yaml) supplies every default and config.yaml overrides any key
+of it; both are checked against workflow/schemas/config.schema.yaml. Snakemake (the Snakefile), DVC (dvc.yaml)
+and the CLI all resolve the configuration through this module, so the orchestrators hold no logic.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import jsonschema
+import yaml
+
+from densessl.errors import ConfigError
+
+PRESETS = ("smoke", "paper")
+METHOD_DISPLAY = {"dino": "DINO", "random-init": "random init"}
+DATA_DISPLAY = {"imagenet": "ImageNet-1k", "coco": "COCO", "ade20k": "ADE20K"}
+
+
+def find_project_root(start: Path | None = None) -> Path:
+    """The folder holding workflow/presets (the repository root)."""
+    start = (start or Path.cwd()).resolve()
+    for candidate in (start, *start.parents):
+        if (candidate / "workflow" / "presets").is_dir():
+            return candidate
+    raise ConfigError(f"{start}: no workflow/presets folder here or above; run densessl from the repository root")
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _schema(root: Path) -> dict[str, Any]:
+    return load_yaml(root / "workflow" / "schemas" / "config.schema.yaml")
+
+
+def validate(data: dict[str, Any], source: str, root: Path) -> None:
+    """Raise ConfigError naming the field, the bad value and what is allowed."""
+    validator = jsonschema.Draft202012Validator(_schema(root))
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
+    if not errors:
+        return
+    lines = []
+    for err in errors[:10]:
+        field = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+        hint = ""
+        if err.validator == "enum":
+            hint = f"; allowed values: {', '.join(map(str, err.validator_value))}"
+        elif err.validator == "additionalProperties":
+            allowed = sorted(err.schema.get("properties", {}))
+            hint = f"; allowed fields here: {', '.join(allowed)}"
+        lines.append(f"  {field}: {err.message}{hint}")
+    raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(lines))
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def stable_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One backbone to evaluate: a pretraining run or a random-init baseline."""
+
+    method: str
+    arch: str
+    data: str           # pretraining data, or "seed<k>" for random init
+    epochs: int | None = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.method}/{self.arch}-{self.data}"
+
+    @property
+    def is_random_init(self) -> bool:
+        return self.method == "random-init"
+
+    @property
+    def seed(self) -> int:
+        return int(self.data.removeprefix("seed"))
+
+
+class Config:
+    """The resolved configuration and the paths every stage reads and writes."""
+
+    def __init__(self, data: dict[str, Any], root: Path):
+        self.data = data
+        self.root = root
+
+    # ------------------------------------------------------------------ basic fields
+    @property
+    def preset(self) -> str:
+        return self.data["preset"]
+
+    @property
+    def threads(self) -> int:
+        return int(self.data.get("threads", 1))
+
+    @property
+    def hash(self) -> str:
+        return stable_hash(self.data)
+
+    @property
+    def results(self) -> Path:
+        return Path(self.data.get("results_dir", "results")) / self.preset
+
+    @property
+    def pretrain_runs(self) -> list[Run]:
+        return [Run(r["method"], r["arch"], r["data"], r.get("epochs")) for r in self.data.get("runs", [])]
+
+    @property
+    def archs(self) -> list[str]:
+        return sorted({r.arch for r in self.pretrain_runs})
+
+    @property
+    def baseline_runs(self) -> list[Run]:
+        return [Run("random-init", arch, f"seed{s}") for arch in self.archs
+                for s in self.data.get("random_init_seeds", [])]
+
+    @property
+    def all_runs(self) -> list[Run]:
+        return self.pretrain_runs + self.baseline_runs
+
+    def run(self, run_id: str) -> Run:
+        for r in self.all_runs:
+            if r.id == run_id:
+                return r
+        raise ConfigError(f"run {run_id!r} is not in the configuration; runs: {[r.id for r in self.all_runs]}")
+
+    @property
+    def evaluations(self) -> list[str]:
+        return list(self.data.get("evaluations", []))
+
+    @property
+    def datasets(self) -> list[str]:
+        """Datasets the configured runs and evaluations read."""
+        needed = {r.data for r in self.pretrain_runs}
+        needed |= {EVALUATIONS[e]["dataset"] for e in self.evaluations}
+        return sorted(needed)
+
+    # ------------------------------------------------------------------ per-stage settings
+    def pretrain_settings(self, run: Run) -> dict[str, Any]:
+        """{'method': {...}, 'train': {...}} for one run, per-arch overrides applied."""
+        settings = copy.deepcopy(self.data.get("pretrain", {}).get(run.method, {}))
+        per_arch = settings.pop("arch", {}) or {}
+        settings = deep_merge({"method": {}, "train": {}}, settings)
+        settings = deep_merge(settings, per_arch.get(run.arch, {}))
+        if run.epochs is not None:
+            settings["train"]["epochs"] = run.epochs
+        return settings
+
+    def eval_settings(self, protocol: str) -> dict[str, Any]:
+        key = EVALUATIONS[protocol]["settings"]
+        return copy.deepcopy(self.data.get("evaluate", {}).get(key, {}))
+
+    def data_settings(self, dataset: str) -> dict[str, Any]:
+        d = self.data.get("data", {})
+        return {"synthetic": bool(d.get("synthetic", False)), "size": d.get("synthetic_size", "smoke"),
+                "seed": int(d.get("synthetic_seed", 0)), "root": (d.get("roots") or {}).get(dataset)}
+
+    # ------------------------------------------------------------------ paths
+    def data_manifest(self, dataset: str) -> Path:
+        return self.results / "data" / dataset / "manifest.json"
+
+    def pretrain_dir(self, run: Run) -> Path:
+        return self.results / "pretrain" / run.method / f"{run.arch}-{run.data}"
+
+    def final_checkpoint(self, run: Run) -> Path:
+        return self.pretrain_dir(run) / "final.pt"
+
+    def backbone(self, run: Run) -> Path:
+        return self.pretrain_dir(run) / "backbone.safetensors"
+
+    def eval_metrics(self, protocol: str, run: Run) -> Path:
+        return self.results / "eval" / protocol / run.method / f"{run.arch}-{run.data}" / "metrics.json"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.results / "report"
+
+    def report_outputs(self) -> list[Path]:
+        return [self.report_dir / name for name in ("report.md", "index.html", "tables.json")]
+
+    def all_targets(self) -> list[Path]:
+        return self.report_outputs()
+
+
+# Evaluation protocols: the dataset each reads and the settings block that configures it.
+EVALUATIONS: dict[str, dict[str, str]] = {
+    "patchseg_coco": {"dataset": "coco", "settings": "patchseg", "protocol_file": "protocols/patchseg.md",
+                      "title": "Patch-Seg probe (frozen backbone), COCO-Stuff"},
+    "linear_ade20k": {"dataset": "ade20k", "settings": "linear_seg",
+                      "protocol_file": "protocols/segmenter_linear_ade20k.md",
+                      "title": "Segmenter linear decoder, ADE20K"},
+}
+
+
+def load_config(config_files: Iterable[str | Path] = ("config.yaml",), preset: str | None = None,
+                overrides: dict[str, Any] | None = None, root: Path | None = None) -> Config:
+    """Merge preset ← config files ← overrides, validating each user layer and the result."""
+    user: dict[str, Any] = {}
+    root = root or find_project_root()
+    for f in config_files:
+        path = Path(f)
+        layer = load_yaml(path if path.is_absolute() else Path.cwd() / path)
+        validate(layer, str(path), root)
+        user = deep_merge(user, layer)
+    if overrides:
+        validate(overrides, "command-line overrides", root)
+        user = deep_merge(user, overrides)
+    if preset is not None:
+        user["preset"] = preset
+    name = user.get("preset", "smoke")
+    if name not in PRESETS:
+        raise ConfigError(f"preset: {name!r} is not a preset; allowed values: {', '.join(PRESETS)}")
+    preset_path = root / "workflow" / "presets" / f"{name}.yaml"
+    base = load_yaml(preset_path)
+    validate(base, str(preset_path), root)
+    merged = deep_merge(base, user)
+    merged["preset"] = name
+    validate(merged, f"{preset_path} merged with {', '.join(map(str, config_files))}", root)
+    return Config(merged, root)

@@ -1,0 +1,43 @@
+"""ImageNet in ImageFolder layout (``<root>/<split>/<wnid>/*.JPEG``), as DINO reads it
+(``torchvision.datasets.ImageFolder``; reference/datasets.md). Pretraining ignores the labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset, find_classes
+
+from densessl.errors import DataError
+
+
+class ImageFolderImages(Dataset):
+    """Images of an ImageFolder split, returned as RGB PIL images (labels dropped)."""
+
+    def __init__(self, root: str | Path, split: str = "train", max_items: int | None = None):
+        folder = Path(root) / split
+        if not folder.is_dir():
+            raise DataError(f"{folder}: not found; expected an ImageNet-style folder '<root>/{split}/<class>/*.JPEG'"
+                            f" (set data.roots.imagenet in config.yaml to the dataset root)")
+        try:
+            _, class_to_idx = find_classes(str(folder))
+            samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS)
+        except FileNotFoundError as exc:
+            raise DataError(f"{folder}: {exc}") from exc
+        self.paths = [Path(p) for p, _ in sorted(samples)]
+        if max_items is not None:
+            self.paths = self.paths[:max_items]
+        if not self.paths:
+            raise DataError(f"{folder}: no images found (extensions {IMG_EXTENSIONS})")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Image.Image:
+        path = self.paths[index]
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read image ({exc})") from exc

@@ -1,0 +1,68 @@
+"""Dataset manifests: the one file downstream stages read to find a dataset and pin its content.
+
+A manifest records the dataset root, file counts and a content fingerprint. At smoke scale the fingerprint
+hashes every byte; for real datasets (hundreds of GB) it hashes the sorted file listing with sizes, which
+catches missing, added or truncated files without reading the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from densessl.errors import DataError
+from densessl.io import read_json
+
+FULL_HASH_LIMIT_BYTES = 2 << 30
+
+# Folders a dataset root must contain (relative paths), per layout in reference/datasets.md.
+EXPECTED_LAYOUT: dict[str, list[str]] = {
+    "imagenet": ["train"],
+    "coco": ["images/train2017", "images/val2017", "annotations/train2017", "annotations/val2017"],
+    "ade20k": ["ADEChallengeData2016/images/training", "ADEChallengeData2016/images/validation",
+               "ADEChallengeData2016/annotations/training", "ADEChallengeData2016/annotations/validation"],
+}
+
+
+def check_layout(dataset: str, root: Path) -> None:
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset root of {dataset!r} not found; set data.roots.{dataset} in config.yaml")
+    missing = [rel for rel in EXPECTED_LAYOUT.get(dataset, []) if not (root / rel).is_dir()]
+    if dataset == "ade20k" and missing and (root / "images" / "training").is_dir():
+        return  # root points at ADEChallengeData2016 itself
+    if missing:
+        raise DataError(f"{root}: not a {dataset} layout; missing folder(s) {missing} "
+                        f"(see reference/datasets.md for the expected layout)")
+
+
+def fingerprint(root: Path) -> dict[str, Any]:
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".densessl"))
+    total = sum(p.stat().st_size for p in files)
+    listing = hashlib.sha256()
+    content = hashlib.sha256() if total <= FULL_HASH_LIMIT_BYTES else None
+    for p in files:
+        rel = p.relative_to(root).as_posix()
+        size = p.stat().st_size
+        listing.update(f"{rel}\t{size}\n".encode())
+        if content is not None:
+            content.update(rel.encode() + b"\0")
+            with open(p, "rb") as f:
+                while block := f.read(1 << 20):
+                    content.update(block)
+    counts: dict[str, int] = {}
+    for p in files:
+        top = p.relative_to(root).parts[0]
+        counts[top] = counts.get(top, 0) + 1
+    return {"num_files": len(files), "bytes": total, "files_per_top_folder": counts,
+            "listing_sha256": listing.hexdigest(),
+            "content_sha256": content.hexdigest() if content is not None else None}
+
+
+def data_root(manifest_path: str | os.PathLike[str]) -> Path:
+    manifest = read_json(manifest_path)
+    root = Path(manifest.get("root", ""))
+    if not root.is_dir():
+        raise DataError(f"{manifest_path}: field 'root' = {str(root)!r} is not a folder; re-run the data stage")
+    return root

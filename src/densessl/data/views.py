@@ -1,0 +1,86 @@
+"""Multi-crop views that remember where each crop came from.
+
+Every crop records its box (in the source image's normalised coordinates) and whether it was flipped, so
+dense methods (LOCA, SelfPatch, GTSA, CLoVE) can compute exact patch correspondences between views; DINO
+simply ignores the geometry.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageFilter, ImageOps
+
+from densessl.models.backbones import IMAGENET_MEAN, IMAGENET_STD
+
+
+@dataclass
+class CropSpec:
+    """One kind of crop (e.g. DINO's 'global 1'); ``count`` identical-recipe crops are produced."""
+
+    size: int
+    scale: tuple[float, float]
+    count: int = 1
+    blur_prob: float = 0.5
+    solarize_prob: float = 0.0
+
+
+@dataclass
+class ColorAugmentation:
+    """DINO ``DataAugmentationDINO`` photometric recipe (reference/methods/dino.md §1 'Views')."""
+
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_radius: tuple[float, float] = (0.1, 2.0)
+    flip_prob: float = 0.5
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclass
+class MultiCropViews:
+    crops: list[CropSpec]
+    color: ColorAugmentation = field(default_factory=ColorAugmentation)
+
+    def __post_init__(self) -> None:
+        c = self.color
+        self._jitter = T.RandomApply([T.ColorJitter(*c.jitter)], p=c.jitter_prob)
+        self._gray = T.RandomGrayscale(p=c.grayscale_prob)
+        self._to_tensor = T.Compose([T.ToTensor(), T.Normalize(c.mean, c.std)])
+
+    @property
+    def num_crops(self) -> int:
+        return sum(spec.count for spec in self.crops)
+
+    def _one_crop(self, image: Image.Image, spec: CropSpec) -> tuple[torch.Tensor, list[float], bool]:
+        top, left, h, w = T.RandomResizedCrop.get_params(image, scale=spec.scale, ratio=(3 / 4, 4 / 3))
+        crop = TF.resized_crop(image, top, left, h, w, [spec.size, spec.size],
+                               interpolation=T.InterpolationMode.BICUBIC)
+        flipped = random.random() < self.color.flip_prob
+        if flipped:
+            crop = TF.hflip(crop)
+        crop = self._gray(self._jitter(crop))
+        if random.random() < spec.blur_prob:
+            radius = random.uniform(*self.color.blur_radius)
+            crop = crop.filter(ImageFilter.GaussianBlur(radius=radius))
+        if random.random() < spec.solarize_prob:
+            crop = ImageOps.solarize(crop)
+        width, height = image.size
+        box = [left / width, top / height, (left + w) / width, (top + h) / height]
+        return self._to_tensor(crop), box, flipped
+
+    def __call__(self, image: Image.Image) -> dict[str, Any]:
+        crops, boxes, flips = [], [], []
+        for spec in self.crops:
+            for _ in range(spec.count):
+                tensor, box, flipped = self._one_crop(image, spec)
+                crops.append(tensor)
+                boxes.append(box)
+                flips.append(flipped)
+        return {"crops": crops, "boxes": torch.tensor(boxes), "flips": torch.tensor(flips)}

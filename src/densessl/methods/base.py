@@ -1,0 +1,77 @@
+"""What every pretraining method provides to the shared trainer."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from densessl.errors import ConfigError
+
+METHODS: dict[str, type["PretrainMethod"]] = {}
+
+
+def register(cls: type["PretrainMethod"]) -> type["PretrainMethod"]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type["PretrainMethod"]:
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; registered methods: {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def build_dataclass(cls: type, values: dict[str, Any] | None, where: str) -> Any:
+    """Instantiate a config dataclass, rejecting unknown keys with a message naming them and the valid ones."""
+    values = dict(values or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; valid fields: {sorted(names)}")
+    for f in dataclasses.fields(cls):  # YAML gives lists where the dataclass wants tuples
+        if f.name in values and isinstance(values[f.name], list) and "tuple" in str(f.type):
+            values[f.name] = tuple(values[f.name])
+    return cls(**values)
+
+
+class PretrainMethod(nn.Module, metaclass=abc.ABCMeta):
+    """Student, teacher and loss of one method.
+
+    The trainer owns the loop (optimiser, schedules, checkpoints, DDP); a method owns what one step computes,
+    how views are made and which backbone is exported. ``student`` is the module the optimiser updates.
+    """
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type]
+
+    student: nn.Module
+    teacher: nn.Module | None
+
+    @abc.abstractmethod
+    def views(self) -> Callable[[Any], Any]:
+        """The view generator applied to each raw image (runs in DataLoader workers)."""
+
+    @abc.abstractmethod
+    def loss(self, batch: Any, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Scalar loss of one batch plus floats to log."""
+
+    def update_teacher(self, momentum: float) -> None:
+        """EMA teacher update θ_t ← m θ_t + (1 − m) θ_s (no-op for methods without a teacher)."""
+
+    def cancel_gradients(self, epoch: int) -> None:
+        """Drop gradients of parameters frozen at this epoch (e.g. DINO's last layer in epoch 0)."""
+
+    @abc.abstractmethod
+    def export_backbone(self) -> nn.Module:
+        """The backbone evaluated downstream (the teacher where the paper evaluates the teacher)."""
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Non-parameter state that must survive resume (e.g. DINO's centre)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        pass

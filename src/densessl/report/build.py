@@ -1,0 +1,218 @@
+"""Rebuild the report tables from the metrics files, next to the published numbers.
+
+Every value in the report is read from a metrics.json that a run of this workflow wrote; published numbers
+come only from paper_tables.yaml (copied from reference/paper_tables.yaml) and are shown only where the row
+(method, architecture, pretraining data) and the protocol are the ones the paper reports, and never for
+synthetic data.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from densessl import provenance
+from densessl.config import DATA_DISPLAY, EVALUATIONS, METHOD_DISPLAY, Config, Run
+from densessl.io import read_json, write_json, write_text
+from densessl.models.backbones import ARCH_DISPLAY
+
+# Metrics shown per protocol (headline first), with the unit they are reported in.
+REPORTED_METRICS: dict[str, list[str]] = {
+    "patchseg_coco": ["macro_recall", "macro_f1_nanaware", "macro_precision_nanaware", "macro_accuracy"],
+    "linear_ade20k": ["mIoU", "mAcc", "aAcc"],
+}
+
+
+@dataclass
+class Cell:
+    table: str
+    method: str
+    arch: str
+    pretrain_data: str
+    metric: str
+    value: float | None
+    published: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def load_paper_tables() -> list[dict[str, Any]]:
+    text = resources.files("densessl.report").joinpath("paper_tables.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text)
+
+
+def display(run: Run) -> tuple[str, str, str]:
+    method = METHOD_DISPLAY.get(run.method, run.method)
+    data = "none" if run.is_random_init else DATA_DISPLAY.get(run.data, run.data)
+    if run.is_random_init:
+        method = f"{method} ({run.data})"
+    return method, ARCH_DISPLAY.get(run.arch, run.arch), data
+
+
+def published_value(tables: list[dict[str, Any]], protocol: str, run: Run, metric: str,
+                    synthetic: bool) -> float | None:
+    if synthetic:
+        return None
+    protocol_file = EVALUATIONS[protocol]["protocol_file"]
+    method, arch, data = display(run)
+    for table in tables:
+        if table.get("protocol") != protocol_file or metric not in table.get("columns", []):
+            continue
+        for row in table.get("rows", []):
+            if (row.get("method"), row.get("arch"), row.get("pretrain_data")) == (method, arch, data):
+                return row["values"].get(metric)
+    return None
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def build_report(cfg: Config) -> Path:
+    started = time.time()
+    tables = load_paper_tables()
+    synthetic = bool(cfg.data.get("data", {}).get("synthetic", False))
+    cells: list[Cell] = []
+    sections_md: list[str] = []
+    sections_html: list[str] = []
+    stage_times: list[tuple[str, float | None]] = []
+    for protocol in cfg.evaluations:
+        metrics = REPORTED_METRICS[protocol]
+        rows: list[tuple[Run, dict[str, Any]]] = []
+        for run in cfg.all_runs:
+            result = read_json(cfg.eval_metrics(protocol, run))
+            rows.append((run, result["metrics"]))
+            stage_times.append((f"evaluate {protocol} {run.id}", result["provenance"].get("wall_s")))
+            for metric in metrics:
+                method, arch, data = display(run)
+                cells.append(Cell(protocol, method, arch, data, metric, _metric(result["metrics"], metric),
+                                  published_value(tables, protocol, run, metric, synthetic)))
+        header = ["method", "arch", "pretrain data", *metrics, "published"]
+        body = []
+        for run, values in rows:
+            method, arch, data = display(run)
+            pub = published_value(tables, protocol, run, metrics[0], synthetic)
+            body.append([method, arch, data, *[_fmt(_metric(values, m)) for m in metrics], _fmt(pub)])
+        margins = baseline_margins(cfg, rows, metrics)
+        title = f"{EVALUATIONS[protocol]['title']} (`{protocol}`)"
+        sections_md.append(_md_section(title, header, body, margins, metrics))
+        sections_html.append(_html_section(title, header, body, margins, metrics))
+
+    for run in cfg.pretrain_runs:
+        summary = cfg.pretrain_dir(run) / "train_summary.json"
+        if summary.is_file():
+            stage_times.append((f"pretrain {run.id}", read_json(summary)["provenance"].get("wall_s")))
+    data_hashes = {}
+    for dataset in cfg.datasets:
+        manifest = read_json(cfg.data_manifest(dataset))
+        fp = manifest["fingerprint"]
+        data_hashes[dataset] = fp["content_sha256"] or fp["listing_sha256"]
+        stage_times.append((f"data {dataset}", manifest["provenance"].get("wall_s")))
+
+    prov = provenance.collect("report", cfg.hash, {"data": data_hashes}, started)
+    out = cfg.report_dir
+    write_json(out / "tables.json", [c.as_dict() for c in cells])
+    md = _markdown(cfg, sections_md, prov, stage_times, synthetic)
+    write_text(out / "report.md", md)
+    write_text(out / "index.html", _html(cfg, sections_html, prov, stage_times, synthetic))
+    return out / "report.md"
+
+
+def _metric(values: dict[str, Any], name: str) -> float | None:
+    value = values.get(name)
+    return None if value is None else float(value)
+
+
+def baseline_margins(cfg: Config, rows: list[tuple[Run, dict[str, Any]]], metrics: list[str]
+                     ) -> list[list[str]]:
+    """For each pretrained run: value − best random-init seed of the same architecture, per metric."""
+    out = []
+    for run, values in rows:
+        if run.is_random_init:
+            continue
+        baselines = [v for r, v in rows if r.is_random_init and r.arch == run.arch]
+        if not baselines:
+            continue
+        line = [display(run)[0], ARCH_DISPLAY.get(run.arch, run.arch)]
+        for m in metrics:
+            ours = _metric(values, m)
+            best = max((x for x in (_metric(b, m) for b in baselines) if x is not None and not math.isnan(x)),
+                       default=None)
+            if ours is None or best is None or math.isnan(ours):
+                line.append("–")
+            else:
+                line.append(f"{ours - best:+.2f} ({'beats' if ours > best else 'does not beat'} best of "
+                            f"{len(baselines)} seeds, {best:.2f})")
+        out.append(line)
+    return out
+
+
+def _md_table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def _md_section(title: str, header: list[str], body: list[list[str]], margins: list[list[str]],
+                metrics: list[str]) -> str:
+    text = f"## {title}\n\n{_md_table(header, body)}\n"
+    if margins:
+        text += "\nMargin over the best random-init seed:\n\n" + _md_table(["method", "arch", *metrics], margins) + "\n"
+    return text
+
+
+def _markdown(cfg: Config, sections: list[str], prov: dict[str, Any], stage_times: list[tuple[str, Any]],
+              synthetic: bool) -> str:
+    note = ("Synthetic data (smoke scale): these numbers test the pipeline and the learning signal; they are not "
+            "comparable with published numbers, so the `published` column is empty.\n\n" if synthetic else "")
+    prov_lines = [f"- git commit: `{prov['git']['commit']}`" + (" (uncommitted changes)" if prov["git"]["dirty"] else ""),
+                  f"- config hash: `{cfg.hash}` (preset `{cfg.preset}`)",
+                  *[f"- data `{k}`: `{v[:16]}`" for k, v in prov["inputs"]["data"].items()],
+                  "- packages: " + ", ".join(f"{k} {v}" for k, v in prov["packages"].items() if v),
+                  f"- hardware: {prov['hardware']['cpu_count']} CPUs, CUDA: {prov['hardware'].get('cuda') or 'none'},"
+                  f" {prov['hardware']['platform']}"]
+    times = _md_table(["stage", "wall time (s)"], [[s, _fmt(t, 1)] for s, t in stage_times])
+    return (f"# densessl report ({cfg.preset})\n\n{note}" + "\n".join(sections) +
+            "\n## Provenance\n\n" + "\n".join(prov_lines) + "\n\n### Wall time per stage\n\n" + times + "\n")
+
+
+def _html_table(header: list[str], body: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def _html_section(title: str, header: list[str], body: list[list[str]], margins: list[list[str]],
+                  metrics: list[str]) -> str:
+    text = f"<h2>{html.escape(title)}</h2>{_html_table(header, body)}"
+    if margins:
+        text += "<p>Margin over the best random-init seed:</p>" + _html_table(["method", "arch", *metrics], margins)
+    return text
+
+
+def _html(cfg: Config, sections: list[str], prov: dict[str, Any], stage_times: list[tuple[str, Any]],
+          synthetic: bool) -> str:
+    note = ("<p><em>Synthetic data (smoke scale): numbers test the pipeline and the learning signal and are not "
+            "comparable with published numbers.</em></p>" if synthetic else "")
+    items = [f"git commit: {prov['git']['commit']}", f"config hash: {cfg.hash} (preset {cfg.preset})",
+             *[f"data {k}: {v}" for k, v in prov["inputs"]["data"].items()],
+             "packages: " + ", ".join(f"{k} {v}" for k, v in prov["packages"].items() if v),
+             f"hardware: {prov['hardware']['cpu_count']} CPUs, CUDA: {prov['hardware'].get('cuda') or 'none'}"]
+    prov_html = "<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in items) + "</ul>"
+    times = _html_table(["stage", "wall time (s)"], [[s, _fmt(t, 1)] for s, t in stage_times])
+    style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse;"
+             "margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}"
+             "td:first-child,th:first-child{text-align:left}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>densessl report ({cfg.preset})</title>"
+            f"<style>{style}</style></head><body><h1>densessl report ({html.escape(cfg.preset)})</h1>{note}"
+            + "".join(sections) + f"<h2>Provenance</h2>{prov_html}<h3>Wall time per stage</h3>{times}</body></html>\n")

@@ -1,0 +1,38 @@
+"""Data stage: synthesise (smoke) or check (paper) a dataset, then write its manifest."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from densessl import provenance
+from densessl.config import Config
+from densessl.data.manifest import check_layout, fingerprint
+from densessl.errors import ConfigError
+from densessl.io import write_json
+
+
+def run_data(cfg: Config, dataset: str) -> Path:
+    started = time.time()
+    settings = cfg.data_settings(dataset)
+    manifest_path = cfg.data_manifest(dataset)
+    if settings["synthetic"]:
+        from densessl.data.synthetic import synthesize
+
+        root = manifest_path.parent / "files"
+        if root.exists():
+            shutil.rmtree(root)
+        summary = synthesize(dataset, root, settings["size"], settings["seed"])
+        source = {"synthetic": True, "size": settings["size"], "seed": settings["seed"], "summary": summary}
+    else:
+        if not settings["root"]:
+            raise ConfigError(f"data.roots.{dataset} is not set: the {cfg.preset} preset reads real data; "
+                              f"add 'data: {{roots: {{{dataset}: /path/to/{dataset}}}}}' to config.yaml")
+        root = Path(settings["root"]).expanduser().resolve()
+        source = {"synthetic": False}
+    check_layout(dataset, root)
+    manifest = {"dataset": dataset, "root": str(root.resolve()), **source, "fingerprint": fingerprint(root),
+                "provenance": provenance.collect("data", cfg.hash, started=started)}
+    write_json(manifest_path, manifest)
+    return manifest_path

@@ -1,0 +1,50 @@
+"""Evaluate stage: one protocol on one exported backbone → metrics.json."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from densessl import provenance
+from densessl.checkpoints.io import load_backbone
+from densessl.config import EVALUATIONS, Config
+from densessl.data.manifest import data_root
+from densessl.errors import ConfigError
+from densessl.io import read_json, sha256_file, write_json
+from densessl.methods.base import build_dataclass
+
+
+def _protocol(protocol: str) -> tuple[type, Any]:
+    if protocol == "patchseg_coco":
+        from densessl.evaluate.patchseg import PatchSegConfig, run_patchseg
+
+        return PatchSegConfig, run_patchseg
+    if protocol == "linear_ade20k":
+        from densessl.evaluate.linear_seg import LinearSegConfig, run_linear_seg
+
+        return LinearSegConfig, run_linear_seg
+    raise ConfigError(f"unknown evaluation {protocol!r}; choose one of {sorted(EVALUATIONS)}")
+
+
+def run_evaluate(cfg: Config, protocol: str, run_id: str, device: str | None = None) -> Path:
+    started = time.time()
+    run = cfg.run(run_id)
+    config_cls, runner = _protocol(protocol)
+    settings = cfg.eval_settings(protocol)
+    eval_cfg = build_dataclass(config_cls, settings, f"evaluate.{EVALUATIONS[protocol]['settings']}")
+    backbone_path = cfg.backbone(run)
+    backbone, meta = load_backbone(backbone_path)
+    manifest = cfg.data_manifest(EVALUATIONS[protocol]["dataset"])
+    out = cfg.eval_metrics(protocol, run)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    metrics = runner(backbone, data_root(manifest), eval_cfg, out.parent, device=device)
+    write_json(out, {
+        "protocol": protocol, "run": run.id, "method": run.method, "arch": run.arch, "pretrain_data": run.data,
+        "settings": settings, "metrics": metrics,
+        "provenance": provenance.collect(f"evaluate/{protocol}", cfg.hash, {
+            "backbone_sha256": sha256_file(backbone_path), "backbone_source": meta.get("source"),
+            "data": read_json(manifest)["fingerprint"]}, started)})
+    return out

@@ -1,0 +1,43 @@
+"""Pretrain stage: train one (method, arch, data) run to its final training state."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from densessl import provenance
+from densessl.config import Config
+from densessl.data.imagenet import ImageFolderImages
+from densessl.data.manifest import data_root
+from densessl.io import atomic_path, read_json, write_json
+from densessl.methods import get_method
+from densessl.methods.base import build_dataclass
+from densessl.train.trainer import CHECKPOINT_NAME, Trainer, TrainConfig
+
+
+def run_pretrain(cfg: Config, run_id: str) -> Path:
+    started = time.time()
+    run = cfg.run(run_id)
+    settings = cfg.pretrain_settings(run)
+    train_cfg = build_dataclass(TrainConfig, settings["train"], f"pretrain.{run.method}.train")
+    method = get_method(run.method)(run.arch, settings["method"], epochs=train_cfg.epochs)
+    manifest = cfg.data_manifest(run.data)
+    dataset = ImageFolderImages(data_root(manifest), "train", max_items=train_cfg.max_train_images)
+    out_dir = cfg.pretrain_dir(run)
+    trainer = Trainer(method, dataset, train_cfg, out_dir)
+    summary = trainer.fit()
+    final = cfg.final_checkpoint(run)
+    if trainer.rank == 0:
+        with atomic_path(final) as tmp:
+            shutil.copyfile(out_dir / CHECKPOINT_NAME, tmp)
+        write_json(out_dir / "train_summary.json", {
+            "run": run.id, "method_config": settings["method"], "train_config": settings["train"],
+            "images": len(dataset), "iters_per_epoch": trainer.iters_per_epoch, **summary,
+            "provenance": provenance.collect("pretrain", cfg.hash, {
+                "data": read_json(manifest)["fingerprint"]}, started)})
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return final

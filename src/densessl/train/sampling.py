@@ -1,0 +1,73 @@
+"""Deterministic, resumable data order and augmentation randomness.
+
+Resume must continue the exact same run, so neither the order of images nor the random crops may depend on
+how many DataLoader workers there are or on where the run was interrupted: the permutation is a function of
+(seed, epoch), and each sample's augmentation RNGs are seeded from (seed, epoch, index).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+
+class EpochPermutationSampler(Sampler[int]):
+    """Shuffled indices for (seed, epoch), split across ranks, starting at ``start_batch`` of this epoch."""
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.num_items = num_items
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.start_batch = 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Full batches per rank per epoch (drop_last, as DINO's loader)."""
+        return self.num_items // (self.batch_size * self.world_size)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def _indices(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(self.num_items, generator=g).tolist()
+        usable = self.batches_per_epoch * self.batch_size * self.world_size
+        return perm[:usable][self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices()[self.start_batch * self.batch_size:])
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+
+class SeededAugmentation(Dataset):
+    """Wrap a dataset of PIL images so that item ``i`` of epoch ``e`` is always augmented identically."""
+
+    def __init__(self, base: Dataset, transform: Callable[[Any], Any], seed: int):
+        self.base = base
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        item_seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
+        random.seed(item_seed)
+        np.random.seed(item_seed % (2**32))
+        torch.manual_seed(item_seed)
+        image = self.base[index]
+        return self.transform(image)

@@ -1,0 +1,21 @@
+# Helpers that map wildcards to densessl's configuration (no logic beyond lookups).
+from densessl.config import EVALUATIONS, stable_hash
+
+RESULTS = str(CFG.results)
+RUN_IDS = [r.id for r in CFG.all_runs]
+PRETRAIN_IDS = [r.id for r in CFG.pretrain_runs]
+
+
+def run_id(wildcards):
+    return f"{wildcards.method}/{wildcards.name}"
+
+
+def run_of(wildcards):
+    return CFG.run(run_id(wildcards))
+
+
+wildcard_constraints:
+    method="[a-z0-9-]+",
+    name="[A-Za-z0-9.-]+",
+    dataset="[a-z0-9]+",
+    protocol="[a-z0-9_]+",

@@ -1,0 +1,14 @@
+rule evaluate:
+    input:
+        backbone=lambda w: str(CFG.backbone(run_of(w))),
+        manifest=lambda w: str(CFG.data_manifest(EVALUATIONS[w.protocol]["dataset"])),
+    output:
+        metrics=f"{RESULTS}/eval/{{protocol}}/{{method}}/{{name}}/metrics.json",
+    params:
+        run=run_id,
+        settings=lambda w: stable_hash(CFG.eval_settings(w.protocol)),
+    log:
+        f"{RESULTS}/logs/eval/{{protocol}}/{{method}}/{{name}}.log",
+    threads: 1
+    shell:
+        "{PY} evaluate {wildcards.protocol} {CONFIG_ARGS} --run {params.run} --threads {threads} > {log} 2>&1"

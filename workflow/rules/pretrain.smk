@@ -1,0 +1,15 @@
+rule pretrain:
+    input:
+        manifest=lambda w: str(CFG.data_manifest(run_of(w).data)),
+    output:
+        final=f"{RESULTS}/pretrain/{{method}}/{{name}}/final.pt",
+    params:
+        run=run_id,
+        settings=lambda w: stable_hash(CFG.pretrain_settings(run_of(w))),
+    log:
+        f"{RESULTS}/logs/pretrain/{{method}}/{{name}}.log",
+    threads: CFG.threads
+    resources:
+        gpus=0 if CFG.preset == "smoke" else 8,
+    shell:
+        "{PY} pretrain {CONFIG_ARGS} --run {params.run} --threads {threads} > {log} 2>&1"
