@@ -1,5 +1,6 @@
 # densessl: the whole reproduction as one DAG. Rules only declare files and call `python -m densessl`;
 # all logic (paths, settings, validation) lives in src/densessl. See README.md.
+import sys
 from pathlib import Path
 
 from densessl.config import load_config
@@ -7,9 +8,10 @@ from densessl.config import load_config
 configfile: "config.yaml"
 
 # The preset may be overridden with `--config preset=paper`; other settings belong in config files.
-CFG = load_config(workflow.configfiles, preset=config.get("preset"))
+CFG = load_config(workflow.configfiles, preset=config.get("preset"), root=Path(workflow.basedir))
 CONFIG_ARGS = " ".join(f"--config {f}" for f in workflow.configfiles) + f" --preset {CFG.preset}"
-PY = "python -m densessl"
+# The interpreter running Snakemake (the project venv) also runs every stage, locally or on SLURM nodes.
+PY = f"DENSESSL_ROOT={workflow.basedir} {sys.executable} -m densessl"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -25,12 +26,16 @@ DATA_DISPLAY = {"imagenet": "ImageNet-1k", "coco": "COCO", "ade20k": "ADE20K"}
 
 
 def find_project_root(start: Path | None = None) -> Path:
-    """The folder holding workflow/presets (the repository root)."""
+    """The folder holding workflow/presets (the repository root): DENSESSL_ROOT, else the current folder or a
+    parent of it, else the checkout this package was installed from (editable install)."""
+    if os.environ.get("DENSESSL_ROOT"):
+        return Path(os.environ["DENSESSL_ROOT"]).resolve()
     start = (start or Path.cwd()).resolve()
-    for candidate in (start, *start.parents):
+    for candidate in (start, *start.parents, *Path(__file__).resolve().parents):
         if (candidate / "workflow" / "presets").is_dir():
             return candidate
-    raise ConfigError(f"{start}: no workflow/presets folder here or above; run densessl from the repository root")
+    raise ConfigError(f"{start}: no workflow/presets folder here or above; run densessl from the repository root "
+                      f"or set DENSESSL_ROOT to it")
 
 
 def load_yaml(path: Path) -> dict[str, Any]:

@@ -29,7 +29,9 @@ def save_backbone(path: str | Path, model: nn.Module, arch: str, arch_kwargs: di
     """Write ``path`` (safetensors) and its ``.json`` sidecar, each atomically."""
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    header = {"format": FORMAT, "arch": arch, "arch_kwargs": json.dumps(arch_kwargs, sort_keys=True)}
+    # One metadata key: safetensors writes a multi-key metadata map in arbitrary order, which would make
+    # identical weights produce different bytes (and different DVC/Snakemake hashes).
+    header = {"densessl": json.dumps({"format": FORMAT, "arch": arch, "arch_kwargs": arch_kwargs}, sort_keys=True)}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=header)
     write_json(sidecar_path(path), {"format": FORMAT, "arch": arch, "arch_kwargs": arch_kwargs, **metadata})
@@ -45,7 +47,11 @@ def load_backbone(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         raise CheckpointError(f"{sidecar_path(path)}: field 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
     model = create_backbone(meta["arch"], **meta["arch_kwargs"])
     state = load_file(str(path))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatch
+        raise CheckpointError(f"{path}: weights do not match architecture {meta['arch']!r} "
+                              f"(from {sidecar_path(path)}): {str(exc).splitlines()[1:3]}") from exc
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match architecture {meta['arch']!r}: "
                               f"missing {missing[:5]}, unexpected {unexpected[:5]}")

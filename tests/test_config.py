@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from densessl.config import load_config
+from densessl.errors import ConfigError
+
+from conftest import REPO
+
+
+def write(tmp_path, data):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_default_config_resolves_runs_and_paths():
+    cfg = load_config([REPO / "config.yaml"], root=REPO)
+    assert cfg.preset == "smoke"
+    ids = [r.id for r in cfg.all_runs]
+    assert ids[0] == "dino/vit-tiny-p8-imagenet"
+    assert sum(r.is_random_init for r in cfg.all_runs) >= 3
+    assert cfg.datasets == ["ade20k", "coco", "imagenet"]
+    assert str(cfg.eval_metrics("patchseg_coco", cfg.all_runs[0])) == \
+        "results/smoke/eval/patchseg_coco/dino/vit-tiny-p8-imagenet/metrics.json"
+
+
+def test_bad_enum_names_field_and_allowed_values(tmp_path):
+    path = write(tmp_path, {"evaluations": ["patchseg_coco", "knn"]})
+    with pytest.raises(ConfigError) as exc:
+        load_config([path], root=REPO)
+    msg = str(exc.value)
+    assert str(path) in msg and "evaluations.1" in msg and "linear_ade20k" in msg
+
+
+def test_unknown_field_lists_allowed_fields(tmp_path):
+    path = write(tmp_path, {"data": {"synthetc": True}})
+    with pytest.raises(ConfigError, match=r"data: .*synthetc.*allowed fields here: roots, synthetic"):
+        load_config([path], root=REPO)
+
+
+def test_bad_preset(tmp_path):
+    path = write(tmp_path, {"preset": "huge"})
+    with pytest.raises(ConfigError, match="preset.*smoke, paper"):
+        load_config([path], root=REPO)
+
+
+def test_overrides_merge_onto_preset_and_per_arch(tmp_path):
+    path = write(tmp_path, {"pretrain": {"dino": {"train": {"epochs": 3},
+                                                  "arch": {"vit-tiny-p8": {"train": {"lr": 0.1}}}}}})
+    cfg = load_config([path], root=REPO)
+    settings = cfg.pretrain_settings(cfg.pretrain_runs[0])
+    assert settings["train"]["epochs"] == 3 and settings["train"]["lr"] == 0.1
+    assert settings["train"]["batch_size_per_gpu"] == 32  # untouched preset value
+    assert settings["method"]["out_dim"] == 4096
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config([tmp_path / "nope.yaml"], root=REPO)
+
+
+def test_paper_preset_requires_dataset_roots(tmp_path):
+    from densessl.stages.data import run_data
+
+    cfg = load_config([write(tmp_path, {"preset": "paper", "results_dir": str(tmp_path / "r")})], root=REPO)
+    with pytest.raises(ConfigError, match=r"data.roots.imagenet is not set"):
+        run_data(cfg, "imagenet")
