@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("targets", help="print the files `snakemake` would build (one per line)")
     _add_common(p)
 
+    p = sub.add_parser("dvc-yaml", help="print dvc.yaml for the configuration (same stages as the Snakefile)")
+    _add_common(p)
+
     sub.add_parser("doctor", help="check that torch and torchvision's compiled ops work")
     return parser
 
@@ -114,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
             from densessl.report.build import build_report
 
             print(build_report(_config(args)))
+        elif args.stage == "dvc-yaml":
+            from densessl.dvc_stages import render
+
+            print(render(_config(args)), end="")
         elif args.stage == "targets":
             for target in _config(args).all_targets():
                 print(target)
