@@ -63,6 +63,8 @@ def fingerprint(root: Path) -> dict[str, Any]:
 def data_root(manifest_path: str | os.PathLike[str]) -> Path:
     manifest = read_json(manifest_path)
     root = Path(manifest.get("root", ""))
+    if not root.is_absolute():
+        root = Path(manifest_path).parent / root
     if not root.is_dir():
         raise DataError(f"{manifest_path}: field 'root' = {str(root)!r} is not a folder; re-run the data stage")
     return root

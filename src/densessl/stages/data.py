@@ -32,7 +32,11 @@ def run_data(cfg: Config, dataset: str) -> Path:
         root = Path(settings["root"]).expanduser().resolve()
         source = {"synthetic": False}
     check_layout(dataset, root)
-    manifest = {"dataset": dataset, "root": str(root.resolve()), **source, "fingerprint": fingerprint(root),
+    # A root inside the results folder is stored relative to the manifest, so results can be moved or shared.
+    root = root.resolve()
+    here = manifest_path.parent.resolve()
+    stored_root = str(root.relative_to(here)) if root.is_relative_to(here) else str(root)
+    manifest = {"dataset": dataset, "root": stored_root, **source, "fingerprint": fingerprint(root),
                 "provenance": provenance.collect("data", cfg.hash, started=started)}
     write_json(manifest_path, manifest)
     return manifest_path

@@ -1,0 +1,504 @@
+"""Segmenter linear decoder on ADE20K (LOCA's segmentation protocol).
+
+reference/protocols/segmenter_linear_ade20k.md: the backbone (fine-tuned end to end) plus one
+``nn.Linear(D, n_cls)`` on every patch token, logits bilinearly upsampled to the input size; per-pixel
+cross-entropy after ``reduce_zero_label`` (0 = other -> ignored); SGD + polynomial decay; evaluation by
+sliding-window inference on the test-scaled image and mmseg IoU accumulated over the validation set.
+
+The data pipeline re-implements the mmseg pipeline Segmenter configures (``segm/data/config/ade20k.py``) in
+torch, without OpenCV: ``Resize(img_scale=(2048, 512), ratio_range=(0.5, 2.0))`` with keep-ratio rescaling
+(mmcv ``rescale_size`` rounding), ``RandomCrop(crop_size, cat_max_ratio=0.75)`` (up to 10 re-draws),
+``RandomFlip(0.5)``, ``PhotoMetricDistortion``, ``Normalize`` (backbone mean/std), ``Pad`` (image 0, label
+255). Bilinear resizing is ``F.interpolate(align_corners=False)`` rounded to 8-bit values, which is what
+OpenCV's INTER_LINEAR does on uint8 images; labels use nearest. The photometric distortion follows mmseg
+step by step (brightness +-32, contrast x[0.5, 1.5] before or after the HSV steps, saturation x[0.5, 1.5],
+hue +-18 on OpenCV's 0-180 scale, each with p = 0.5, 8-bit truncation after each step) with one
+simplification: the HSV round trip is done in floating point instead of OpenCV's 8-bit HSV, so H/S/V are not
+quantised. All randomness comes from torch's RNG (seeded; per-worker seeds come from the DataLoader).
+
+Smoke and paper scale use this same code; only the numbers in :class:`LinearSegConfig` change.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, trunc_normal_
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from densessl.data.ade20k import ADE_NUM_CLASSES, ADE20KSegmentation
+from densessl.errors import ConfigError
+from densessl.evaluate.metrics import IoUAccumulator, reduce_zero_label_map
+from densessl.io import write_json
+from densessl.models.backbones import backbone_info
+
+IGNORE_INDEX = 255
+REF = "reference/protocols/segmenter_linear_ade20k.md"
+
+
+@dataclass
+class LinearSegConfig:
+    """Defaults: Segmenter's ADE20K recipe (reference/protocols/segmenter_linear_ade20k.md, which cites
+    rstrudel/segmenter ``segm/config.yml``, ``segm/train.py`` and ``segm/data/config/ade20k.py``)."""
+
+    crop_size: int = 512  # "Random crop 512x512" / table: crop 512
+    base_scale: tuple[int, int] = (2048, 512)  # "Random resize, ratio 0.5-2.0 of base scale 2048x512"
+    ratio_range: tuple[float, float] = (0.5, 2.0)  # same line
+    cat_max_ratio: float = 0.75  # "Random crop 512x512, cat_max_ratio 0.75"
+    flip: float = 0.5  # "Horizontal flip 0.5"
+    photometric: bool = True  # "photometric distortion"
+    batch_size: int = 8  # Schedule: batch 8
+    iterations: int = 160_000  # Schedule: 64 epochs ~ 160k iterations
+    lr: float = 1e-3  # Schedule: SGD lr 1e-3
+    momentum: float = 0.9  # Schedule: momentum 0.9
+    weight_decay: float = 0.0  # Schedule: weight decay 0
+    poly_power: float = 0.9  # Schedule: polynomial, power 0.9, no warm-up
+    min_lr: float = 1e-5  # Schedule: min lr 1e-5
+    drop_path: float = 0.1  # Model: drop-path 0.1 (linearly increasing over blocks, as Segmenter's ViT)
+    finetune_backbone: bool = True  # Model: "fine-tuned end to end"; False = frozen linear probe
+    eval_window: int = 512  # Evaluation: sliding window 512
+    eval_stride: int = 512  # Evaluation: stride 512
+    eval_scale: tuple[int, int] | None = None  # test-pipeline resize; None = base_scale (as the config)
+    num_classes: int = ADE_NUM_CLASSES  # 150 classes
+    reduce_zero_label: bool = True  # Data: "Label 0 (other/unlabelled) is ignored (reduce_zero_label)"
+    seed: int = 0
+    num_workers: int = 0
+    max_train_items: int | None = None  # first N sorted images (smoke runs)
+    max_val_items: int | None = None
+    precision: str = "fp32"  # 'bf16' = bfloat16 autocast, CUDA only (Segmenter's --amp is off by default)
+    eval_batch_size: int = 8  # sliding windows forwarded together (a speed knob; results unchanged)
+
+    def validate(self) -> None:
+        if self.precision not in ("bf16", "fp32"):
+            raise ConfigError(f"linear_seg config: precision={self.precision!r} is not 'bf16' or 'fp32'")
+        for name in ("crop_size", "batch_size", "iterations", "eval_window", "eval_stride", "num_classes",
+                     "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"linear_seg config: {name}={getattr(self, name)} must be >= 1")
+        lo, hi = self.ratio_range
+        if not 0 < lo <= hi:
+            raise ConfigError(f"linear_seg config: ratio_range={self.ratio_range} must satisfy 0 < lo <= hi")
+        self.base_scale = tuple(int(v) for v in self.base_scale)  # type: ignore[assignment]
+        if self.eval_scale is not None:
+            self.eval_scale = tuple(int(v) for v in self.eval_scale)  # type: ignore[assignment]
+        self.ratio_range = tuple(float(v) for v in self.ratio_range)  # type: ignore[assignment]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Geometry and photometric transforms (mmseg semantics; images are float (3, H, W) in [0, 255])
+# ----------------------------------------------------------------------------------------------------------
+
+def rescale_size(width: int, height: int, scale: tuple[int, int]) -> tuple[int, int]:
+    """mmcv ``rescale_size`` with keep_ratio: the largest size whose long edge <= max(scale) and short edge
+    <= min(scale); ``int(x * f + 0.5)`` rounding. Returns (new_width, new_height)."""
+    factor = min(max(scale) / max(width, height), min(scale) / min(width, height))
+    return int(width * factor + 0.5), int(height * factor + 0.5)
+
+
+def resize_image(img: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
+    """Bilinear (half-pixel, no antialias) like OpenCV INTER_LINEAR, rounded to 8-bit values."""
+    if tuple(img.shape[-2:]) == tuple(size_hw):
+        return img
+    out = F.interpolate(img[None], size=size_hw, mode="bilinear", align_corners=False)[0]
+    return out.round_().clamp_(0, 255)
+
+
+def resize_labels(labels: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
+    if tuple(labels.shape[-2:]) == tuple(size_hw):
+        return labels
+    return F.interpolate(labels[None, None].float(), size=size_hw, mode="nearest")[0, 0].long()
+
+
+def _uniform(lo: float, hi: float) -> float:
+    return lo + (hi - lo) * torch.rand(()).item()
+
+
+def _coin() -> bool:
+    return bool(torch.randint(0, 2, ()).item())
+
+
+def random_resize(img: torch.Tensor, labels: torch.Tensor, base_scale: tuple[int, int],
+                  ratio_range: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """mmseg ``Resize(img_scale, ratio_range)`` / ``RandomResize(keep_ratio=True)``."""
+    ratio = _uniform(*ratio_range)
+    scale = (int(base_scale[0] * ratio), int(base_scale[1] * ratio))
+    w, h = rescale_size(img.shape[-1], img.shape[-2], scale)
+    return resize_image(img, (h, w)), resize_labels(labels, (h, w))
+
+
+def random_crop(img: torch.Tensor, labels: torch.Tensor, crop: int, cat_max_ratio: float,
+                ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+    """mmseg ``RandomCrop``: re-draw up to 10 times while one class covers >= cat_max_ratio of the crop."""
+    h, w = labels.shape
+
+    def draw() -> tuple[int, int]:
+        oy = int(torch.randint(0, max(h - crop, 0) + 1, ()).item())
+        ox = int(torch.randint(0, max(w - crop, 0) + 1, ()).item())
+        return oy, ox
+
+    oy, ox = draw()
+    if cat_max_ratio < 1.0:
+        for _ in range(10):
+            seg = labels[oy:oy + crop, ox:ox + crop]
+            cnt = torch.bincount(seg[seg != ignore_index].reshape(-1))
+            cnt = cnt[cnt > 0]
+            if len(cnt) > 1 and cnt.max().item() / cnt.sum().item() < cat_max_ratio:
+                break
+            oy, ox = draw()
+    return img[:, oy:oy + crop, ox:ox + crop], labels[oy:oy + crop, ox:ox + crop]
+
+
+def rgb_to_hsv(img: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) RGB in [0, 255] -> HSV with H in [0, 180) (OpenCV's 8-bit convention), S, V in [0, 255]."""
+    r, g, b = img[0], img[1], img[2]
+    maxc, _ = img.max(0)
+    minc, _ = img.min(0)
+    delta = maxc - minc
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    h = torch.where(maxc == r, (g - b) / safe % 6,
+                    torch.where(maxc == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    h = torch.where(delta > 0, h * 30.0, torch.zeros_like(h))  # 60 degrees per sector, halved
+    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)) * 255.0,
+                    torch.zeros_like(maxc))
+    return torch.stack([h % 180.0, s, maxc])
+
+
+def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
+    h, s, v = hsv[0] * 2.0, hsv[1] / 255.0, hsv[2]
+    c = v * s
+    hp = (h / 60.0) % 6
+    x = c * (1 - (hp % 2 - 1).abs())
+    zero = torch.zeros_like(c)
+    sector = hp.floor().long().clamp(0, 5)
+    r = torch.stack([c, x, zero, zero, x, c]).gather(0, sector[None])[0]
+    g = torch.stack([x, c, c, x, zero, zero]).gather(0, sector[None])[0]
+    b = torch.stack([zero, zero, x, c, c, x]).gather(0, sector[None])[0]
+    m = v - c
+    return torch.stack([r + m, g + m, b + m])
+
+
+def _convert(x: torch.Tensor, alpha: float = 1.0, beta: float = 0.0) -> torch.Tensor:
+    """mmseg ``PhotoMetricDistortion.convert``: x * alpha + beta, clipped to [0, 255], cast to uint8."""
+    return (x * alpha + beta).clamp_(0, 255).floor_()
+
+
+def photometric_distortion(img: torch.Tensor, brightness_delta: float = 32, contrast: tuple[float, float] = (0.5, 1.5),
+                           saturation: tuple[float, float] = (0.5, 1.5), hue_delta: int = 18) -> torch.Tensor:
+    """mmseg ``PhotoMetricDistortion`` (see the module docstring for the one simplification)."""
+    if _coin():
+        img = _convert(img, beta=_uniform(-brightness_delta, brightness_delta))
+    contrast_first = _coin()  # mmseg: mode = randint(2); mode 1 = contrast before the HSV steps
+    if contrast_first and _coin():
+        img = _convert(img, alpha=_uniform(*contrast))
+    if _coin():
+        hsv = rgb_to_hsv(img)
+        hsv[1] = _convert(hsv[1], alpha=_uniform(*saturation))
+        img = hsv_to_rgb(hsv).round_().clamp_(0, 255)
+    if _coin():
+        hsv = rgb_to_hsv(img)
+        hsv[0] = (hsv[0] + int(torch.randint(-hue_delta, hue_delta, ()).item())) % 180.0
+        img = hsv_to_rgb(hsv).round_().clamp_(0, 255)
+    if not contrast_first and _coin():
+        img = _convert(img, alpha=_uniform(*contrast))
+    return img
+
+
+def normalize(img: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """[0, 255] image -> (x / 255 - mean) / std, i.e. mmseg Normalize with mean*255, std*255."""
+    m = torch.tensor(mean, dtype=img.dtype).view(3, 1, 1) * 255.0
+    s = torch.tensor(std, dtype=img.dtype).view(3, 1, 1) * 255.0
+    return (img - m) / s
+
+
+def pad_to(img: torch.Tensor, labels: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """mmseg ``Pad(size=crop)``: bottom/right, image with 0 (after Normalize), labels with 255."""
+    ph, pw = max(size - img.shape[-2], 0), max(size - img.shape[-1], 0)
+    if ph or pw:
+        img = F.pad(img, (0, pw, 0, ph), value=0.0)
+        labels = F.pad(labels, (0, pw, 0, ph), value=IGNORE_INDEX)
+    return img, labels
+
+
+def _pil_to_tensor(image: Any) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float()
+
+
+class ADE20KTrain(Dataset):
+    """Augmented training crops: (normalised image (3, crop, crop), labels (crop, crop) int64, 255 ignored)."""
+
+    def __init__(self, reader: ADE20KSegmentation, cfg: LinearSegConfig, mean: tuple[float, ...],
+                 std: tuple[float, ...]) -> None:
+        self.reader, self.cfg, self.mean, self.std = reader, cfg, mean, std
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        image, raw = self.reader[index]
+        img = _pil_to_tensor(image)
+        lab = raw.astype(np.int64)
+        if cfg.reduce_zero_label:
+            lab = reduce_zero_label_map(lab)
+        labels = torch.from_numpy(lab)
+        img, labels = random_resize(img, labels, cfg.base_scale, cfg.ratio_range)
+        img, labels = random_crop(img, labels, cfg.crop_size, cfg.cat_max_ratio)
+        if torch.rand(()).item() < cfg.flip:
+            img, labels = img.flip(-1), labels.flip(-1)
+        if cfg.photometric:
+            img = photometric_distortion(img)
+        img = normalize(img, self.mean, self.std)
+        return pad_to(img, labels, cfg.crop_size)
+
+
+class ADE20KVal(Dataset):
+    """Test pipeline: keep-ratio resize to the eval scale and normalise; labels returned raw at full size."""
+
+    def __init__(self, reader: ADE20KSegmentation, scale: tuple[int, int], mean: tuple[float, ...],
+                 std: tuple[float, ...]) -> None:
+        self.reader, self.scale, self.mean, self.std = reader, scale, mean, std
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, raw = self.reader[index]
+        img = _pil_to_tensor(image)
+        w, h = rescale_size(img.shape[-1], img.shape[-2], self.scale)
+        img = normalize(resize_image(img, (h, w)), self.mean, self.std)
+        return img, torch.from_numpy(raw.astype(np.int64))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------
+
+def set_drop_path(backbone: nn.Module, rate: float) -> None:
+    """Stochastic depth linearly increasing from 0 to ``rate`` over the blocks (Segmenter / timm rule)."""
+    blocks = getattr(backbone, "blocks", None)
+    if blocks is None:
+        if rate > 0:
+            raise ConfigError(f"linear_seg: drop_path={rate} needs a backbone with .blocks (a timm ViT)")
+        return
+    dpr = torch.linspace(0, rate, len(blocks)).tolist()
+    for blk, p in zip(blocks, dpr):
+        for name in ("drop_path1", "drop_path2"):
+            if hasattr(blk, name):
+                setattr(blk, name, DropPath(p) if p > 0 else nn.Identity())
+
+
+class LinearSegmenter(nn.Module):
+    """Segmenter with the "linear" decoder: Linear(D, n_cls) on patch tokens (prefix tokens dropped),
+    reshaped to the patch grid and bilinearly upsampled to the input size. Inputs whose sides are not
+    multiples of the patch size are zero-padded bottom/right and the logits cropped back (Segmenter)."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        info = backbone_info(backbone)
+        self.backbone = backbone
+        self.patch_size = info.patch_size
+        self.num_prefix_tokens = info.num_prefix_tokens
+        self.num_classes = num_classes
+        self.head = nn.Linear(info.embed_dim, num_classes)
+        trunc_normal_(self.head.weight, std=0.02)  # Segmenter init_weights
+        nn.init.zeros_(self.head.bias)
+        self.freeze_backbone = False
+
+    def forward(self, im: torch.Tensor) -> torch.Tensor:
+        h0, w0 = im.shape[-2:]
+        p = self.patch_size
+        im = F.pad(im, (0, (-w0) % p, 0, (-h0) % p))
+        h, w = im.shape[-2:]
+        ctx = torch.no_grad() if self.freeze_backbone else nullcontext()
+        with ctx:
+            tokens = self.backbone.forward_features(im)[:, self.num_prefix_tokens:]
+        logits = self.head(tokens)  # (B, h/p * w/p, C)
+        logits = logits.transpose(1, 2).reshape(im.shape[0], self.num_classes, h // p, w // p)
+        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+        return logits[:, :, :h0, :w0]
+
+
+def slide_inference(forward: Callable[[torch.Tensor], torch.Tensor], img: torch.Tensor, window: int, stride: int,
+                    num_classes: int, batch_size: int = 8) -> torch.Tensor:
+    """mmseg ``slide_inference``: windows at ``idx * stride`` clamped to the border (a window shrinks to the
+    image when the image is smaller), logits summed and divided by the per-pixel window count.
+
+    ``img`` is (1, 3, H, W); returns (1, C, H, W) averaged logits. Windows are forwarded ``batch_size`` at a
+    time (all windows of one image have the same size), which changes nothing but speed.
+    """
+    _, _, h, w = img.shape
+    h_grids = max(h - window + stride - 1, 0) // stride + 1
+    w_grids = max(w - window + stride - 1, 0) // stride + 1
+    boxes = []
+    for hi in range(h_grids):
+        for wi in range(w_grids):
+            y1, x1 = hi * stride, wi * stride
+            y2, x2 = min(y1 + window, h), min(x1 + window, w)
+            y1, x1 = max(y2 - window, 0), max(x2 - window, 0)
+            boxes.append((y1, y2, x1, x2))
+    preds = img.new_zeros((1, num_classes, h, w), dtype=torch.float32)
+    count = img.new_zeros((1, 1, h, w), dtype=torch.float32)
+    for i in range(0, len(boxes), batch_size):
+        chunk = boxes[i:i + batch_size]
+        crops = torch.cat([img[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])
+        out = forward(crops).float()
+        for (y1, y2, x1, x2), logit in zip(chunk, out):
+            preds[0, :, y1:y2, x1:x2] += logit
+            count[0, :, y1:y2, x1:x2] += 1
+    return preds / count
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training and evaluation
+# ----------------------------------------------------------------------------------------------------------
+
+def poly_lr(step: int, total: int, base_lr: float, min_lr: float, power: float) -> float:
+    """Segmenter ``PolynomialLR`` without warm-up: (base - min) * (1 - step/total)^power + min."""
+    return (base_lr - min_lr) * (1 - min(step, total) / total) ** power + min_lr
+
+
+def _infinite(loader: DataLoader) -> Iterator[Any]:
+    while True:
+        yield from loader
+
+
+def evaluate_linear_seg(model: LinearSegmenter, data: ADE20KVal, cfg: LinearSegConfig, device: torch.device,
+                        autocast: Callable[[], AbstractContextManager[Any]]) -> dict[str, Any]:
+    """Sliding-window inference on the test-scaled image, logits resized to the label size, mmseg IoU."""
+    model.eval()
+    acc = IoUAccumulator(cfg.num_classes, IGNORE_INDEX, cfg.reduce_zero_label)
+    loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=cfg.num_workers)
+    with torch.no_grad():
+        for img, labels in tqdm(loader, desc="linear_seg eval", disable=None, leave=False):
+            img = img.to(device)[None]
+            with autocast():
+                logits = slide_inference(model, img, cfg.eval_window, cfg.eval_stride, cfg.num_classes,
+                                         cfg.eval_batch_size)
+            logits = F.interpolate(logits, size=tuple(labels.shape), mode="bilinear", align_corners=False)
+            acc.update(logits.argmax(1)[0].cpu(), labels)
+    m = acc.compute()
+    pct = lambda x: float(x) * 100.0
+    return {"mIoU": pct(m["mIoU"]), "mAcc": pct(m["mAcc"]), "aAcc": pct(m["aAcc"]),
+            "per_class_IoU": [pct(v) for v in m["IoU"]], "per_class_Acc": [pct(v) for v in m["Acc"]],
+            "num_val": acc.num_images}
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def run_linear_seg(backbone: nn.Module, data_root: Path, cfg: LinearSegConfig, out_dir: Path | None = None,
+                   device: str = "cpu") -> dict[str, Any]:
+    """Train the Segmenter linear decoder (and, by default, fine-tune a copy of ``backbone``) on ADE20K
+    training crops for ``cfg.iterations`` updates, then evaluate on the validation split.
+
+    Returns mIoU / mAcc / aAcc in percent, ``per_class_IoU`` / ``per_class_Acc`` (percent, NaN for classes
+    absent from labels and predictions), the training-loss curve and run facts; with ``out_dir`` the same
+    is written to ``out_dir/metrics.json`` (NaN as null). The caller's ``backbone`` is not modified.
+    """
+    cfg.validate()
+    t0 = time.time()
+    dev = torch.device(device)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    info = backbone_info(backbone)
+    train_reader = ADE20KSegmentation(data_root, "train", max_items=cfg.max_train_items)
+    val_reader = ADE20KSegmentation(data_root, "val", max_items=cfg.max_val_items)
+    if len(train_reader) < cfg.batch_size:
+        raise ConfigError(f"linear_seg: {len(train_reader)} training images < batch_size {cfg.batch_size}; "
+                          f"lower batch_size or raise max_train_items")
+    train_data = ADE20KTrain(train_reader, cfg, info.mean, info.std)
+    val_data = ADE20KVal(val_reader, cfg.eval_scale or cfg.base_scale, info.mean, info.std)
+
+    encoder = copy.deepcopy(backbone)
+    if cfg.finetune_backbone:
+        set_drop_path(encoder, cfg.drop_path)
+    model = LinearSegmenter(encoder, cfg.num_classes).to(dev)
+    if cfg.finetune_backbone:
+        params = list(model.parameters())
+    else:
+        model.freeze_backbone = True
+        for p in encoder.parameters():
+            p.requires_grad_(False)
+        params = list(model.head.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    use_bf16 = cfg.precision == "bf16" and dev.type == "cuda"
+
+    def autocast() -> AbstractContextManager[Any]:
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    loader = DataLoader(train_data, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                        num_workers=cfg.num_workers, generator=gen, pin_memory=dev.type == "cuda",
+                        persistent_workers=cfg.num_workers > 0)
+    criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+    log_every = max(1, cfg.iterations // 100)
+    loss_curve: list[dict[str, float]] = []
+    window_loss, window_n = 0.0, 0
+    batches = _infinite(loader)
+    bar = tqdm(range(cfg.iterations), desc="linear_seg train", disable=None, leave=False)
+    for step in bar:
+        model.train()
+        if not cfg.finetune_backbone:
+            encoder.eval()  # a frozen backbone has no train-time behaviour to keep (no drop-path)
+        lr = poly_lr(step, cfg.iterations, cfg.lr, cfg.min_lr, cfg.poly_power)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        img, labels = next(batches)
+        img, labels = img.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
+        with autocast():
+            loss = criterion(model(img), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        window_loss += loss.item()
+        window_n += 1
+        if window_n == log_every or step == cfg.iterations - 1:
+            loss_curve.append({"iteration": step + 1, "loss": window_loss / window_n, "lr": lr})
+            bar.set_postfix(loss=f"{window_loss / window_n:.4f}")
+            window_loss, window_n = 0.0, 0
+    if cfg.num_workers > 0:
+        del batches, loader  # stop persistent workers before evaluation starts its own
+
+    metrics = evaluate_linear_seg(model, val_data, cfg, dev, autocast)
+    result: dict[str, Any] = {
+        "protocol": "linear_seg",
+        **metrics,
+        "num_classes": cfg.num_classes,
+        "num_train": len(train_data),
+        "iterations": cfg.iterations,
+        "final_train_loss": loss_curve[-1]["loss"] if loss_curve else float("nan"),
+        "train_loss": loss_curve,
+        "patch_size": info.patch_size,
+        "device": str(dev),
+        "autocast_bf16": use_bf16,
+        "config": asdict(cfg),
+        "reference": REF,
+        "wall_time_s": time.time() - t0,
+    }
+    if out_dir is not None:
+        write_json(Path(out_dir) / "metrics.json", _json_safe(result))
+    return result
