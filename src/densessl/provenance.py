@@ -16,6 +16,8 @@ PACKAGES = ("densessl", "torch", "torchvision", "timm", "numpy", "pillow", "safe
 
 
 def git_commit(cwd: Path | None = None) -> dict[str, Any]:
+    """Commit of the densessl checkout that runs (not of the working directory, which may be elsewhere)."""
+    cwd = cwd or Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
                              check=True, timeout=10).stdout.strip()

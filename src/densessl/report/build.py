@@ -25,7 +25,7 @@ from densessl.models.backbones import ARCH_DISPLAY
 
 # Metrics shown per protocol (headline first), with the unit they are reported in.
 REPORTED_METRICS: dict[str, list[str]] = {
-    "patchseg_coco": ["macro_recall", "macro_f1_nanaware", "macro_precision_nanaware", "macro_accuracy"],
+    "patchseg_coco": ["macro_recall", "macro_f1_nanmean", "macro_precision_nanmean", "accuracy"],
     "linear_ade20k": ["mIoU", "mAcc", "aAcc"],
 }
 

@@ -37,7 +37,7 @@ def run_convert(cfg: Config, run_id: str) -> Path:
             method.teacher.load_state_dict(state["teacher"])
         backbone = method.export_backbone()
         inputs = {"final_checkpoint_sha256": sha256_file(final)}
-        source = {"kind": "pretrained", "weights": "teacher" if method.teacher is not None else "student",
+        source = {"kind": "pretrained", "weights": getattr(method.cfg, "export_weights", "student"),
                   "epoch": int(state["epoch"])}
     save_backbone(out, backbone, run.arch, {}, {
         "run": run.id, "method": run.method, "pretrain_data": run.data, "source": source,

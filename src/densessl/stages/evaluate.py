@@ -40,7 +40,7 @@ def run_evaluate(cfg: Config, protocol: str, run_id: str, device: str | None = N
     manifest = cfg.data_manifest(EVALUATIONS[protocol]["dataset"])
     out = cfg.eval_metrics(protocol, run)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    metrics = runner(backbone, data_root(manifest), eval_cfg, out.parent, device=device)
+    metrics = runner(backbone, data_root(manifest), eval_cfg, None, device=device)
     write_json(out, {
         "protocol": protocol, "run": run.id, "method": run.method, "arch": run.arch, "pretrain_data": run.data,
         "settings": settings, "metrics": metrics,
