@@ -29,6 +29,7 @@ $(STAMP): envs/requirements.lock pyproject.toml | $(BIN)/uv
 
 smoke: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --configfile config.yaml --config preset=smoke $(SMOKE_ARGS)
+	@echo; cat results/smoke/report/report.md; echo; echo "report: results/smoke/report/index.html"
 
 dry-run: $(STAMP)
 	$(BIN)/snakemake -n --configfile config.yaml

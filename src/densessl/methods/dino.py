@@ -131,9 +131,14 @@ class DINOLoss(nn.Module):
                 total = total + torch.sum(-q * F.log_softmax(student[v], dim=-1), dim=-1).mean()
                 pairs += 1
         loss = total / pairs
-        entropy = float(-(teacher_probs * torch.log(teacher_probs + 1e-12)).sum(-1).mean())
+        # Collapse diagnostics (dino.md §3): per-sample teacher entropy near ln(out_dim) = uniform collapse;
+        # entropy of the batch-mean distribution near 0 = every image on one prototype.
+        with torch.no_grad():
+            entropy = float(-(teacher_probs * torch.log(teacher_probs + 1e-12)).sum(-1).mean())
+            marginal = teacher_probs.mean(0)
+            batch_entropy = float(-(marginal * torch.log(marginal + 1e-12)).sum())
         self.update_center(teacher_out)
-        return loss, {"teacher_temp": temp, "teacher_entropy": entropy}
+        return loss, {"teacher_temp": temp, "teacher_entropy": entropy, "teacher_batch_entropy": batch_entropy}
 
     @torch.no_grad()
     def update_center(self, teacher_out: torch.Tensor) -> None:
