@@ -2,11 +2,10 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from conftest import REPO
 
 from densessl.config import load_config
 from densessl.errors import ConfigError
-
-from conftest import REPO
 
 
 def write(tmp_path, data):

@@ -12,8 +12,13 @@ import torch
 
 from densessl.methods import get_method
 from densessl.train.schedules import cosine_schedule
-from densessl.train.trainer import (NonFiniteLossError, Preempted, Trainer, TrainConfig,
-                                    clip_gradients_per_parameter)
+from densessl.train.trainer import (
+    NonFiniteLossError,
+    Preempted,
+    TrainConfig,
+    Trainer,
+    clip_gradients_per_parameter,
+)
 
 TINY = dict(out_dim=16, hidden_dim=32, bottleneck_dim=8, global_size=32, local_size=16, local_crops_number=1)
 

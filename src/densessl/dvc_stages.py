@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from densessl.config import EVALUATIONS, Config, Run
+from densessl.config import EVALUATIONS, Config
 
 CODE = {
     "data": ["src/densessl/data", "src/densessl/stages/data.py"],

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset, find_classes
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from densessl.errors import DataError
 

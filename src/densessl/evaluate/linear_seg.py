@@ -22,7 +22,6 @@ Smoke and paper scale use this same code; only the numbers in :class:`LinearSegC
 from __future__ import annotations
 
 import copy
-import math
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -390,20 +389,12 @@ def evaluate_linear_seg(model: LinearSegmenter, data: ADE20KVal, cfg: LinearSegC
             logits = F.interpolate(logits, size=tuple(labels.shape), mode="bilinear", align_corners=False)
             acc.update(logits.argmax(1)[0].cpu(), labels)
     m = acc.compute()
-    pct = lambda x: float(x) * 100.0
+    def pct(x):
+        return float(x) * 100.0
     return {"mIoU": pct(m["mIoU"]), "mAcc": pct(m["mAcc"]), "aAcc": pct(m["aAcc"]),
             "per_class_IoU": [pct(v) for v in m["IoU"]], "per_class_Acc": [pct(v) for v in m["Acc"]],
             "num_val": acc.num_images}
 
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 def run_linear_seg(backbone: nn.Module, data_root: Path, cfg: LinearSegConfig, out_dir: Path | None = None,
@@ -500,5 +491,5 @@ def run_linear_seg(backbone: nn.Module, data_root: Path, cfg: LinearSegConfig, o
         "wall_time_s": time.time() - t0,
     }
     if out_dir is not None:
-        write_json(Path(out_dir) / "metrics.json", _json_safe(result))
+        write_json(Path(out_dir) / "metrics.json", result)
     return result

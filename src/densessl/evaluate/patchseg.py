@@ -27,7 +27,6 @@ Two deliberate additions, neither of which changes the official numbers when lef
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -431,16 +430,6 @@ def _per_class_lists(m: dict[str, Any]) -> dict[str, list[Any]]:
     return {k: np.asarray(v).tolist() for k, v in m["per_class"].items()}
 
 
-def _json_safe(obj: Any) -> Any:
-    """NaN/inf -> None so metrics.json is strict JSON (the returned dict keeps the floats)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
 
 def evaluate_head(head: nn.Module, source: FeatureSource, cfg: PatchSegConfig, num_classes: int,
                   weight: torch.Tensor | None, autocast: Callable[[], AbstractContextManager[Any]]) -> dict[str, Any]:
@@ -613,5 +602,5 @@ def _run(backbone: nn.Module, data_root: Path, cfg: PatchSegConfig, out_dir: Pat
         "wall_time_s": time.time() - t0,
     }
     if out_dir is not None:
-        write_json(Path(out_dir) / "metrics.json", _json_safe(result))
+        write_json(Path(out_dir) / "metrics.json", result)
     return result

@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from densessl.errors import ConfigError
 
-METHODS: dict[str, type["PretrainMethod"]] = {}
+METHODS: dict[str, type[PretrainMethod]] = {}
 
 
-def register(cls: type["PretrainMethod"]) -> type["PretrainMethod"]:
+def register(cls: type[PretrainMethod]) -> type[PretrainMethod]:
     METHODS[cls.name] = cls
     return cls
 
 
-def get_method(name: str) -> type["PretrainMethod"]:
+def get_method(name: str) -> type[PretrainMethod]:
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; registered methods: {sorted(METHODS)}")
     return METHODS[name]

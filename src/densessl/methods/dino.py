@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from densessl.errors import ConfigError
 from densessl.data.views import ColorAugmentation, CropSpec, MultiCropViews
+from densessl.errors import ConfigError
 from densessl.methods.base import PretrainMethod, build_dataclass, register
 from densessl.models.backbones import create_backbone
 from densessl.train.schedules import teacher_temperature_schedule

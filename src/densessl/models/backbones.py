@@ -12,8 +12,8 @@ from functools import partial
 from typing import Any
 
 import torch
-from torch import nn
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from densessl.errors import ConfigError
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from densessl import provenance
-from densessl.config import Config
 from densessl.checkpoints.io import save_backbone
+from densessl.config import Config
 from densessl.errors import CheckpointError
 from densessl.io import sha256_file
 from densessl.methods import get_method

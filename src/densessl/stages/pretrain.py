@@ -15,7 +15,7 @@ from densessl.data.manifest import data_root
 from densessl.io import atomic_path, read_json, write_json
 from densessl.methods import get_method
 from densessl.methods.base import build_dataclass
-from densessl.train.trainer import CHECKPOINT_NAME, Trainer, TrainConfig
+from densessl.train.trainer import CHECKPOINT_NAME, TrainConfig, Trainer
 
 
 def run_pretrain(cfg: Config, run_id: str) -> Path:

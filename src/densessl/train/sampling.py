@@ -8,7 +8,8 @@ how many DataLoader workers there are or on where the run was interrupted: the p
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
