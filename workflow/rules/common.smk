@@ -14,6 +14,11 @@ def run_of(wildcards):
     return CFG.run(run_id(wildcards))
 
 
+def convert_inputs(wildcards):
+    run = run_of(wildcards)
+    return [] if run.is_random_init else [str(CFG.final_checkpoint(run))]
+
+
 wildcard_constraints:
     method="[a-z0-9-]+",
     name="[A-Za-z0-9.-]+",

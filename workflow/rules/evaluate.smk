@@ -5,10 +5,12 @@ rule evaluate:
     output:
         metrics=f"{RESULTS}/eval/{{protocol}}/{{method}}/{{name}}/metrics.json",
     params:
+        cli=PY,
+        config=CONFIG_ARGS,
         run=run_id,
         settings=lambda w: stable_hash(CFG.eval_settings(w.protocol)),
     log:
         f"{RESULTS}/logs/eval/{{protocol}}/{{method}}/{{name}}.log",
     threads: 1
     shell:
-        "{PY} evaluate {wildcards.protocol} {CONFIG_ARGS} --run {params.run} --threads {threads} > {log} 2>&1"
+        "{params.cli} evaluate {wildcards.protocol} {params.config} --run {params.run} --threads {threads} > {log} 2>&1"

@@ -4,6 +4,8 @@ rule pretrain:
     output:
         final=f"{RESULTS}/pretrain/{{method}}/{{name}}/final.pt",
     params:
+        cli=PY,
+        config=CONFIG_ARGS,
         run=run_id,
         settings=lambda w: stable_hash(CFG.pretrain_settings(run_of(w))),
     log:
@@ -12,4 +14,4 @@ rule pretrain:
     resources:
         gpus=0 if CFG.preset == "smoke" else 8,
     shell:
-        "{PY} pretrain {CONFIG_ARGS} --run {params.run} --threads {threads} > {log} 2>&1"
+        "{params.cli} pretrain {params.config} --run {params.run} --threads {threads} > {log} 2>&1"
