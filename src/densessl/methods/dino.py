@@ -43,6 +43,9 @@ class DINOConfig:
     local_crops_scale: tuple[float, float] = (0.05, 0.4)   # --local_crops_scale
     local_crops_number: int = 8           # --local_crops_number
     blur_radius: tuple[float, float] = (0.1, 2.0)          # utils.GaussianBlur radius_min/max
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # ColorJitter(0.4, 0.4, 0.2, 0.1)
+    color_jitter_prob: float = 0.8        # RandomApply(ColorJitter, p=0.8)
+    grayscale_prob: float = 0.2           # RandomGrayscale(p=0.2)
     # Which weights are exported for evaluation. The paper and the official releases evaluate the teacher
     # (dino.md §3); design.md measured the student ahead of the EMA teacher in short smoke runs.
     export_weights: str = "teacher"       # teacher | student
@@ -188,7 +191,9 @@ class DINO(PretrainMethod):
         ]
         if c.local_crops_number > 0:
             crops.append(CropSpec(c.local_size, c.local_crops_scale, c.local_crops_number, blur_prob=0.5))
-        return MultiCropViews(crops, ColorAugmentation(blur_radius=c.blur_radius))
+        color = ColorAugmentation(jitter=c.color_jitter, jitter_prob=c.color_jitter_prob,
+                                  grayscale_prob=c.grayscale_prob, blur_radius=c.blur_radius)
+        return MultiCropViews(crops, color)
 
     def loss(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
         crops = batch["crops"]
