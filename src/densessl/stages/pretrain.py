@@ -23,6 +23,7 @@ def run_pretrain(cfg: Config, run_id: str) -> Path:
     run = cfg.run(run_id)
     settings = cfg.pretrain_settings(run)
     train_cfg = build_dataclass(TrainConfig, settings["train"], f"pretrain.{run.method}.train")
+    torch.manual_seed(train_cfg.seed)  # the initial weights are part of the run: same seed, same run
     method = get_method(run.method)(run.arch, settings["method"], epochs=train_cfg.epochs)
     manifest = cfg.data_manifest(run.data)
     dataset = ImageFolderImages(data_root(manifest), "train", max_items=train_cfg.max_train_images)
