@@ -79,6 +79,9 @@ def create_backbone(arch: str, **overrides: Any) -> VisionTransformer:
         kwargs["act_layer"] = partial(nn.GELU, approximate="tanh")
     if not kwargs["class_token"] and kwargs["global_pool"] == "token":
         kwargs["global_pool"] = "avg"
+        # timm would move the final LayerNorm after pooling (fc_norm) for avg pooling; LOCA's flax ViT
+        # normalises every token ("encoder_norm", reference/methods/loca.md §4), which dense evaluation needs.
+        kwargs.setdefault("fc_norm", False)
     kwargs["norm_layer"] = partial(nn.LayerNorm, eps=1e-6)
     return VisionTransformer(**kwargs)
 
