@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import torch
 import yaml
-
 from conftest import REPO
+
 from densessl.config import load_config
 from densessl.stages.data import run_data
 from densessl.stages.pretrain import run_pretrain

@@ -23,7 +23,8 @@ from densessl.errors import ConfigError
 
 PRESETS = ("smoke", "paper")
 METHOD_DISPLAY = {"dino": "DINO", "random-init": "random init"}
-DATA_DISPLAY = {"imagenet": "ImageNet-1k", "coco": "COCO", "ade20k": "ADE20K"}
+DATA_DISPLAY = {"imagenet": "ImageNet-1k", "coco": "COCO", "ade20k": "ADE20K", "davis": "DAVIS-2017",
+                "inat": "iNat-2019"}
 
 
 def find_project_root(start: Path | None = None) -> Path:
@@ -96,10 +97,15 @@ class Run:
     arch: str
     data: str           # pretraining data, or "seed<k>" for random init
     epochs: int | None = None
+    released: bool = False  # backbone imported from an official release instead of our pretraining
+
+    @property
+    def name(self) -> str:
+        return f"{self.arch}-{self.data}" + ("-released" if self.released else "")
 
     @property
     def id(self) -> str:
-        return f"{self.method}/{self.arch}-{self.data}"
+        return f"{self.method}/{self.name}"
 
     @property
     def is_random_init(self) -> bool:
@@ -139,8 +145,22 @@ class Config:
         return [Run(r["method"], r["arch"], r["data"], r.get("epochs")) for r in self.data.get("runs", [])]
 
     @property
+    def released_runs(self) -> list[Run]:
+        """Eval-only rows: official released weights, imported (and downloaded) by the convert stage."""
+        return [Run(r["method"], r["arch"], r["data"], released=True) for r in self.data.get("released", [])]
+
+    def released_spec(self, run: Run) -> dict[str, Any]:
+        for r in self.data.get("released", []):
+            if (r["method"], r["arch"], r["data"]) == (run.method, run.arch, run.data):
+                return dict(r)
+        raise ConfigError(f"run {run.id!r} is not listed under 'released' in the configuration")
+
+    def download_path(self, url: str) -> Path:
+        return self.results / "downloads" / url.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
     def archs(self) -> list[str]:
-        return sorted({r.arch for r in self.pretrain_runs})
+        return sorted({r.arch for r in self.pretrain_runs + self.released_runs})
 
     @property
     def baseline_runs(self) -> list[Run]:
@@ -149,7 +169,7 @@ class Config:
 
     @property
     def all_runs(self) -> list[Run]:
-        return self.pretrain_runs + self.baseline_runs
+        return self.pretrain_runs + self.released_runs + self.baseline_runs
 
     def run(self, run_id: str) -> Run:
         for r in self.all_runs:
@@ -193,7 +213,7 @@ class Config:
         return self.results / "data" / dataset / "manifest.json"
 
     def pretrain_dir(self, run: Run) -> Path:
-        return self.results / "pretrain" / run.method / f"{run.arch}-{run.data}"
+        return self.results / "pretrain" / run.method / run.name
 
     def final_checkpoint(self, run: Run) -> Path:
         return self.pretrain_dir(run) / "final.pt"
@@ -202,7 +222,7 @@ class Config:
         return self.pretrain_dir(run) / "backbone.safetensors"
 
     def eval_metrics(self, protocol: str, run: Run) -> Path:
-        return self.results / "eval" / protocol / run.method / f"{run.arch}-{run.data}" / "metrics.json"
+        return self.results / "eval" / protocol / run.method / run.name / "metrics.json"
 
     @property
     def report_dir(self) -> Path:
@@ -222,6 +242,8 @@ EVALUATIONS: dict[str, dict[str, str]] = {
     "linear_ade20k": {"dataset": "ade20k", "settings": "linear_seg",
                       "protocol_file": "protocols/segmenter_linear_ade20k.md",
                       "title": "Segmenter linear decoder, ADE20K"},
+    "davis2017": {"dataset": "davis", "settings": "davis", "protocol_file": "protocols/davis2017.md",
+                  "title": "DAVIS-2017 video object segmentation (label propagation, frozen features), J&F"},
 }
 
 

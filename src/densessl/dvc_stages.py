@@ -47,7 +47,12 @@ def stages(cfg: Config) -> dict[str, Any]:
             "metrics": [{str(cfg.pretrain_dir(run) / "train_summary.json"): {"cache": False}}],
         }
     for run in cfg.all_runs:
-        deps = [] if run.is_random_init else [str(cfg.final_checkpoint(run))]
+        if run.is_random_init:
+            deps = []
+        elif run.released:
+            deps = [cfg.released_spec(run)["path"]] if cfg.released_spec(run).get("path") else []
+        else:
+            deps = [str(cfg.final_checkpoint(run))]
         out[_name("convert", run.id)] = {
             "cmd": f"{cli} convert --run {run.id}",
             "deps": deps + CODE["convert"], "params": _params(cfg),

@@ -16,7 +16,12 @@ def run_of(wildcards):
 
 def convert_inputs(wildcards):
     run = run_of(wildcards)
-    return [] if run.is_random_init else [str(CFG.final_checkpoint(run))]
+    if run.is_random_init:
+        return []
+    if run.released:  # a local release file is an input; a url is downloaded (and checksummed) by the stage
+        path = CFG.released_spec(run).get("path")
+        return [path] if path else []
+    return [str(CFG.final_checkpoint(run))]
 
 
 wildcard_constraints:

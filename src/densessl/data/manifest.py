@@ -23,6 +23,7 @@ EXPECTED_LAYOUT: dict[str, list[str]] = {
     "coco": ["images/train2017", "images/val2017", "annotations/train2017", "annotations/val2017"],
     "ade20k": ["ADEChallengeData2016/images/training", "ADEChallengeData2016/images/validation",
                "ADEChallengeData2016/annotations/training", "ADEChallengeData2016/annotations/validation"],
+    "davis": ["DAVIS/JPEGImages/480p", "DAVIS/Annotations/480p", "DAVIS/ImageSets/2017"],
 }
 
 
@@ -32,6 +33,8 @@ def check_layout(dataset: str, root: Path) -> None:
     missing = [rel for rel in EXPECTED_LAYOUT.get(dataset, []) if not (root / rel).is_dir()]
     if dataset == "ade20k" and missing and (root / "images" / "training").is_dir():
         return  # root points at ADEChallengeData2016 itself
+    if dataset == "davis" and missing and (root / "JPEGImages" / "480p").is_dir():
+        return  # root points at DAVIS itself
     if missing:
         raise DataError(f"{root}: not a {dataset} layout; missing folder(s) {missing} "
                         f"(see reference/datasets.md for the expected layout)")

@@ -27,6 +27,7 @@ from densessl.models.backbones import ARCH_DISPLAY
 REPORTED_METRICS: dict[str, list[str]] = {
     "patchseg_coco": ["macro_recall", "macro_f1_nanmean", "macro_precision_nanmean", "accuracy"],
     "linear_ade20k": ["mIoU", "mAcc", "aAcc"],
+    "davis2017": ["JF_mean", "J_mean", "F_mean"],
 }
 
 
@@ -54,6 +55,8 @@ def display(run: Run) -> tuple[str, str, str]:
     data = "none" if run.is_random_init else DATA_DISPLAY.get(run.data, run.data)
     if run.is_random_init:
         method = f"{method} ({run.data})"
+    if run.released:
+        method = f"{method} (released weights)"
     return method, ARCH_DISPLAY.get(run.arch, run.arch), data
 
 
@@ -63,6 +66,7 @@ def published_value(tables: list[dict[str, Any]], protocol: str, run: Run, metri
         return None
     protocol_file = EVALUATIONS[protocol]["protocol_file"]
     method, arch, data = display(run)
+    method = method.removesuffix(" (released weights)")  # the released checkpoint is the paper's own row
     for table in tables:
         if table.get("protocol") != protocol_file or metric not in table.get("columns", []):
             continue

@@ -9,7 +9,7 @@ import torch
 
 from densessl import provenance
 from densessl.checkpoints.io import save_backbone
-from densessl.config import Config
+from densessl.config import Config, Run
 from densessl.errors import CheckpointError
 from densessl.io import sha256_file
 from densessl.methods import get_method
@@ -20,9 +20,12 @@ def run_convert(cfg: Config, run_id: str) -> Path:
     started = time.time()
     run = cfg.run(run_id)
     out = cfg.backbone(run)
-    if run.is_random_init:
+    if run.released:
+        backbone, arch_kwargs, inputs, source = _import_released(cfg, run)
+    elif run.is_random_init:
         torch.manual_seed(run.seed)
         backbone = create_backbone(run.arch)  # timm's own initialisation, seeded
+        arch_kwargs: dict = {}
         inputs = {"random_init_seed": run.seed}
         source = {"kind": "random-init", "seed": run.seed}
     else:
@@ -36,10 +39,36 @@ def run_convert(cfg: Config, run_id: str) -> Path:
         if method.teacher is not None:
             method.teacher.load_state_dict(state["teacher"])
         backbone = method.export_backbone()
+        # the method's architecture variant (e.g. LOCA: no class token, tanh GELU), so the sidecar rebuilds it
+        arch_kwargs = dict(getattr(method, "arch_kwargs", {}))
         inputs = {"final_checkpoint_sha256": sha256_file(final)}
         source = {"kind": "pretrained", "weights": getattr(method.cfg, "export_weights", "student"),
                   "epoch": int(state["epoch"])}
-    save_backbone(out, backbone, run.arch, {}, {
+    save_backbone(out, backbone, run.arch, arch_kwargs, {
         "run": run.id, "method": run.method, "pretrain_data": run.data, "source": source,
         "provenance": provenance.collect("convert", cfg.hash, inputs, started)})
     return out
+
+
+def _import_released(cfg: Config, run: Run) -> tuple[torch.nn.Module, dict, dict, dict]:
+    """An official released checkpoint (local file, or downloaded and checksummed) → our backbone."""
+    from densessl.checkpoints.importers import IMPORTERS, import_checkpoint
+    from densessl.data.download import fetch
+
+    spec = cfg.released_spec(run)
+    if spec.get("path"):
+        path = Path(spec["path"]).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"released.{run.id}: path {str(path)!r} is not a file; fix 'path' in config.yaml "
+                                  f"or give 'url' and 'sha256' instead")
+    else:
+        path = fetch(spec["url"], cfg.download_path(spec["url"]), spec["sha256"])
+    options = dict(spec.get("options") or {})
+    backbone = import_checkpoint(spec["format"], path, run.arch, **options)
+    digest = sha256_file(path)
+    if spec.get("sha256") and digest != spec["sha256"].lower():
+        raise CheckpointError(f"{path}: SHA-256 is {digest}, config.yaml says {spec['sha256']}")
+    arch_kwargs = dict(IMPORTERS[spec["format"]].arch_kwargs or {})
+    source = {"kind": "released", "format": spec["format"], "file": str(path), "url": spec.get("url"),
+              "file_sha256": digest, "options": options}
+    return backbone, arch_kwargs, {"released_sha256": digest}, source

@@ -16,6 +16,19 @@ from densessl.errors import ConfigError
 from densessl.io import read_json, sha256_file, write_json
 from densessl.methods.base import build_dataclass
 
+KEEP_OUTPUTS = {"davis2017"}
+
+# The official DAVIS evaluator reports fractions; the papers' tables (paper_tables.yaml) print percent under
+# these names.
+_DAVIS_PERCENT = {"JF_mean": "J&F-Mean", "J_mean": "J-Mean", "F_mean": "F-Mean", "J_recall": "J-Recall",
+                  "F_recall": "F-Recall"}
+
+
+def percent_aliases(protocol: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    if protocol != "davis2017":
+        return {}
+    return {alias: 100.0 * float(metrics[key]) for alias, key in _DAVIS_PERCENT.items() if key in metrics}
+
 
 def _protocol(protocol: str) -> tuple[type, Any]:
     if protocol == "patchseg_coco":
@@ -26,6 +39,10 @@ def _protocol(protocol: str) -> tuple[type, Any]:
         from densessl.evaluate.linear_seg import LinearSegConfig, run_linear_seg
 
         return LinearSegConfig, run_linear_seg
+    if protocol == "davis2017":
+        from densessl.evaluate.davis_propagation import DavisConfig, run_davis_backbone
+
+        return DavisConfig, run_davis_backbone
     raise ConfigError(f"unknown evaluation {protocol!r}; choose one of {sorted(EVALUATIONS)}")
 
 
@@ -40,7 +57,10 @@ def run_evaluate(cfg: Config, protocol: str, run_id: str, device: str | None = N
     manifest = cfg.data_manifest(EVALUATIONS[protocol]["dataset"])
     out = cfg.eval_metrics(protocol, run)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    metrics = runner(backbone, data_root(manifest), eval_cfg, None, device=device)
+    # Protocols with per-frame outputs (DAVIS palette PNGs + official CSVs) keep them next to metrics.json.
+    keep = out.parent / "results" if protocol in KEEP_OUTPUTS else None
+    metrics = runner(backbone, data_root(manifest), eval_cfg, keep, device=device)
+    metrics.update(percent_aliases(protocol, metrics))
     write_json(out, {
         "protocol": protocol, "run": run.id, "method": run.method, "arch": run.arch, "pretrain_data": run.data,
         "settings": settings, "metrics": metrics,

@@ -1,0 +1,515 @@
+"""iNaturalist 2019 end-to-end fine-tuning (GTSA's classification protocol).
+
+reference/protocols/inat19_finetune.md, which cites bok3948/GTSA
+``downstream/classification/iNat19_classification/`` (the MAE fine-tuning code base). What one run does:
+
+* a copy of the backbone (drop-path 0.1, linear over the blocks) feeds a new classifier: by default the mean
+  of the patch tokens *without* the final LayerNorm, then ``mlp_head`` = LayerNorm + Linear (``models_vit.py``
+  ``forward``); ``pool='cls'`` uses the class token instead (mean of all tokens for a backbone without one);
+* after building, ``trunc_normal_(std=2e-5)`` on ``mlp_head[0].weight`` and ``mlp_head[1].weight``
+  (``main_finetune.py``); index 0 is the LayerNorm, so its gain starts near 0 too. That is a quirk of the
+  official code, kept by default for parity (``head_norm_init_quirk``);
+* AdamW over BEiT-style layer-decay parameter groups (``util/lr_decay.py`` ``param_groups_lrd``): patch
+  embedding, class token and position embedding are layer 0, block i is layer i + 1, everything else
+  (final norm, head) is layer depth + 1; the lr of layer l is scaled by decay^(depth + 1 - l). 1-D parameters
+  and ``no_weight_decay()`` names get no weight decay;
+* lr per iteration: linear warm-up then half-cycle cosine to ``min_lr`` (MAE ``util/lr_sched.py``
+  ``adjust_learning_rate``, evaluated at the fractional epoch);
+* train pipeline timm ``create_transform`` (RandomResizedCrop + flip + RandAugment + random erasing, bicubic),
+  mixup/cutmix via ``timm.data.Mixup`` with label smoothing folded into the soft targets and
+  ``SoftTargetCrossEntropy``; eval pipeline Resize(input / crop_pct) + CenterCrop (``util/datasets.py``);
+* top-1 / top-5 accuracy on ``val2019.json`` after every ``eval_every`` epochs and at the end.
+
+Deliberate differences, each a config value: the official code runs fp16 autocast with a GradScaler
+(``NativeScaler``); we use bf16 autocast on CUDA (no scaler needed) and fp32 on CPU. The official code runs on
+8 GPUs with 128 images each; this runner is single-process, so ``batch_size`` is the effective batch, split
+into ``accum_iter`` micro-batches (``accum_iter=8`` reproduces the per-GPU batch of 128 and therefore one
+mixup draw per 128 images). Distributed evaluation (``--dist_eval``) pads the 3,030 validation images to a
+multiple of the GPU count; we evaluate every image exactly once.
+
+Smoke and paper scale use this same code; only the numbers in :class:`InatFinetuneConfig` change.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from timm.data import Mixup, create_transform
+from timm.data import auto_augment as timm_auto_augment
+from timm.layers import trunc_normal_
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+from tqdm.auto import tqdm
+
+from densessl.data.inat import INat2019
+from densessl.errors import ConfigError
+from densessl.evaluate.linear_seg import set_drop_path
+from densessl.io import write_json
+from densessl.models.backbones import backbone_info
+
+REF = "reference/protocols/inat19_finetune.md"
+POOLS = ("mean_patch", "cls")
+LR_MODES = ("absolute", "blr")
+PRECISIONS = ("bf16", "fp32")
+REPORTS = ("final", "best")
+
+
+@dataclass
+class InatFinetuneConfig:
+    """Defaults: GTSA's README command and ``main_finetune.py`` argument defaults
+    (reference/protocols/inat19_finetune.md, "Schedule", "Preprocessing", "Model")."""
+
+    # schedule
+    epochs: int = 300  # README --epochs 300 (script default 100)
+    warmup_epochs: float = 5.0  # --warmup_epochs default 5
+    batch_size: int = 1024  # effective batch: README --batch_size 128 per GPU x 8 GPUs, --accum_iter 1
+    accum_iter: int = 1  # micro-batches per update (8 = the official per-GPU batch of 128; see module doc)
+    lr_mode: str = "absolute"  # reference recommendation: --lr defaults to 1.4e-4, so --blr is ignored
+    lr: float = 1.4e-4  # --lr default (absolute lr used by the README command)
+    blr: float = 5e-4  # README --blr 5e-4; lr = blr * batch_size / 256 when lr_mode == 'blr'
+    min_lr: float = 1e-6  # --min_lr default
+    weight_decay: float = 0.05  # README --weight_decay 0.05
+    layer_decay: float = 0.65  # README --layer_decay 0.65 (script default 0.75)
+    betas: tuple[float, float] = (0.9, 0.999)  # torch.optim.AdamW defaults (main_finetune.py passes none)
+    clip_grad: float | None = None  # --clip_grad default None: no clipping
+    # model
+    drop_path: float = 0.1  # README --drop_path 0.1
+    pool: str = "mean_patch"  # models_vit.py forward: x[:, 1:].mean(1) (global_pool default True); or 'cls'
+    final_norm: bool = False  # models_vit.py forward: "#x = self.norm(x)" is commented out
+    head_norm: bool = True  # mlp_head = Sequential(LayerNorm(D), Linear(D, C))
+    head_init_std: float = 2e-5  # main_finetune.py: trunc_normal_(mlp_head[*].weight, std=2e-5)
+    head_norm_init_quirk: bool = True  # also re-init the LayerNorm gain with std 2e-5 (official quirk)
+    num_classes: int | None = None  # None = len(categories) of train2019.json (1010, hard-coded officially)
+    # data
+    input_size: int = 224  # --input_size default 224
+    auto_augment: str = "rand-m9-mstd0.5-inc1"  # --aa default
+    color_jitter: float = 0.4  # --color_jitter default (timm disables it while RandAugment is on)
+    interpolation: str = "bicubic"  # util/datasets.py build_transform
+    reprob: float = 0.25  # README --reprob 0.25
+    remode: str = "pixel"  # --remode default
+    recount: int = 1  # --recount default
+    eval_crop_pct: float = 224 / 256  # util/datasets.py: crop_pct 224/256 for input_size <= 224, else 1.0
+    # mixup / cutmix / label smoothing
+    mixup: float = 0.8  # README --mixup 0.8
+    cutmix: float = 1.0  # README --cutmix 1.0
+    cutmix_minmax: tuple[float, float] | None = None  # --cutmix_minmax default None
+    mixup_prob: float = 1.0  # --mixup_prob default
+    mixup_switch_prob: float = 0.5  # --mixup_switch_prob default
+    mixup_mode: str = "batch"  # --mixup_mode default
+    smoothing: float = 0.1  # --smoothing default
+    # evaluation and bookkeeping
+    eval_batch_size: int = 128  # official val loader uses --batch_size (128 per GPU)
+    eval_every: int = 1  # engine: evaluate after every epoch
+    report: str = "final"  # which epoch's top-1/top-5 is the result: 'final' or 'best' (MAE prints max acc)
+    seed: int = 0  # --seed default
+    num_workers: int = 10  # --num_workers default
+    max_train_items: int | None = None  # first N images of train2019.json (smoke runs)
+    max_val_items: int | None = None
+    precision: str = "bf16"  # bf16 autocast on CUDA (official: fp16 NativeScaler AMP); fp32 on CPU
+
+    def validate(self) -> None:
+        for name, value, allowed in (("pool", self.pool, POOLS), ("lr_mode", self.lr_mode, LR_MODES),
+                                     ("precision", self.precision, PRECISIONS), ("report", self.report, REPORTS)):
+            if value not in allowed:
+                raise ConfigError(f"inat_finetune config: {name}={value!r} is not one of {list(allowed)}")
+        for name in ("epochs", "batch_size", "accum_iter", "input_size", "eval_batch_size", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"inat_finetune config: {name}={getattr(self, name)} must be >= 1")
+        if self.batch_size % self.accum_iter:
+            raise ConfigError(f"inat_finetune config: batch_size={self.batch_size} is not divisible by "
+                              f"accum_iter={self.accum_iter}")
+        if self.mixup_active and (self.batch_size // self.accum_iter) % 2:
+            raise ConfigError(f"inat_finetune config: mixup/cutmix need an even micro-batch; "
+                              f"batch_size // accum_iter = {self.batch_size // self.accum_iter}")
+        if not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"inat_finetune config: layer_decay={self.layer_decay} must be in (0, 1]")
+        if not 0 < self.eval_crop_pct <= 1:
+            raise ConfigError(f"inat_finetune config: eval_crop_pct={self.eval_crop_pct} must be in (0, 1]")
+        if self.warmup_epochs < 0 or self.num_workers < 0 or self.smoothing < 0:
+            raise ConfigError("inat_finetune config: warmup_epochs, num_workers and smoothing must be >= 0")
+        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        if self.cutmix_minmax is not None:
+            self.cutmix_minmax = tuple(float(v) for v in self.cutmix_minmax)  # type: ignore[assignment]
+
+    @property
+    def mixup_active(self) -> bool:
+        """``main_finetune.py``: mixup_active = mixup > 0 or cutmix > 0 or cutmix_minmax is not None."""
+        return self.mixup > 0 or self.cutmix > 0 or self.cutmix_minmax is not None
+
+    def peak_lr(self) -> float:
+        """``main_finetune.py``: lr is used as given; blr * eff_batch / 256 only replaces it when lr is None."""
+        return self.lr if self.lr_mode == "absolute" else self.blr * self.batch_size / 256
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------------------
+
+def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
+    """Number of samples whose target is among the k highest logits, for each k (k clipped to the number of
+    classes, as ``timm.utils.accuracy``). Ties are broken by ``torch.topk``."""
+    maxk = min(max(ks), logits.shape[1])
+    top = logits.topk(maxk, dim=1).indices  # (N, maxk)
+    hit = top.eq(targets.view(-1, 1))
+    return [int(hit[:, :min(k, maxk)].any(1).sum().item()) for k in ks]
+
+
+def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[float]:
+    """Top-k accuracies in percent."""
+    n = targets.numel()
+    return [100.0 * c / n for c in topk_correct(logits, targets, ks)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layer-wise lr decay and schedule
+# ----------------------------------------------------------------------------------------------------------
+
+def vit_layer_id(name: str, num_layers: int) -> int:
+    """BEiT/MAE ``get_layer_id_for_vit`` on a backbone-relative parameter name: embeddings -> 0,
+    ``blocks.i.*`` -> i + 1, anything else (final norm, heads) -> ``num_layers`` (= depth + 1)."""
+    if name in ("cls_token", "pos_embed", "reg_token", "dist_token") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return num_layers
+
+
+def param_groups_layer_decay(backbone: nn.Module, head: nn.Module, weight_decay: float, layer_decay: float,
+                             ) -> list[dict[str, Any]]:
+    """AdamW parameter groups following GTSA ``util/lr_decay.py`` ``param_groups_lrd`` (after BEiT).
+
+    One group per (layer, decay/no-decay); each carries ``lr_scale = layer_decay ** (depth + 1 - layer_id)``
+    and a ``layer_id``; head parameters are in layer depth + 1 (scale 1). No weight decay for 1-D parameters
+    and for the backbone's ``no_weight_decay()`` names (pos_embed, cls_token, ...).
+    """
+    num_layers = len(backbone.blocks) + 1
+    skip = set(backbone.no_weight_decay()) if hasattr(backbone, "no_weight_decay") else set()
+    groups: dict[str, dict[str, Any]] = {}
+    named = [(n, p, vit_layer_id(n, num_layers)) for n, p in backbone.named_parameters()]
+    named += [(f"head.{n}", p, num_layers) for n, p in head.named_parameters()]
+    for name, param, layer_id in named:
+        if not param.requires_grad:
+            continue
+        no_decay = param.ndim == 1 or name in skip
+        key = f"layer_{layer_id}_{'no_decay' if no_decay else 'decay'}"
+        if key not in groups:
+            groups[key] = {"lr_scale": layer_decay ** (num_layers - layer_id), "layer_id": layer_id,
+                           "weight_decay": 0.0 if no_decay else weight_decay, "params": [], "names": []}
+        groups[key]["params"].append(param)
+        groups[key]["names"].append(name)
+    return list(groups.values())
+
+
+def lr_at(epoch: float, peak_lr: float, min_lr: float, warmup_epochs: float, epochs: float) -> float:
+    """MAE ``util/lr_sched.py`` ``adjust_learning_rate`` at a fractional epoch: linear warm-up from 0, then
+    half-cycle cosine from ``peak_lr`` to ``min_lr``."""
+    if epoch < warmup_epochs:
+        return peak_lr * epoch / warmup_epochs
+    span = max(epochs - warmup_epochs, 1e-12)
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / span))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------
+
+def posterize_zero_bits(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's ``posterize`` op, with 0 bits kept giving a black image instead of an error.
+
+    Why: ``rand-m9-mstd0.5-inc1`` draws the magnitude from N(9, 0.5) clipped to 10, and ``PosterizeIncreasing``
+    at magnitude 10 keeps 4 - 4 = 0 bits. Pillow < 11 accepted 0 (mask ~255: every pixel 0, as the TF
+    RandAugment the level function follows); newer Pillow raises ``ValueError`` and would stop training after
+    a few thousand images. This restores the behaviour the official runs had.
+    """
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point([0] * 256 * len(img.getbands()))
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _patch_posterize(transform: Any) -> int:
+    """Swap :func:`posterize_zero_bits` into every RandAugment posterize op of ``transform``; returns the count."""
+    count = 0
+    for t in getattr(transform, "transforms", [transform]):
+        for op in getattr(t, "ops", []):
+            if getattr(op, "aug_fn", None) is timm_auto_augment.posterize:
+                op.aug_fn = posterize_zero_bits
+                count += 1
+    return count
+
+
+def train_transform(cfg: InatFinetuneConfig, mean: tuple[float, ...], std: tuple[float, ...]) -> Callable[..., Any]:
+    """GTSA ``util/datasets.py`` ``build_transform(is_train=True)``: timm ``create_transform`` (RandomResizedCrop
+    0.08-1, flip 0.5, RandAugment, ToTensor, Normalize, RandomErasing)."""
+    transform = create_transform(input_size=cfg.input_size, is_training=True, color_jitter=cfg.color_jitter,
+                                 auto_augment=cfg.auto_augment or None, interpolation=cfg.interpolation,
+                                 re_prob=cfg.reprob, re_mode=cfg.remode, re_count=cfg.recount, mean=mean, std=std)
+    _patch_posterize(transform)
+    return transform
+
+
+def eval_transform(cfg: InatFinetuneConfig, mean: tuple[float, ...], std: tuple[float, ...]) -> Callable[..., Any]:
+    """GTSA ``util/datasets.py`` eval branch: Resize(int(input / crop_pct), bicubic) of the short side,
+    CenterCrop(input), ToTensor, Normalize. The official crop_pct is 224/256 up to 224 px and 1.0 above."""
+    size = int(cfg.input_size / cfg.eval_crop_pct)
+    return transforms.Compose([
+        transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(cfg.input_size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+class TransformedINat(Dataset):
+    """(transformed image tensor, label) pairs of one :class:`INat2019` split."""
+
+    def __init__(self, reader: INat2019, transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.reader, self.transform = reader, transform
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.reader[index]
+        return self.transform(image), label
+
+
+def build_mixup(cfg: InatFinetuneConfig, num_classes: int) -> Mixup | None:
+    """``main_finetune.py``: Mixup with label smoothing folded into the mixed one-hot targets."""
+    if not cfg.mixup_active:
+        return None
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_minmax=cfg.cutmix_minmax,
+                 prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
+                 label_smoothing=cfg.smoothing, num_classes=num_classes)
+
+
+def build_criterion(cfg: InatFinetuneConfig) -> nn.Module:
+    """``main_finetune.py``: soft-target CE with mixup, else label-smoothing CE, else plain CE."""
+    if cfg.mixup_active:
+        return SoftTargetCrossEntropy()
+    if cfg.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
+    return nn.CrossEntropyLoss()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------
+
+class InatClassifier(nn.Module):
+    """Backbone + pooled feature + ``head`` (LayerNorm + Linear, as GTSA's ``mlp_head``).
+
+    The backbone is used as given: pass a copy prepared by :func:`prepare_backbone` (final norm removed when
+    ``final_norm`` is off, drop-path set, input size set).
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, pool: str = "mean_patch", head_norm: bool = True,
+                 head_init_std: float = 2e-5, head_norm_init_quirk: bool = True) -> None:
+        super().__init__()
+        if pool not in POOLS:
+            raise ConfigError(f"inat_finetune: pool={pool!r} is not one of {list(POOLS)}")
+        self.backbone = backbone
+        self.pool = pool
+        self.num_prefix_tokens = int(getattr(backbone, "num_prefix_tokens", 0))
+        dim = int(backbone.embed_dim)
+        layers: list[nn.Module] = [nn.LayerNorm(dim)] if head_norm else []  # nn.LayerNorm default eps (official)
+        layers.append(nn.Linear(dim, num_classes))
+        self.head = nn.Sequential(*layers)
+        # models_vit.py _init_weights (Linear trunc_normal 0.02, bias 0; LayerNorm 1/0), then main_finetune.py
+        # re-initialises mlp_head[0].weight and mlp_head[1].weight with std 2e-5.
+        linear = self.head[-1]
+        nn.init.zeros_(linear.bias)
+        trunc_normal_(linear.weight, std=head_init_std)
+        if head_norm and head_norm_init_quirk:
+            trunc_normal_(self.head[0].weight, std=head_init_std)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.backbone.forward_features(images)
+        if self.pool == "cls" and self.num_prefix_tokens > 0:
+            return tokens[:, 0]
+        if self.pool == "cls":  # no class token: mean of all tokens
+            return tokens.mean(1)
+        return tokens[:, self.num_prefix_tokens:].mean(1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+
+def prepare_backbone(backbone: nn.Module, cfg: InatFinetuneConfig) -> nn.Module:
+    """A trainable copy of ``backbone`` set up for fine-tuning at ``cfg.input_size``."""
+    if not (hasattr(backbone, "blocks") and hasattr(backbone, "patch_embed") and hasattr(backbone, "forward_features")):
+        raise ConfigError("inat_finetune: the backbone must be a timm VisionTransformer (patch_embed, blocks, "
+                          f"forward_features); got {type(backbone).__name__}")
+    encoder = copy.deepcopy(backbone)
+    for p in encoder.parameters():
+        p.requires_grad_(True)
+    set_drop_path(encoder, cfg.drop_path)
+    if not cfg.final_norm:
+        encoder.norm = nn.Identity()  # official forward skips self.norm; its weights are then unused
+    patch = backbone_info(encoder).patch_size
+    if cfg.input_size % patch:
+        raise ConfigError(f"inat_finetune: input_size={cfg.input_size} is not a multiple of the patch size {patch}")
+    if backbone_info(encoder).img_size != cfg.input_size:
+        # resample pos_embed once, as main_finetune.py interpolate_pos_embed does at load time
+        encoder.set_input_size(img_size=(cfg.input_size, cfg.input_size))
+    return encoder
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training and evaluation
+# ----------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
+             autocast: Callable[[], AbstractContextManager[Any]]) -> dict[str, float]:
+    """Top-1 / top-5 (percent) and the plain cross-entropy over every validation image (engine ``evaluate``)."""
+    model.eval()
+    correct = [0, 0]
+    loss_sum, n = 0.0, 0
+    for images, targets in tqdm(loader, desc="inat eval", disable=None, leave=False):
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with autocast():
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
+        c1, c5 = topk_correct(logits, targets, (1, 5))
+        correct[0] += c1
+        correct[1] += c5
+        n += targets.numel()
+    return {"top1": 100.0 * correct[0] / n, "top5": 100.0 * correct[1] / n, "loss": loss_sum / n, "num_val": n}
+
+
+def run_inat_finetune(backbone: nn.Module, data_root: Path, cfg: InatFinetuneConfig, out_dir: Path | None = None,
+                      device: str = "cpu") -> dict[str, Any]:
+    """Fine-tune a copy of ``backbone`` with a new head on iNat 2019 train, evaluate top-1/top-5 on val.
+
+    Returns ``{"top1", "top5", "details"}`` (accuracies in percent; ``cfg.report`` picks the final or the
+    best evaluated epoch); ``details`` holds the final and best accuracies, the per-epoch log (train loss,
+    lr, val top-1/top-5/loss) and run facts. With ``out_dir``, ``metrics.json`` and ``log.json`` (the per-epoch
+    log, rewritten after every epoch like the official ``log.txt``) are written there. The caller's ``backbone`` is not modified.
+    """
+    cfg.validate()
+    t0 = time.time()
+    dev = torch.device(device)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    info = backbone_info(backbone)
+    train_reader = INat2019(data_root, "train", max_items=cfg.max_train_items)
+    val_reader = INat2019(data_root, "val", max_items=cfg.max_val_items)
+    num_classes = cfg.num_classes or train_reader.num_classes
+    for reader in (train_reader, val_reader):
+        if max(reader.labels) >= num_classes:
+            raise ConfigError(f"inat_finetune: {reader.json_path} has label {max(reader.labels)} but "
+                              f"num_classes={num_classes}; leave num_classes unset to use len(categories)")
+    micro = cfg.batch_size // cfg.accum_iter
+    if len(train_reader) < micro:
+        raise ConfigError(f"inat_finetune: {len(train_reader)} training images < micro-batch {micro} "
+                          f"(batch_size / accum_iter); lower batch_size or raise max_train_items")
+
+    model = InatClassifier(prepare_backbone(backbone, cfg), num_classes, cfg.pool, cfg.head_norm,
+                           cfg.head_init_std, cfg.head_norm_init_quirk).to(dev)
+    groups = param_groups_layer_decay(model.backbone, model.head, cfg.weight_decay, cfg.layer_decay)
+    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
+                                  lr=cfg.peak_lr(), betas=cfg.betas)
+    mixup = build_mixup(cfg, num_classes)
+    criterion = build_criterion(cfg)
+    use_bf16 = cfg.precision == "bf16" and dev.type == "cuda"
+
+    def autocast() -> AbstractContextManager[Any]:
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+    train_data = TransformedINat(train_reader, train_transform(cfg, info.mean, info.std))
+    val_data = TransformedINat(val_reader, eval_transform(cfg, info.mean, info.std))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    pin = dev.type == "cuda"
+    train_loader = DataLoader(train_data, batch_size=micro, shuffle=True, drop_last=True, generator=gen,
+                              num_workers=cfg.num_workers, pin_memory=pin, persistent_workers=cfg.num_workers > 0)
+    val_loader = DataLoader(val_data, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers,
+                            pin_memory=pin)
+    steps_per_epoch = len(train_loader)
+    peak = cfg.peak_lr()
+
+    log: list[dict[str, Any]] = []
+    updates = 0
+    evals: list[dict[str, Any]] = []
+    for epoch in range(cfg.epochs):
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum, loss_n, lr = 0.0, 0, 0.0
+        bar = tqdm(train_loader, desc=f"inat train {epoch + 1}/{cfg.epochs}", disable=None, leave=False)
+        for step, (images, targets) in enumerate(bar):
+            if step % cfg.accum_iter == 0:  # engine_finetune.py: lr set per update at the fractional epoch
+                lr = lr_at(epoch + step / steps_per_epoch, peak, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * group["lr_scale"]
+            images, targets = images.to(dev, non_blocking=True), targets.to(dev, non_blocking=True)
+            if mixup is not None:
+                images, targets = mixup(images, targets)
+            with autocast():
+                loss = criterion(model(images).float(), targets)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise FloatingPointError(f"inat_finetune: loss is {value} at epoch {epoch}, step {step}")
+            (loss / cfg.accum_iter).backward()
+            if (step + 1) % cfg.accum_iter == 0:
+                if cfg.clip_grad is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                updates += 1
+            loss_sum += value
+            loss_n += 1
+            bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}", lr=f"{lr:.2e}")
+        entry: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / max(loss_n, 1), "train_lr": lr}
+        if (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1:
+            stats = evaluate(model, val_loader, dev, autocast)
+            entry.update({f"test_{k}": v for k, v in stats.items()})
+            evals.append({"epoch": epoch, **stats})
+        log.append(entry)
+        if out_dir is not None:
+            write_json(Path(out_dir) / "log.json", log)
+
+    final = evals[-1]
+    best = max(evals, key=lambda e: (e["top1"], e["top5"]))
+    chosen = final if cfg.report == "final" else best
+    details: dict[str, Any] = {
+        "protocol": "inat19_finetune",
+        "final": final,
+        "best": best,
+        "report": cfg.report,
+        "epochs": log,
+        "num_classes": num_classes,
+        "num_train": len(train_data),
+        "num_val": len(val_data),
+        "updates": updates,
+        "steps_per_epoch": steps_per_epoch,
+        "peak_lr": peak,
+        "lr_scales": {g["layer_id"]: g["lr_scale"] for g in groups},
+        "patch_size": info.patch_size,
+        "device": str(dev),
+        "autocast_bf16": use_bf16,
+        "config": asdict(cfg),
+        "reference": REF,
+        "wall_time_s": time.time() - t0,
+    }
+    result = {"top1": chosen["top1"], "top5": chosen["top5"], "details": details}
+    if out_dir is not None:
+        write_json(Path(out_dir) / "metrics.json", result)
+    return result
