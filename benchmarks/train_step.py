@@ -143,7 +143,7 @@ class _PlainPath:
         loss.backward()
         self.optimizer.step()
         self.method.update_teacher(0.996)
-        return float(loss)
+        return float(loss.detach())
 
 
 def _rate(path: Any, steps: int, batch_size: int, device: torch.device) -> float:

@@ -118,6 +118,16 @@ def test_ranking_loss_hand_computed():
         ranking_loss(q, k, pos, 2.0, 100.0, topk=10, skip=1)
 
 
+def test_collapsed_embeddings_give_98():
+    # every cell the same unit vector: all logits −2 → γ·(−2) − (−2) + 100 = 98 (the collapse signature)
+    q = torch.nn.functional.normalize(torch.ones(2, 4, 3, 3), dim=1)
+    k = torch.nn.functional.normalize(torch.ones(2, 4, 4, 4), dim=1)
+    pos = positive_mask(torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 2), torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 2),
+                        (3, 3), (4, 4), 0.7)
+    loss, _ = ranking_loss(q, k, pos, gamma=2.0, margin=100.0, topk=10, skip=1)
+    assert math.isclose(loss.item(), 98.0, rel_tol=1e-6)
+
+
 def test_loss_pairs_every_student_view_with_the_other_teacher_globals():
     torch.manual_seed(0)
     n = 2

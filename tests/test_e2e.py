@@ -37,7 +37,7 @@ def test_smoke_dag_end_to_end(tmp_path):
     cells = json.loads((report / "tables.json").read_text())
     keys = {"table", "method", "arch", "pretrain_data", "metric", "value", "published"}
     assert cells and all(set(c) == keys for c in cells)
-    assert {c["table"] for c in cells} == {"patchseg_coco", "linear_ade20k"}
+    assert {c["table"] for c in cells} == {"patchseg_coco", "linear_ade20k", "davis2017"}
     methods = {c["method"] for c in cells}
     assert "DINO" in methods and sum(m.startswith("random init") for m in methods) == 3
     assert all(c["published"] is None for c in cells)  # synthetic data is never compared with papers
@@ -55,6 +55,39 @@ def test_smoke_dag_end_to_end(tmp_path):
     # Nothing left to do on a second invocation.
     again = snakemake(tmp_path, "-n")
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+
+
+TINY_TRAIN = {"epochs": 1, "batch_size_per_gpu": 4, "num_workers": 0, "checkpoint_every_steps": 2}
+ALL_METHODS = {
+    "results_dir": "results",
+    "threads": 1,
+    "runs": [{"method": "dino", "arch": "vit-tiny-p8", "data": "imagenet"},
+             {"method": "selfpatch", "arch": "vit-tiny-p8", "data": "imagenet"},
+             {"method": "loca", "arch": "vit-tiny-p8", "data": "imagenet"},
+             {"method": "gtsa", "arch": "vit-tiny-p8", "data": "coco"},
+             {"method": "clove", "arch": "resnet-tiny", "data": "imagenet"}],
+    "random_init_seeds": [0],
+    "evaluations": ["patchseg_coco"],
+    "data": {"synthetic_size": "tiny"},
+    "pretrain": {m: {"train": TINY_TRAIN} for m in ("dino", "selfpatch", "loca", "gtsa", "clove")},
+    "evaluate": {"patchseg": {"epochs": 1, "batch_size": 4, "warmup_steps": 2}},
+}
+
+
+@pytest.mark.e2e
+def test_every_method_runs_through_the_dag(tmp_path):
+    """Each registered method: pretrain → export (its own architecture variant) → Patch-Seg → report row."""
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(ALL_METHODS))
+    run = snakemake(tmp_path, "--cores", "2")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    cells = json.loads((tmp_path / "results/smoke/report/tables.json").read_text())
+    rows = {(c["method"], c["arch"]) for c in cells}
+    for method in ("DINO", "SelfPatch", "LOCA", "GTSA"):
+        assert (method, "ViT-Tiny/8 (smoke)") in rows
+    assert ("CLoVE", "ResNet-Tiny (smoke)") in rows
+    assert ("random init (seed0)", "ResNet-Tiny (smoke)") in rows
+    loca = json.loads((tmp_path / "results/smoke/pretrain/loca/vit-tiny-p8-imagenet/backbone.json").read_text())
+    assert loca["arch_kwargs"] == {"class_token": False, "gelu_tanh": True}
 
 
 def test_dvc_yaml_matches_the_configuration():

@@ -63,6 +63,10 @@ def test_tiny_overrides_and_errors():
     info = resnet_info(model)
     assert (info.output_stride, info.feature_dim) == (16, 24)
     assert torch.count_nonzero(model.layer1[0].bn2.weight) == 0
+    bottleneck = create_resnet("resnet-tiny", block="bottleneck", widths=(8, 8, 8, 16))
+    assert resnet_info(bottleneck).feature_dim == 64  # Bottleneck expansion 4
+    with pytest.raises(ConfigError, match="block"):
+        create_resnet("resnet-tiny", block="wide")
     with pytest.raises(ConfigError, match="unknown option"):
         create_resnet("resnet-tiny", depth=3)
     with pytest.raises(ConfigError, match="unknown option"):

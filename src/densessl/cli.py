@@ -102,9 +102,13 @@ def main(argv: list[str] | None = None) -> int:
 
             print(run_data(_config(args), args.dataset))
         elif args.stage == "pretrain":
-            from densessl.stages.pretrain import run_pretrain
+            from densessl.stages.pretrain import pretrain_nproc, run_pretrain
+            from densessl.train.launch import launch
 
-            print(run_pretrain(_config(args), args.run))
+            cfg = _config(args)
+            stage_argv = list(argv) if argv is not None else sys.argv[1:]
+            # one process per GPU under torchrun when the run has several; in-process otherwise
+            return launch(stage_argv, pretrain_nproc(cfg, args.run), lambda: print(run_pretrain(cfg, args.run)))
         elif args.stage == "convert":
             from densessl.stages.convert import run_convert
 

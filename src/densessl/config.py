@@ -22,7 +22,8 @@ import yaml
 from densessl.errors import ConfigError
 
 PRESETS = ("smoke", "paper")
-METHOD_DISPLAY = {"dino": "DINO", "random-init": "random init"}
+METHOD_DISPLAY = {"dino": "DINO", "loca": "LOCA", "selfpatch": "SelfPatch", "gtsa": "GTSA", "clove": "CLoVE",
+                  "random-init": "random init"}
 DATA_DISPLAY = {"imagenet": "ImageNet-1k", "coco": "COCO", "ade20k": "ADE20K", "davis": "DAVIS-2017",
                 "inat": "iNat-2019"}
 
@@ -239,9 +240,14 @@ class Config:
 EVALUATIONS: dict[str, dict[str, str]] = {
     "patchseg_coco": {"dataset": "coco", "settings": "patchseg", "protocol_file": "protocols/patchseg.md",
                       "title": "Patch-Seg probe (frozen backbone), COCO-Stuff"},
+    "patchseg_ade20k": {"dataset": "ade20k", "settings": "patchseg", "protocol_file": "protocols/patchseg.md",
+                        "title": "Patch-Seg probe (frozen backbone), ADE20K"},
     "linear_ade20k": {"dataset": "ade20k", "settings": "linear_seg",
                       "protocol_file": "protocols/segmenter_linear_ade20k.md",
                       "title": "Segmenter linear decoder, ADE20K"},
+    "inat19_finetune": {"dataset": "inat", "settings": "inat_finetune",
+                        "protocol_file": "protocols/inat19_finetune.md",
+                        "title": "iNaturalist 2019 fine-tuning (GTSA protocol), top-1/top-5"},
     "davis2017": {"dataset": "davis", "settings": "davis", "protocol_file": "protocols/davis2017.md",
                   "title": "DAVIS-2017 video object segmentation (label propagation, frozen features), J&F"},
 }

@@ -16,6 +16,7 @@ from torch import nn
 from densessl.errors import CheckpointError
 from densessl.io import atomic_path, read_json, write_json
 from densessl.models.backbones import create_backbone
+from densessl.models.resnet import is_resnet
 
 FORMAT = "densessl-backbone/1"
 
@@ -29,6 +30,8 @@ def save_backbone(path: str | Path, model: nn.Module, arch: str, arch_kwargs: di
     """Write ``path`` (safetensors) and its ``.json`` sidecar, each atomically."""
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if is_resnet(model):  # exported ResNets carry no classifier: dense methods never train `fc` (clove.md §4)
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     # One metadata key: safetensors writes a multi-key metadata map in arbitrary order, which would make
     # identical weights produce different bytes (and different DVC/Snakemake hashes).
     header = {"densessl": json.dumps({"format": FORMAT, "arch": arch, "arch_kwargs": arch_kwargs}, sort_keys=True)}
@@ -46,6 +49,8 @@ def load_backbone(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{sidecar_path(path)}: field 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
     model = create_backbone(meta["arch"], **meta["arch_kwargs"])
+    if is_resnet(model):
+        model.fc = nn.Identity()
     state = load_file(str(path))
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)

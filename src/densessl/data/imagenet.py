@@ -41,3 +41,36 @@ class ImageFolderImages(Dataset):
                 return img.convert("RGB")
         except OSError as exc:
             raise DataError(f"{path}: cannot read image ({exc})") from exc
+
+
+class FlatImageFolder(Dataset):
+    """Every image directly inside one folder (COCO ``images/train2017``, ADE20K ``images/training``): what
+    GTSA pretrains on (``--data <COCO train2017 or ADE20K train>``, reference/methods/gtsa.md §2)."""
+
+    def __init__(self, folder: str | Path, max_items: int | None = None):
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise DataError(f"{folder}: image folder not found (check data.roots in config.yaml)")
+        self.paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMG_EXTENSIONS)
+        if max_items is not None:
+            self.paths = self.paths[:max_items]
+        if not self.paths:
+            raise DataError(f"{folder}: no images found (extensions {IMG_EXTENSIONS})")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    __getitem__ = ImageFolderImages.__getitem__
+
+
+def pretraining_images(dataset: str, root: str | Path, max_items: int | None = None) -> Dataset:
+    """The unlabelled training images of ``dataset`` in its real layout."""
+    root = Path(root)
+    if dataset == "imagenet":
+        return ImageFolderImages(root, "train", max_items=max_items)
+    if dataset == "coco":
+        return FlatImageFolder(root / "images" / "train2017", max_items=max_items)
+    if dataset == "ade20k":
+        base = root / "ADEChallengeData2016" if (root / "ADEChallengeData2016").is_dir() else root
+        return FlatImageFolder(base / "images" / "training", max_items=max_items)
+    raise DataError(f"pretraining on {dataset!r} is not supported; use imagenet, coco or ade20k")

@@ -24,6 +24,7 @@ EXPECTED_LAYOUT: dict[str, list[str]] = {
     "ade20k": ["ADEChallengeData2016/images/training", "ADEChallengeData2016/images/validation",
                "ADEChallengeData2016/annotations/training", "ADEChallengeData2016/annotations/validation"],
     "davis": ["DAVIS/JPEGImages/480p", "DAVIS/Annotations/480p", "DAVIS/ImageSets/2017"],
+    "inat": [],  # train2019.json / val2019.json + train_val2019/ images: checked by data/inat.py on load
 }
 
 

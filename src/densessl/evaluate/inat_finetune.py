@@ -96,6 +96,7 @@ class InatFinetuneConfig:
     num_classes: int | None = None  # None = len(categories) of train2019.json (1010, hard-coded officially)
     # data
     input_size: int = 224  # --input_size default 224
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range: timm default (not an official flag)
     auto_augment: str = "rand-m9-mstd0.5-inc1"  # --aa default
     color_jitter: float = 0.4  # --color_jitter default (timm disables it while RandAugment is on)
     interpolation: str = "bicubic"  # util/datasets.py build_transform
@@ -142,6 +143,9 @@ class InatFinetuneConfig:
         if self.warmup_epochs < 0 or self.num_workers < 0 or self.smoothing < 0:
             raise ConfigError("inat_finetune config: warmup_epochs, num_workers and smoothing must be >= 0")
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        self.crop_scale = tuple(float(v) for v in self.crop_scale)  # type: ignore[assignment]
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ConfigError(f"inat_finetune config: crop_scale={self.crop_scale} must satisfy 0 < lo <= hi <= 1")
         if self.cutmix_minmax is not None:
             self.cutmix_minmax = tuple(float(v) for v in self.cutmix_minmax)  # type: ignore[assignment]
 
@@ -256,7 +260,8 @@ def _patch_posterize(transform: Any) -> int:
 def train_transform(cfg: InatFinetuneConfig, mean: tuple[float, ...], std: tuple[float, ...]) -> Callable[..., Any]:
     """GTSA ``util/datasets.py`` ``build_transform(is_train=True)``: timm ``create_transform`` (RandomResizedCrop
     0.08-1, flip 0.5, RandAugment, ToTensor, Normalize, RandomErasing)."""
-    transform = create_transform(input_size=cfg.input_size, is_training=True, color_jitter=cfg.color_jitter,
+    transform = create_transform(input_size=cfg.input_size, is_training=True, scale=cfg.crop_scale,
+                                 color_jitter=cfg.color_jitter,
                                  auto_augment=cfg.auto_augment or None, interpolation=cfg.interpolation,
                                  re_prob=cfg.reprob, re_mode=cfg.remode, re_count=cfg.recount, mean=mean, std=std)
     _patch_posterize(transform)

@@ -52,6 +52,12 @@ class PretrainMethod(nn.Module, metaclass=abc.ABCMeta):
     student: nn.Module
     teacher: nn.Module | None
 
+    # Optional hooks read by the trainer. A method may also define ``param_groups()`` (its own optimiser
+    # groups, e.g. LARS exclusions); it is deliberately not defined here, so "defined" means "the method's own".
+    optimizer_name: ClassVar[str | None] = None     # optimiser when train.optimizer is null (None → adamw)
+    find_unused_parameters: ClassVar[bool] = False  # DDP: some student parameters get no gradient on some steps
+    sync_batchnorm: ClassVar[bool | None] = None    # None: SyncBatchNorm under CUDA DDP when the method has BN
+
     @abc.abstractmethod
     def views(self) -> Callable[[Any], Any]:
         """The view generator applied to each raw image (runs in DataLoader workers)."""

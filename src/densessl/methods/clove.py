@@ -13,8 +13,14 @@ student local view are scored against it: cells whose centres, in original-image
 ``pos_ratio`` × the larger bin diagonal are positives; the 9 most similar non-positive key cells are hard
 negatives; a hinge ranking loss pushes positives above negatives. 2·(1 + L) terms are averaged.
 
-Trainer contract (see the final report of this module's author and ``optimizer_name``): LARS with 1-D params
-excluded, constant weight decay, no gradient clipping, lr warm-up from lr/100, cosine to lr/100.
+What the shared trainer must do for CLoVE (main_pretrain.py): ``optimizer_name = "lars"`` (train/lars.py; 1-D
+parameters get neither weight decay nor LARS scaling), constant weight decay (2e-5), no gradient clipping, lr
+linear warm-up from lr/100 over 5 epochs then cosine to lr/100, teacher momentum 0.99 → 1 cosine, SyncBatchNorm
+in student and teacher when distributed (``sync_batchnorm = True``).
+
+Reading the loss: logits are −2·cos, so loss = 100 − 4·cos(positives) + 2·cos(hard negatives) while the hinge is
+active (always, with margin 100). A collapsed model (every embedding equal) sits at exactly 98; random
+embeddings near 100; the floor is 94.
 """
 
 from __future__ import annotations
@@ -175,7 +181,7 @@ class CLoVELoss(nn.Module):
                 for name, value in pair_stats.items():
                     sums[name] = sums.get(name, 0.0) + value
                 terms += 1
-        stats = {name: float(value) / terms for name, value in sums.items()}  # one device sync per step
+        stats = {name: float(value) / terms for name, value in sums.items()}  # one device sync per statistic
         # −logit/2 is the cosine: report the similarity of positive pairs and of the hard negatives
         return total / terms, {"pos_cos": -stats["pos_logit"] / 2, "hard_neg_cos": -stats["neg_logit"] / 2,
                                "pos_per_query": stats["pos_per_query"], "pair_terms": float(terms)}

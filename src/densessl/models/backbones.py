@@ -38,6 +38,8 @@ ARCH_DISPLAY = {
     "vit-b16": "ViT-B/16",
     "vit-l16": "ViT-L/16",
     "vit-h16": "ViT-H/16",
+    "resnet50": "ResNet-50",
+    "resnet-tiny": "ResNet-Tiny (smoke)",
 }
 
 
@@ -71,8 +73,12 @@ def vit_kwargs(arch: str, **overrides: Any) -> dict[str, Any]:
     return kwargs
 
 
-def create_backbone(arch: str, **overrides: Any) -> VisionTransformer:
-    """Build the backbone ``arch`` with random weights (timm's default init)."""
+def create_backbone(arch: str, **overrides: Any) -> nn.Module:
+    """Build the backbone ``arch`` with random weights (timm's or torchvision's default init)."""
+    from densessl.models.resnet import RESNET_ARCHS, create_resnet
+
+    if arch in RESNET_ARCHS:
+        return create_resnet(arch, **overrides)
     kwargs = vit_kwargs(arch, **overrides)
     gelu_tanh = kwargs.pop("gelu_tanh")
     if gelu_tanh:  # LOCA's flax ViT uses the tanh approximation of GELU (reference/methods/loca.md §4)
@@ -86,7 +92,42 @@ def create_backbone(arch: str, **overrides: Any) -> VisionTransformer:
     return VisionTransformer(**kwargs)
 
 
+class ResNetTokens(nn.Module):
+    """A ResNet seen as a patch-token backbone: the cells of its last feature map are the tokens.
+
+    Dense evaluations are written against the ViT interface (``forward_features`` → (B, N, D) tokens,
+    ``num_prefix_tokens``); CLoVE is evaluated on C5 "as a patch grid" (issue 3), which is exactly this view.
+    """
+
+    num_prefix_tokens = 0
+
+    def __init__(self, resnet: nn.Module):
+        super().__init__()
+        from densessl.models.resnet import resnet_info
+
+        self.resnet = resnet
+        self.info = resnet_info(resnet)
+        self.embed_dim = self.info.feature_dim
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        from densessl.models.resnet import feature_grid
+
+        return feature_grid(self.resnet, images).flatten(2).transpose(1, 2)
+
+
+def as_token_backbone(model: nn.Module) -> nn.Module:
+    """ViTs unchanged; a torchvision ResNet wrapped in :class:`ResNetTokens`."""
+    from densessl.models.resnet import is_resnet
+
+    return ResNetTokens(model) if is_resnet(model) else model
+
+
 def backbone_info(model: nn.Module) -> BackboneInfo:
+    if isinstance(model, ResNetTokens):
+        i = model.info
+        # num_heads only sizes Patch-Seg's transformer head on top of the grid (64-d heads, as ViT-S/B)
+        return BackboneInfo(patch_size=i.output_stride, embed_dim=i.feature_dim, num_heads=max(1, i.feature_dim // 64),
+                            num_prefix_tokens=0, img_size=i.img_size, mean=i.mean, std=i.std)
     patch = model.patch_embed.patch_size
     img = model.patch_embed.img_size
     return BackboneInfo(

@@ -8,9 +8,10 @@ CLoVE and PixPro train a torchvision-named ResNet-50 and evaluate its last featu
 - ``resnet50``: ``torchvision.models.resnet50(weights=None)``: Bottleneck [3, 4, 6, 3], stride in the 3×3
   conv ("pytorch" style, as CLoVE's ``contrast/resnet.py``), C5 = 2048 channels at output stride 32.
 - ``resnet-tiny`` (smoke scale): the same ``ResNet`` class with BasicBlock [1, 1, 1, 1], widths
-  (16, 32, 64, 128), a 16-channel 3×3 stride-2 stem without max-pool and layer strides (1, 2, 2, 1): output stride 8
-  and 128 channels, so a 64-px image gives an 8×8 grid of 128-d features, the same grid and width as the
-  smoke ViT ``vit-tiny-p8`` (design.md "Smoke scale").
+  (16, 32, 64, 128), a 16-channel 3×3 stride-2 stem without max-pool and layer strides (1, 2, 2, 1):
+  output stride 8 and 128 channels, so a 64-px image gives an 8×8 grid of 128-d features, the same grid and
+  width as the smoke ViT ``vit-tiny-p8`` (design.md "Smoke scale"); about 54 MFLOPs per 64-px image
+  (``vit-tiny-p8``: 105).
 
 The ``fc`` classifier is kept (so keys equal torchvision's) but dense methods never call it: they use
 :func:`feature_grid`.
@@ -72,7 +73,10 @@ class TinyResNet(ResNet):
 
     def __init__(self, spec: TinyResNetSpec) -> None:
         nn.Module.__init__(self)
-        block: type[BasicBlock | Bottleneck] = {"basic": BasicBlock, "bottleneck": Bottleneck}[spec.block]
+        blocks = {"basic": BasicBlock, "bottleneck": Bottleneck}
+        if spec.block not in blocks:
+            raise ConfigError(f"arch resnet-tiny: block={spec.block!r}; allowed values: {sorted(blocks)}")
+        block: type[BasicBlock | Bottleneck] = blocks[spec.block]
         self.spec = spec
         self._norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d
         self.inplanes = spec.stem_width

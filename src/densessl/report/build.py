@@ -26,8 +26,10 @@ from densessl.models.backbones import ARCH_DISPLAY
 # Metrics shown per protocol (headline first), with the unit they are reported in.
 REPORTED_METRICS: dict[str, list[str]] = {
     "patchseg_coco": ["macro_recall", "macro_f1_nanmean", "macro_precision_nanmean", "accuracy"],
+    "patchseg_ade20k": ["macro_recall", "macro_f1_nanmean", "macro_precision_nanmean", "accuracy"],
     "linear_ade20k": ["mIoU", "mAcc", "aAcc"],
     "davis2017": ["JF_mean", "J_mean", "F_mean"],
+    "inat19_finetune": ["top1", "top5"],
 }
 
 

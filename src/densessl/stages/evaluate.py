@@ -15,6 +15,7 @@ from densessl.data.manifest import data_root
 from densessl.errors import ConfigError
 from densessl.io import read_json, sha256_file, write_json
 from densessl.methods.base import build_dataclass
+from densessl.models.backbones import as_token_backbone
 
 KEEP_OUTPUTS = {"davis2017"}
 
@@ -31,7 +32,7 @@ def percent_aliases(protocol: str, metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def _protocol(protocol: str) -> tuple[type, Any]:
-    if protocol == "patchseg_coco":
+    if protocol in ("patchseg_coco", "patchseg_ade20k"):
         from densessl.evaluate.patchseg import PatchSegConfig, run_patchseg
 
         return PatchSegConfig, run_patchseg
@@ -43,6 +44,10 @@ def _protocol(protocol: str) -> tuple[type, Any]:
         from densessl.evaluate.davis_propagation import DavisConfig, run_davis_backbone
 
         return DavisConfig, run_davis_backbone
+    if protocol == "inat19_finetune":
+        from densessl.evaluate.inat_finetune import InatFinetuneConfig, run_inat_finetune
+
+        return InatFinetuneConfig, run_inat_finetune
     raise ConfigError(f"unknown evaluation {protocol!r}; choose one of {sorted(EVALUATIONS)}")
 
 
@@ -51,9 +56,12 @@ def run_evaluate(cfg: Config, protocol: str, run_id: str, device: str | None = N
     run = cfg.run(run_id)
     config_cls, runner = _protocol(protocol)
     settings = cfg.eval_settings(protocol)
+    if protocol.startswith("patchseg_"):  # one settings block, two datasets
+        settings["dataset"] = EVALUATIONS[protocol]["dataset"]
     eval_cfg = build_dataclass(config_cls, settings, f"evaluate.{EVALUATIONS[protocol]['settings']}")
     backbone_path = cfg.backbone(run)
     backbone, meta = load_backbone(backbone_path)
+    backbone = as_token_backbone(backbone)  # a ResNet's last feature map is evaluated as a patch grid
     manifest = cfg.data_manifest(EVALUATIONS[protocol]["dataset"])
     out = cfg.eval_metrics(protocol, run)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

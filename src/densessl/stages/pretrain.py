@@ -10,7 +10,7 @@ import torch
 
 from densessl import provenance
 from densessl.config import Config
-from densessl.data.imagenet import ImageFolderImages
+from densessl.data.imagenet import pretraining_images
 from densessl.data.manifest import data_root
 from densessl.io import atomic_path, read_json, write_json
 from densessl.methods import get_method
@@ -26,7 +26,7 @@ def run_pretrain(cfg: Config, run_id: str) -> Path:
     torch.manual_seed(train_cfg.seed)  # the initial weights are part of the run: same seed, same run
     method = get_method(run.method)(run.arch, settings["method"], epochs=train_cfg.epochs)
     manifest = cfg.data_manifest(run.data)
-    dataset = ImageFolderImages(data_root(manifest), "train", max_items=train_cfg.max_train_images)
+    dataset = pretraining_images(run.data, data_root(manifest), max_items=train_cfg.max_train_images)
     out_dir = cfg.pretrain_dir(run)
     trainer = Trainer(method, dataset, train_cfg, out_dir)
     summary = trainer.fit()
@@ -42,3 +42,12 @@ def run_pretrain(cfg: Config, run_id: str) -> Path:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return final
+
+
+def pretrain_nproc(cfg: Config, run_id: str) -> int:
+    """Processes for this run: train.nproc_per_node, else one per GPU of the job, 1 on CPU."""
+    from densessl.train.launch import resolve_nproc
+
+    run = cfg.run(run_id)
+    train_cfg = build_dataclass(TrainConfig, cfg.pretrain_settings(run)["train"], f"pretrain.{run.method}.train")
+    return resolve_nproc(train_cfg.nproc_per_node)

@@ -30,11 +30,13 @@ plugin runs the job step as ``srun -n1 --gpus=8 ...`` so the step sees ``SLURM_G
 ``CUDA_VISIBLE_DEVICES``, which ``resolve_nproc`` reads when ``train.nproc_per_node`` is unset. Two ways a
 run is interrupted:
 
-* Time limit or ``scancel --signal``: add ``slurm_extra: "--signal=USR1@180"`` to the pretrain resources so
-  every process of the step receives SIGUSR1 180 s before the limit; the run checkpoints and exits 3, SLURM
-  records FAILED, and Snakemake's ``retries: 2`` submits the job again, which resumes from
-  ``checkpoint.pt`` (same seed-determined data order, so the same run continues). Without the signal a
-  TIMEOUT also counts as a failure and is retried, losing at most ``checkpoint_every_steps`` steps.
+* Time limit: add ``slurm_extra: "'--signal=TERM@180'"`` to the pretrain resources so every process of the
+  job step receives SIGTERM 180 s before the limit. Use TERM, not USR1: the plugin runs a nested Snakemake
+  inside the step, which finishes its running job on SIGTERM (``JobScheduler.exit_gracefully``) but has no
+  SIGUSR1 handler, so USR1 would kill it and with it the step. The run checkpoints and exits 3, SLURM records
+  FAILED, and Snakemake's ``retries: 2`` submits the job again, which resumes from ``checkpoint.pt`` (same
+  seed-determined data order, so the same run continues). Without the signal a TIMEOUT also counts as a
+  failure and is retried, losing at most ``checkpoint_every_steps`` steps.
 * Preemption: with ``PreemptMode=REQUEUE`` SLURM sends SIGTERM (GraceTime) and requeues the job itself under
   the same job id; the plugin sees PREEMPTED and leaves the job to SLURM (it does not count a retry). The
   requeued job runs the same command and resumes from the checkpoint. With ``PreemptMode=CANCEL`` the job

@@ -92,6 +92,8 @@ class TrainConfig:
     tensorboard: bool = True            # scalars of every logged metric in <out_dir>/tensorboard (rank 0)
     # processes (GPUs) on this node, read by densessl.train.launch; null = one per GPU of the job
     # (SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES), 1 without GPU. The paper batch is this × batch_size_per_gpu.
+    warmup_start_factor: float = 0.0    # warm-up starts at peak lr × this (DINO 0; CLoVE 0.01, --warmup-multiplier 100)
+    min_lr_factor: float | None = None  # set: final lr = peak lr × this, overriding min_lr (CLoVE 0.01, main_pretrain.py)
     nproc_per_node: int | None = None
 
 
@@ -157,13 +159,18 @@ def _method_param_groups(method: PretrainMethod, student: nn.Module) -> list[dic
 
 
 def clip_gradients_per_parameter(module: nn.Module, clip: float) -> None:
-    """DINO ``utils.clip_gradients``: each parameter's gradient norm is clipped separately, not globally."""
-    for p in module.parameters():
-        if p.grad is not None:
-            norm = p.grad.detach().norm(2)
-            coef = clip / (norm + 1e-6)
-            if coef < 1:
-                p.grad.mul_(coef)
+    """DINO ``utils.clip_gradients``: each parameter's gradient norm is clipped separately, not globally.
+
+    The official loop tests ``clip_coef < 1`` in Python, one device sync per parameter; multiplying by
+    ``min(clip_coef, 1)`` instead gives bit-identical gradients (x · 1.0 = x) without leaving the device.
+    """
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    norms = torch.stack(torch._foreach_norm(grads, 2.0))
+    coefs = torch.clamp(clip / (norms.float() + 1e-6), max=1.0)
+    for grad, coef in zip(grads, coefs.unbind(), strict=True):
+        grad.mul_(coef.to(grad.dtype))
 
 
 def resolve_optimizer_name(configured: str | None, method: PretrainMethod | type[PretrainMethod]) -> str:
@@ -222,8 +229,10 @@ class Trainer:
                                 f"than the dataset ({len(dataset)} images); lower the batch size")
         self.iters_per_epoch = self.sampler.batches_per_epoch
         self.total_batch = cfg.batch_size_per_gpu * self.world
-        self.lr_schedule = cosine_schedule(cfg.lr * self.total_batch / 256.0, cfg.min_lr, cfg.epochs,
-                                           self.iters_per_epoch, cfg.warmup_epochs)
+        peak = cfg.lr * self.total_batch / 256.0  # linear scaling rule (DINO, CLoVE main_pretrain.py)
+        final = peak * cfg.min_lr_factor if cfg.min_lr_factor is not None else cfg.min_lr
+        self.lr_schedule = cosine_schedule(peak, final, cfg.epochs, self.iters_per_epoch, cfg.warmup_epochs,
+                                           start_warmup_value=peak * cfg.warmup_start_factor)
         self.wd_schedule = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, self.iters_per_epoch)
         self.momentum_schedule = cosine_schedule(cfg.momentum_teacher, 1.0, cfg.epochs, self.iters_per_epoch)
         self.optimizer_name = resolve_optimizer_name(cfg.optimizer, method)
