@@ -45,3 +45,22 @@ def test_convert_random_init_is_seeded(tmp_path):
 def test_unknown_run_is_a_clear_error(tmp_path):
     out = run_cli("convert", "--run", "dino/vit-s16-imagenet")
     assert out.returncode == 2 and "not in the configuration" in out.stderr
+
+
+def test_evaluate_any_timm_model_by_name(tmp_path):
+    """Patch-Seg probes published backbones by timm name; a timm ViT with its own patch size and width."""
+    import json
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"results_dir": str(tmp_path / "results"), "data": {"synthetic_size": "tiny"},
+                                   "evaluate": {"patchseg": {"epochs": 1, "batch_size": 4, "warmup_steps": 1}}}))
+    assert run_cli("data", "--config", str(cfg), "--dataset", "coco").returncode == 0
+    out = tmp_path / "m.json"
+    done = run_cli("evaluate", "patchseg_coco", "--config", str(cfg), "--timm-model", "vit_tiny_patch16_224",
+                   "--out", str(out), "--threads", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["timm_model"] == "vit_tiny_patch16_224" and 0.0 <= result["metrics"]["macro_recall"] <= 1.0
+    bad = run_cli("evaluate", "patchseg_coco", "--config", str(cfg), "--timm-model", "no_such_model_xyz",
+                  "--out", str(out))
+    assert bad.returncode == 2 and "no_such_model_xyz" in bad.stderr

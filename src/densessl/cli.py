@@ -46,7 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="run one evaluation protocol on one backbone")
     _add_common(p)
     p.add_argument("protocol")
-    p.add_argument("--run", required=True)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", help="a run of the configuration (what the DAG evaluates)")
+    which.add_argument("--timm-model", metavar="NAME",
+                       help="any timm model by name instead (e.g. vit_small_patch16_224.dino); needs --out")
+    p.add_argument("--pretrained", action="store_true", help="with --timm-model: load timm's released weights")
+    p.add_argument("--out", type=Path, default=None, help="with --timm-model: where to write metrics.json")
     p.add_argument("--device", default=None)
 
     p = sub.add_parser("report", help="build the report tables from every metrics.json")
@@ -114,9 +119,15 @@ def main(argv: list[str] | None = None) -> int:
 
             print(run_convert(_config(args), args.run))
         elif args.stage == "evaluate":
-            from densessl.stages.evaluate import run_evaluate
+            from densessl.stages.evaluate import run_evaluate, run_evaluate_timm
 
-            print(run_evaluate(_config(args), args.protocol, args.run, args.device))
+            if args.timm_model:
+                if args.out is None:
+                    raise DenseSSLError("evaluate --timm-model needs --out <metrics.json>")
+                print(run_evaluate_timm(_config(args), args.protocol, args.timm_model, args.pretrained, args.out,
+                                        args.device))
+            else:
+                print(run_evaluate(_config(args), args.protocol, args.run, args.device))
         elif args.stage == "report":
             from densessl.report.build import build_report
 

@@ -76,3 +76,32 @@ def run_evaluate(cfg: Config, protocol: str, run_id: str, device: str | None = N
             "backbone_sha256": sha256_file(backbone_path), "backbone_source": meta.get("source"),
             "data": read_json(manifest)["fingerprint"]}, started)})
     return out
+
+
+def run_evaluate_timm(cfg: Config, protocol: str, model_name: str, pretrained: bool, out: Path,
+                      device: str | None = None) -> Path:
+    """Evaluate any timm model by name (the Patch-Seg benchmark's own use: probing published backbones),
+    outside the DAG. Data and protocol settings come from the configuration as for a run."""
+    import timm
+
+    started = time.time()
+    config_cls, runner = _protocol(protocol)
+    settings = cfg.eval_settings(protocol)
+    if protocol.startswith("patchseg_"):
+        settings["dataset"] = EVALUATIONS[protocol]["dataset"]
+    eval_cfg = build_dataclass(config_cls, settings, f"evaluate.{EVALUATIONS[protocol]['settings']}")
+    try:
+        backbone = timm.create_model(model_name, pretrained=pretrained, num_classes=0)
+    except (RuntimeError, ValueError) as exc:  # unknown name, or weights that cannot be fetched
+        raise ConfigError(f"--timm-model {model_name!r}: {exc}") from exc
+    backbone = as_token_backbone(backbone)
+    manifest = cfg.data_manifest(EVALUATIONS[protocol]["dataset"])
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    keep = Path(out).parent / "results" if protocol in KEEP_OUTPUTS else None
+    metrics = runner(backbone, data_root(manifest), eval_cfg, keep, device=device)
+    metrics.update(percent_aliases(protocol, metrics))
+    write_json(Path(out), {
+        "protocol": protocol, "timm_model": model_name, "pretrained": pretrained, "settings": settings,
+        "metrics": metrics, "provenance": provenance.collect(f"evaluate/{protocol}", cfg.hash, {
+            "data": read_json(manifest)["fingerprint"]}, started)})
+    return Path(out)
