@@ -203,3 +203,30 @@ def test_run_linear_seg_frozen_backbone(ade_root: Path) -> None:
 def test_run_linear_seg_rejects_too_few_images(ade_root: Path) -> None:
     with pytest.raises(ConfigError, match="batch_size"):
         run_linear_seg(create_backbone("vit-tiny-p8"), ade_root, smoke_cfg(batch_size=16))
+
+
+class _ColourClassifier(torch.nn.Module):
+    """Per-pixel 'model': the fixture's class from the pixel colour. It is flip-equivariant, so on the
+    fixture's asymmetric images a flipped view whose logits are not flipped back scores worse."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        img = x * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) + torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+        logits = torch.full((x.shape[0], 150, *x.shape[-2:]), -1e3)
+        for k in (1, 2, 3):  # ids 1..3 → reduced labels 0..2 (reduce_zero_label)
+            colour = torch.tensor(COLOURS[k], dtype=x.dtype).view(1, 3, 1, 1) / 255.0
+            logits[:, k - 1] = -((img - colour) ** 2).sum(1)
+        return logits
+
+
+def test_multiscale_flip_undoes_the_flip(ade_root: Path) -> None:
+    from densessl.data.ade20k import ADE20KSegmentation
+    from densessl.evaluate.linear_seg import ADE20KVal, evaluate_linear_seg
+
+    cfg = smoke_cfg(eval_ms_flip=True, eval_ms_ratios=(1.0,), num_workers=0)
+    reader = ADE20KSegmentation(ade_root, "val")
+    data = ADE20KVal(reader, cfg.base_scale, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), cfg.eval_ms_ratios)
+    out = evaluate_linear_seg(_ColourClassifier(), data, cfg, torch.device("cpu"), lambda: torch.no_grad())
+    # a per-pixel model at ratio 1.0: single scale and flip-averaged must agree exactly
+    assert out["mIoU"] > 90.0
+    assert out["ms_flip"]["mIoU"] == pytest.approx(out["mIoU"])
+    assert out["ms_flip"]["ratios"] == [1.0]

@@ -71,6 +71,11 @@ class LinearSegConfig:
     eval_window: int = 512  # Evaluation: sliding window 512
     eval_stride: int = 512  # Evaluation: stride 512
     eval_scale: tuple[int, int] | None = None  # test-pipeline resize; None = base_scale (as the config)
+    # "single-scale, or multi-scale with flip" (protocol file, Evaluation). With ms_flip the metrics gain an
+    # "ms_flip" block next to the single-scale ones: mmseg MultiScaleFlipAug (keep-ratio resize of the eval
+    # scale × each ratio, plus the horizontal flip), softmax outputs averaged (mmseg EncoderDecoder.aug_test).
+    eval_ms_flip: bool = False
+    eval_ms_ratios: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # mmseg ADE20K img_ratios
     num_classes: int = ADE_NUM_CLASSES  # 150 classes
     reduce_zero_label: bool = True  # Data: "Label 0 (other/unlabelled) is ignored (reduce_zero_label)"
     seed: int = 0
@@ -267,18 +272,24 @@ class ADE20KVal(Dataset):
     """Test pipeline: keep-ratio resize to the eval scale and normalise; labels returned raw at full size."""
 
     def __init__(self, reader: ADE20KSegmentation, scale: tuple[int, int], mean: tuple[float, ...],
-                 std: tuple[float, ...]) -> None:
+                 std: tuple[float, ...], ms_ratios: tuple[float, ...] = ()) -> None:
         self.reader, self.scale, self.mean, self.std = reader, scale, mean, std
+        self.ms_ratios = ms_ratios
 
     def __len__(self) -> int:
         return len(self.reader)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _scaled(self, img: torch.Tensor, scale: tuple[int, int]) -> torch.Tensor:
+        w, h = rescale_size(img.shape[-1], img.shape[-2], scale)
+        return normalize(resize_image(img, (h, w)), self.mean, self.std)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """(single-scale image, labels, one image per multi-scale ratio — empty unless ms_flip)."""
         image, raw = self.reader[index]
         img = _pil_to_tensor(image)
-        w, h = rescale_size(img.shape[-1], img.shape[-2], self.scale)
-        img = normalize(resize_image(img, (h, w)), self.mean, self.std)
-        return img, torch.from_numpy(raw.astype(np.int64))
+        # MultiScaleFlipAug: scale = (int(w * r), int(h * r)) of the configured scale, then keep-ratio resize
+        multi = [self._scaled(img, (int(self.scale[0] * r), int(self.scale[1] * r))) for r in self.ms_ratios]
+        return self._scaled(img, self.scale), torch.from_numpy(raw.astype(np.int64)), multi
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -379,21 +390,38 @@ def evaluate_linear_seg(model: LinearSegmenter, data: ADE20KVal, cfg: LinearSegC
     """Sliding-window inference on the test-scaled image, logits resized to the label size, mmseg IoU."""
     model.eval()
     acc = IoUAccumulator(cfg.num_classes, IGNORE_INDEX, cfg.reduce_zero_label)
+    acc_ms = IoUAccumulator(cfg.num_classes, IGNORE_INDEX, cfg.reduce_zero_label)
     loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=cfg.num_workers)
+
+    def logits_at(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        with autocast():
+            logits = slide_inference(model, img.to(device)[None], cfg.eval_window, cfg.eval_stride,
+                                     cfg.num_classes, cfg.eval_batch_size)
+        return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+
     with torch.no_grad():
-        for img, labels in tqdm(loader, desc="linear_seg eval", disable=None, leave=False):
-            img = img.to(device)[None]
-            with autocast():
-                logits = slide_inference(model, img, cfg.eval_window, cfg.eval_stride, cfg.num_classes,
-                                         cfg.eval_batch_size)
-            logits = F.interpolate(logits, size=tuple(labels.shape), mode="bilinear", align_corners=False)
-            acc.update(logits.argmax(1)[0].cpu(), labels)
-    m = acc.compute()
+        for img, labels, multi in tqdm(loader, desc="linear_seg eval", disable=None, leave=False):
+            size = tuple(labels.shape)
+            acc.update(logits_at(img, size).argmax(1)[0].cpu(), labels)
+            if multi:
+                probs = torch.zeros(1, cfg.num_classes, *size, device=device)
+                for scaled in multi:
+                    probs += logits_at(scaled, size).softmax(1)
+                    probs += logits_at(scaled.flip(-1), size).flip(-1).softmax(1)
+                acc_ms.update((probs / (2 * len(multi))).argmax(1)[0].cpu(), labels)
+
     def pct(x):
         return float(x) * 100.0
-    return {"mIoU": pct(m["mIoU"]), "mAcc": pct(m["mAcc"]), "aAcc": pct(m["aAcc"]),
-            "per_class_IoU": [pct(v) for v in m["IoU"]], "per_class_Acc": [pct(v) for v in m["Acc"]],
-            "num_val": acc.num_images}
+
+    def summary(a: IoUAccumulator) -> dict[str, Any]:
+        m = a.compute()
+        return {"mIoU": pct(m["mIoU"]), "mAcc": pct(m["mAcc"]), "aAcc": pct(m["aAcc"]),
+                "per_class_IoU": [pct(v) for v in m["IoU"]], "per_class_Acc": [pct(v) for v in m["Acc"]]}
+
+    out = {**summary(acc), "num_val": acc.num_images}
+    if cfg.eval_ms_flip:
+        out["ms_flip"] = {**summary(acc_ms), "ratios": list(cfg.eval_ms_ratios), "flip": True}
+    return out
 
 
 
@@ -420,7 +448,8 @@ def run_linear_seg(backbone: nn.Module, data_root: Path, cfg: LinearSegConfig, o
         raise ConfigError(f"linear_seg: {len(train_reader)} training images < batch_size {cfg.batch_size}; "
                           f"lower batch_size or raise max_train_items")
     train_data = ADE20KTrain(train_reader, cfg, info.mean, info.std)
-    val_data = ADE20KVal(val_reader, cfg.eval_scale or cfg.base_scale, info.mean, info.std)
+    val_data = ADE20KVal(val_reader, cfg.eval_scale or cfg.base_scale, info.mean, info.std,
+                         tuple(cfg.eval_ms_ratios) if cfg.eval_ms_flip else ())
 
     encoder = copy.deepcopy(backbone)
     if cfg.finetune_backbone:
