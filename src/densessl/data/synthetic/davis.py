@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from densessl.data.davis import voc_palette
+
 from .scenes import Frame, render_sequence, save_jpeg, save_png, scene_rng
 
 DATASET_INDEX = 3
@@ -24,18 +26,8 @@ RESOLUTION = "480p"  # the folder name of the real release (our frames are small
 
 
 def palette() -> list[int]:
-    """The DAVIS / Pascal VOC colour map (256 entries, flattened RGB)."""
-    out = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        out += [r, g, b]
-    return out
+    """The DAVIS / Pascal VOC colour map, the one the real annotations carry (shared with the loader)."""
+    return voc_palette()
 
 
 def sequence_name(split: str, index: int) -> str:
