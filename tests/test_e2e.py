@@ -52,9 +52,13 @@ def test_smoke_dag_end_to_end(tmp_path):
     sidecar = json.loads((tmp_path / "results/smoke/pretrain/dino/vit-tiny-p8-imagenet/backbone.json").read_text())
     assert sidecar["provenance"]["git"]["commit"] and sidecar["source"]["kind"] == "pretrained"
 
-    # Nothing left to do on a second invocation.
+    # Nothing left to do on a second invocation, with or without an explicit --configfile (the Snakefile's
+    # own `configfile:` names the same file).
     again = snakemake(tmp_path, "-n")
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+    plain = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
+                            str(tmp_path), "-n"], capture_output=True, text=True, timeout=600)
+    assert plain.returncode == 0 and "Nothing to be done" in plain.stdout + plain.stderr, plain.stdout[-2000:]
 
 
 TINY_TRAIN = {"epochs": 1, "batch_size_per_gpu": 4, "num_workers": 0, "checkpoint_every_steps": 2}
