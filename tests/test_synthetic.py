@@ -158,7 +158,8 @@ def test_colour_does_not_identify_the_class(many_scenes: list[scenes.Scene]) -> 
     for c in range(scenes.NUM_CLASSES):
         xc = x[y == c]
         assert len(xc) >= 10, c
-        assert xc.std(0).mean() > 35, (c, xc.std(0))  # instance colours vary widely within a class
+        # instance colours vary widely within a class (a region mean blends its two colours: ~32 per channel)
+        assert xc.std(0).mean() > 25, (c, xc.std(0))
         class_means.append(xc.mean(0))
     class_means = np.array(class_means)
     assert np.abs(class_means - class_means.mean(0)).max() < 30, class_means  # no class has "its" colour
@@ -167,6 +168,26 @@ def test_colour_does_not_identify_the_class(many_scenes: list[scenes.Scene]) -> 
     means = np.array([x[:half][y[:half] == c].mean(0) for c in range(scenes.NUM_CLASSES)])
     pred = np.argmin(((x[half:, None] - means[None]) ** 2).sum(-1), 1)
     assert (pred == y[half:]).mean() < 0.2
+
+
+def test_colour_pairs_contrast_mostly_in_luminance() -> None:
+    rng = np.random.default_rng(0)
+    pairs = scenes.random_colors(rng, 2000, min_dist=90.0)
+    assert pairs.shape == (2000, 2, 3) and pairs.min() >= 0 and pairs.max() <= 255
+    # value (max channel) of the two colours differs by at least min_dist / 255 of the range
+    value_gap = np.abs(pairs[:, 0].max(-1) - pairs[:, 1].max(-1))
+    assert value_gap.min() >= 90.0 - 1e-6
+    # luminance (BT.601) differences dominate the chroma differences within a pair, as in natural images
+    weights = np.array([0.299, 0.587, 0.114])
+    luma = pairs @ weights
+    chroma = pairs - luma[..., None]
+    d_luma = np.abs(luma[:, 0] - luma[:, 1])
+    d_chroma = np.linalg.norm(chroma[:, 0] - chroma[:, 1], axis=-1)
+    assert np.median(d_luma) > 2 * np.median(d_chroma)
+    # hues are spread around the whole circle: no hue family is preferred
+    hue = np.arctan2(chroma[:, 0] @ np.array([0.0, 1.0, -1.0]), chroma[:, 0] @ np.array([2.0, -1.0, -1.0]))
+    counts, _ = np.histogram(hue, bins=6, range=(-np.pi, np.pi))
+    assert counts.min() > 0.5 * counts.mean(), counts
 
 
 def test_labels_come_from_the_rasterisation(many_scenes: list[scenes.Scene]) -> None:

@@ -8,7 +8,8 @@ loaders read them unchanged, so the smoke run exercises the same code paths as t
 The scenes (``scenes.py``) are textured shapes over textured background regions. Classes differ by shape and
 texture only: every instance draws random colours, because with class-specific colours a random-init backbone
 already separates the classes and the smoke learning-signal check (trained vs random features on per-patch
-probes) would be meaningless. Generation is deterministic: the same (dataset, size, seed) gives byte-identical
+probes) would be meaningless. Colour pairs differ mostly in luminance, as in natural images (see
+``scenes.random_colors`` for the measurements behind that choice). Generation is deterministic: the same (dataset, size, seed) gives byte-identical
 files (one ``numpy`` generator per image, fixed encoder settings, no timestamps), different seeds give different
 images. A dataset is written into a temporary sibling folder and renamed into place when complete; the marker
 ``<root>/.densessl-synthetic.json`` (the summary) is written last and lets a repeated call skip the work.
@@ -33,7 +34,7 @@ from .scenes import NUM_STUFF, NUM_THINGS, STUFF_CLASSES, THING_CLASSES
 
 DATASETS: tuple[str, ...] = ("imagenet", "coco", "ade20k", "davis", "inat", "lvis", "cityscapes")
 MARKER = ".densessl-synthetic.json"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: luminance-dominant instance colours (scenes.random_colors)
 
 _WRITERS: dict[str, Any] = {
     "imagenet": imagenet,

@@ -14,6 +14,7 @@ Internal label convention (each writer maps it to its dataset's ids):
 
 from __future__ import annotations
 
+import colorsys
 import io
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -118,14 +119,31 @@ def smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int = 3) -> np
 
 
 def random_colors(rng: np.random.Generator, n: int, min_dist: float = 90.0) -> np.ndarray:
-    """n pairs of uniformly random RGB colours, the two of a pair at least ``min_dist`` apart: (n, 2, 3)."""
-    a = rng.uniform(0, 255, size=(n, 3))
-    cand = rng.uniform(0, 255, size=(n, 8, 3))
-    dist = np.linalg.norm(cand - a[:, None], axis=-1)
-    ok = dist >= min_dist
-    pick = np.where(ok.any(1), ok.argmax(1), dist.argmax(1))
-    b = cand[np.arange(n), pick]
-    return np.stack([a, b], axis=1)
+    """n random colour pairs, (n, 2, 3) float RGB in [0, 255], whose contrast is mostly luminance.
+
+    Why this colour model (generator version 2): in natural images luminance carries most of the contrast and
+    chroma varies much less; uniform random RGB pairs (version 1) made chroma the dominant, per-instance
+    nuisance. Measured on the smoke data (2 CPU cores, vit-tiny-p8, Patch-Seg mlp probe): with uniform RGB a
+    random-init backbone scored macro recall 0.12-0.13 and scored 0.16-0.17 on the same images turned grey, and
+    DINO learned each instance's colours (shared by its two views) instead of texture and shape: no margin over
+    random init. With this model random init scores 0.22 and DINO 0.24 after the same 620 steps.
+
+    Colour still never gives a class away: hue is uniform, saturation and value are random per instance.
+    A pair shares its hue up to 0.08 turn and differs in value by at least ``min_dist``/255 (so the texture
+    is always visible), with saturation in [0.05, 0.5].
+    """
+    out = np.empty((n, 2, 3))
+    hue = rng.uniform(0.0, 1.0, size=n)
+    hue_b = (hue + rng.uniform(-0.08, 0.08, size=n)) % 1.0
+    sat = rng.uniform(0.05, 0.5, size=(n, 2))
+    gap = min_dist / 255.0 * rng.uniform(1.0, 2.0, size=n)
+    low = rng.uniform(0.05, 1.0 - gap)
+    swap = rng.random(n) < 0.5
+    for i in range(n):
+        values = (low[i] + gap[i], low[i]) if swap[i] else (low[i], low[i] + gap[i])
+        out[i, 0] = colorsys.hsv_to_rgb(hue[i], sat[i, 0], values[0])
+        out[i, 1] = colorsys.hsv_to_rgb(hue_b[i], sat[i, 1], values[1])
+    return out * 255.0
 
 
 # ----------------------------------------------------------------------------------------------- things
