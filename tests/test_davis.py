@@ -456,3 +456,21 @@ def test_run_davis_from_exported_backbone(tmp_path: Path) -> None:
     rows = (out / "per-sequence_results-val.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows] == ["Sequence", "a_1", "a_2", "b_1", "b_2"]
     assert metrics["arch"] == "vit-tiny-p8" and metrics["num_sequences"] == 2
+
+
+@pytest.mark.parametrize("final_norm", [True, False])
+def test_run_davis_with_a_resnet_as_patch_grid(tmp_path: Path, final_norm: bool) -> None:
+    """CLoVE's ResNet is evaluated on its C5 map as a patch grid: the cell size is the output stride."""
+    from densessl.evaluate.davis_propagation import run_davis_backbone
+    from densessl.models.backbones import as_token_backbone
+
+    labels = [np.kron(np.array([[0, 0, 1, 0], [0, 2, 0, 0], [0, 0, 0, 1]], np.uint8), np.ones((8, 8), np.uint8))] * 3
+    root = write_layout(tmp_path / "DAVIS", {"a": labels}, colours={1: (200, 40, 40), 2: (40, 200, 40)})
+    torch.manual_seed(0)
+    model = as_token_backbone(create_backbone("resnet-tiny"))
+    cfg = DavisConfig(short_side=24, size_multiple=8, size_mask_neighborhood=2, n_last_frames=2,
+                      final_norm=final_norm)
+    metrics = run_davis_backbone(model, root, cfg, tmp_path / "out")
+    assert 0.0 <= metrics["J&F-Mean"] <= 1.0
+    assert np.array_equal(np.array(Image.open(tmp_path / "out" / "a" / "00000.png")), labels[0])
+    assert Image.open(tmp_path / "out" / "a" / "00002.png").size == (32, 24)

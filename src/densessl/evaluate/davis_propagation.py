@@ -64,7 +64,7 @@ from densessl.data.davis import VOID_LABEL, Davis2017, DavisSequence, read_annot
 from densessl.errors import ConfigError, DataError
 from densessl.evaluate.davis_metrics import BOUND_TH, evaluate_results, format_tables, write_csvs
 from densessl.io import atomic_path
-from densessl.models.backbones import patch_tokens
+from densessl.models.backbones import backbone_info, patch_tokens
 
 PRECISIONS = ("fp32", "bf16")
 REF = "reference/protocols/davis2017.md"
@@ -174,9 +174,10 @@ def first_frame_labels(labels: np.ndarray, grid_hw: tuple[int, int], void_as_bac
 # ----------------------------------------------------------------------------------------------------------
 
 def backbone_feature_fn(model: nn.Module, final_norm: bool = True) -> FeatureFn:
-    """Patch-token grid of a timm ViT: last block, with (``forward_features``) or without the final norm."""
+    """Patch-token grid of a timm ViT: last block, with (``forward_features``) or without the final norm.
+    A ResNet seen as tokens (``ResNetTokens``) has no final norm: its C5 grid is used either way."""
     def extract(images: torch.Tensor) -> torch.Tensor:
-        if final_norm:
+        if final_norm or not hasattr(model, "forward_intermediates"):
             return patch_tokens(model, images)
         return model.forward_intermediates(images, indices=1, norm=False, output_fmt="NCHW",
                                            intermediates_only=True)[-1]
@@ -185,8 +186,8 @@ def backbone_feature_fn(model: nn.Module, final_norm: bool = True) -> FeatureFn:
 
 
 def patch_size_of(model: nn.Module) -> int:
-    p = model.patch_embed.patch_size
-    return int(p[0] if isinstance(p, (tuple, list)) else p)
+    """Pixels per feature cell: the ViT patch size, or a ResNet's output stride (``ResNetTokens``)."""
+    return backbone_info(model).patch_size
 
 
 @torch.no_grad()
