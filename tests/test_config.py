@@ -51,7 +51,8 @@ def test_overrides_merge_onto_preset_and_per_arch(tmp_path):
     cfg = load_config([path], root=REPO)
     settings = cfg.pretrain_settings(cfg.pretrain_runs[0])
     assert settings["train"]["epochs"] == 3 and settings["train"]["lr"] == 0.1
-    assert settings["train"]["batch_size_per_gpu"] == 32  # untouched preset value
+    preset = yaml.safe_load((REPO / "workflow/presets/smoke.yaml").read_text())["pretrain"]["dino"]
+    assert settings["train"]["batch_size_per_gpu"] == preset["train"]["batch_size_per_gpu"]  # untouched
     assert settings["method"]["out_dim"] == 4096
 
 
