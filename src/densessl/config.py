@@ -20,6 +20,7 @@ import jsonschema
 import yaml
 
 from densessl.errors import ConfigError
+from densessl.models.variants import variant_of
 
 PRESETS = ("smoke", "paper")
 METHOD_DISPLAY = {"dino": "DINO", "loca": "LOCA", "selfpatch": "SelfPatch", "gtsa": "GTSA", "clove": "CLoVE",
@@ -99,10 +100,12 @@ class Run:
     data: str           # pretraining data, or "seed<k>" for random init
     epochs: int | None = None
     released: bool = False  # backbone imported from an official release instead of our pretraining
+    variant: str | None = None  # random init only: the method's architecture variant (models/variants.py)
 
     @property
     def name(self) -> str:
-        return f"{self.arch}-{self.data}" + ("-released" if self.released else "")
+        arch = f"{self.arch}.{self.variant}" if self.variant else self.arch
+        return f"{arch}-{self.data}" + ("-released" if self.released else "")
 
     @property
     def id(self) -> str:
@@ -163,9 +166,20 @@ class Config:
     def archs(self) -> list[str]:
         return sorted({r.arch for r in self.pretrain_runs + self.released_runs})
 
+    def variant_of(self, run: Run) -> str | None:
+        """The architecture variant ``run``'s backbone has: random-init rows carry it, pretraining runs take
+        their method's, released runs their checkpoint format's (models/variants.py)."""
+        if run.is_random_init:
+            return run.variant
+        key = self.released_spec(run)["format"] if run.released else run.method
+        return variant_of(key, run.arch)
+
     @property
     def baseline_runs(self) -> list[Run]:
-        return [Run("random-init", arch, f"seed{s}") for arch in self.archs
+        """Random-init rows: the seeds for every (architecture, variant) a pretrained or released run has, so each
+        method is compared with the very network it trains (e.g. SelfPatch's ViT has no final LayerNorm)."""
+        shapes = sorted({(r.arch, self.variant_of(r) or "") for r in self.pretrain_runs + self.released_runs})
+        return [Run("random-init", arch, f"seed{s}", variant=variant or None) for arch, variant in shapes
                 for s in self.data.get("random_init_seeds", [])]
 
     @property

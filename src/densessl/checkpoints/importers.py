@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from densessl.errors import CheckpointError, ConfigError
 from densessl.models.backbones import create_backbone
+from densessl.models.variants import ARCH_VARIANTS
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +238,7 @@ def import_dino(path: str | Path, arch: str, *, checkpoint_key: str = "teacher")
 
 # SelfPatch's backbone (alinlab/SelfPatch selfpatch_vision_transformer.py, VisionTransformer) has no CLS token,
 # pos_embed (1, N, D) and no final norm: the CLS token and the norm live in the SelfPatchHead (`ca_head`).
-SELFPATCH_ARCH_KWARGS: dict[str, Any] = {"class_token": False, "final_norm": False}
+SELFPATCH_ARCH_KWARGS: dict[str, Any] = ARCH_VARIANTS["selfpatch"]
 
 
 @register("selfpatch", arch_kwargs=SELFPATCH_ARCH_KWARGS,
@@ -475,7 +476,7 @@ _LOCA_BACKBONE = re.compile(r"^(ToTokenSequence_0|encoderblock_\d+|encoder_norm)
 
 # LOCA's ViT: no CLS token, tanh GELU (flax nn.gelu default), final LayerNorm on every token
 # (reference/methods/loca.md §4; create_backbone keeps `norm` for class_token=False).
-LOCA_ARCH_KWARGS: dict[str, Any] = {"class_token": False, "gelu_tanh": True}
+LOCA_ARCH_KWARGS: dict[str, Any] = ARCH_VARIANTS["loca"]
 
 
 @register("loca", arch_kwargs=LOCA_ARCH_KWARGS,

@@ -33,9 +33,10 @@ from densessl.errors import ConfigError
 from densessl.methods.base import PretrainMethod, build_dataclass, register
 from densessl.methods.loca_views import CropRecipe, LOCAViews
 from densessl.models.backbones import backbone_info, create_backbone
+from densessl.models.variants import ARCH_VARIANTS
 
 # The LOCA ViT (vit.py ViT4LOCA): no CLS token, tanh GELU, final LayerNorm on every token (loca.md §1 "Model").
-LOCA_ARCH_KWARGS: dict[str, Any] = {"class_token": False, "gelu_tanh": True}
+LOCA_ARCH_KWARGS: dict[str, Any] = ARCH_VARIANTS["loca"]
 
 TOKEN_SELECTIONS = ("consecutive", "unstructured", "first")
 

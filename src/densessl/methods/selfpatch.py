@@ -32,11 +32,12 @@ from densessl.errors import ConfigError
 from densessl.methods.base import PretrainMethod, build_dataclass, register
 from densessl.methods.dino import DINO, DINOConfig, DINOHead, DINOLoss, MultiCropWrapper
 from densessl.models.backbones import create_backbone
+from densessl.models.variants import ARCH_VARIANTS
 from densessl.train.schedules import teacher_temperature_schedule
 
 # The SelfPatch ViT (selfpatch_vision_transformer.py ``VisionTransformer``): pos_embed (1, N, D), no cls_token,
 # ``forward`` returns the un-normalised patch tokens of the last block (selfpatch.md §1 "Backbone").
-SELFPATCH_ARCH_KWARGS: dict[str, Any] = {"class_token": False, "final_norm": False}
+SELFPATCH_ARCH_KWARGS: dict[str, Any] = ARCH_VARIANTS["selfpatch"]
 
 
 @dataclass

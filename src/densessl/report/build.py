@@ -22,6 +22,7 @@ from densessl import provenance
 from densessl.config import DATA_DISPLAY, EVALUATIONS, METHOD_DISPLAY, Config, Run
 from densessl.io import read_json, write_json, write_text
 from densessl.models.backbones import ARCH_DISPLAY
+from densessl.models.variants import VARIANT_DISPLAY
 
 # Metrics shown per protocol (headline first), with the unit they are reported in.
 REPORTED_METRICS: dict[str, list[str]] = {
@@ -59,7 +60,10 @@ def display(run: Run) -> tuple[str, str, str]:
         method = f"{method} ({run.data})"
     if run.released:
         method = f"{method} (released weights)"
-    return method, ARCH_DISPLAY.get(run.arch, run.arch), data
+    arch = ARCH_DISPLAY.get(run.arch, run.arch)
+    if run.variant:
+        arch = f"{arch}, {VARIANT_DISPLAY[run.variant]}"
+    return method, arch, data
 
 
 def published_value(tables: list[dict[str, Any]], protocol: str, run: Run, metric: str,
@@ -141,15 +145,17 @@ def _metric(values: dict[str, Any], name: str) -> float | None:
 
 def baseline_margins(cfg: Config, rows: list[tuple[Run, dict[str, Any]]], metrics: list[str]
                      ) -> list[list[str]]:
-    """For each pretrained run: value − best random-init seed of the same architecture, per metric."""
+    """For each pretrained run: value − best random-init seed of the same architecture and variant, per metric."""
     out = []
     for run, values in rows:
         if run.is_random_init:
             continue
-        baselines = [v for r, v in rows if r.is_random_init and r.arch == run.arch]
+        variant = cfg.variant_of(run)
+        baselines = [v for r, v in rows if r.is_random_init and r.arch == run.arch and r.variant == variant]
         if not baselines:
             continue
-        line = [display(run)[0], ARCH_DISPLAY.get(run.arch, run.arch)]
+        arch = ARCH_DISPLAY.get(run.arch, run.arch)
+        line = [display(run)[0], f"{arch}, {VARIANT_DISPLAY[variant]}" if variant else arch]
         for m in metrics:
             ours = _metric(values, m)
             best = max((x for x in (_metric(b, m) for b in baselines) if x is not None and not math.isnan(x)),

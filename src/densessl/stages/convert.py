@@ -14,6 +14,7 @@ from densessl.errors import CheckpointError
 from densessl.io import sha256_file
 from densessl.methods import get_method
 from densessl.models.backbones import create_backbone
+from densessl.models.variants import variant_kwargs
 
 
 def run_convert(cfg: Config, run_id: str) -> Path:
@@ -23,11 +24,12 @@ def run_convert(cfg: Config, run_id: str) -> Path:
     if run.released:
         backbone, arch_kwargs, inputs, source = _import_released(cfg, run)
     elif run.is_random_init:
+        # the architecture (variant) the compared method trains, with timm's/torchvision's own initialisation
+        arch_kwargs: dict = variant_kwargs(run.variant)
         torch.manual_seed(run.seed)
-        backbone = create_backbone(run.arch)  # timm's own initialisation, seeded
-        arch_kwargs: dict = {}
+        backbone = create_backbone(run.arch, **arch_kwargs)
         inputs = {"random_init_seed": run.seed}
-        source = {"kind": "random-init", "seed": run.seed}
+        source = {"kind": "random-init", "seed": run.seed, "variant": run.variant}
     else:
         final = cfg.final_checkpoint(run)
         if not final.is_file():

@@ -1,0 +1,44 @@
+"""Architecture variants: the changes some methods' official code makes to the standard ViT.
+
+One table, read by the methods (to build their networks), by the checkpoint importers (to rebuild released
+backbones) and by the configuration (to give each variant its own random-init baseline rows). It imports
+nothing heavy, because the Snakefile reads it while building the DAG.
+
+Why the baseline needs the variant: a random-init ViT without final LayerNorm (SelfPatch's) scores Patch-Seg
+0.156 on the smoke data against 0.22 for the standard ViT (measured, 2 seeds each), so comparing a SelfPatch
+backbone with the standard ViT's random init would charge the architecture to the pretraining.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# method name → keyword arguments of models.backbones.create_backbone (ViT architectures only)
+ARCH_VARIANTS: dict[str, dict[str, Any]] = {
+    # reference/methods/loca.md §4: flax ViT with no CLS token, tanh-approximated GELU, final encoder_norm kept
+    "loca": {"class_token": False, "gelu_tanh": True},
+    # reference/methods/selfpatch.md §1: no CLS token and no final LayerNorm (the aggregation head normalises)
+    "selfpatch": {"class_token": False, "final_norm": False},
+}
+
+VARIANT_DISPLAY: dict[str, str] = {
+    "loca": "LOCA variant",
+    "selfpatch": "SelfPatch variant",
+}
+
+
+def variant_of(method_or_format: str, arch: str) -> str | None:
+    """The variant a method (or a released-checkpoint format of the same name) trains for ``arch``; None =
+    the standard architecture. ResNets have no variants (CLoVE uses torchvision's ResNet as is)."""
+    if arch.startswith("resnet"):  # models/resnet.py RESNET_ARCHS: resnet50, resnet-tiny
+        return None
+    return method_or_format if method_or_format in ARCH_VARIANTS else None
+
+
+def variant_kwargs(variant: str | None) -> dict[str, Any]:
+    """Keyword arguments for create_backbone; {} for the standard architecture."""
+    if variant is None:
+        return {}
+    if variant not in ARCH_VARIANTS:
+        raise KeyError(f"unknown architecture variant {variant!r}; known: {sorted(ARCH_VARIANTS)}")
+    return dict(ARCH_VARIANTS[variant])

@@ -1,0 +1,88 @@
+"""Random-init baselines per architecture variant: each method is compared with the network it trains."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from densessl.checkpoints.importers import IMPORTERS
+from densessl.checkpoints.io import load_backbone
+from densessl.config import Run, load_config
+from densessl.methods import get_method
+from densessl.models.variants import ARCH_VARIANTS, variant_kwargs, variant_of
+from densessl.report.build import baseline_margins, display
+from densessl.stages.convert import run_convert
+
+ALL_METHODS = [
+    {"method": "dino", "arch": "vit-tiny-p8", "data": "imagenet"},
+    {"method": "selfpatch", "arch": "vit-tiny-p8", "data": "imagenet"},
+    {"method": "loca", "arch": "vit-tiny-p8", "data": "imagenet"},
+    {"method": "gtsa", "arch": "vit-tiny-p8", "data": "imagenet"},
+    {"method": "clove", "arch": "resnet-tiny", "data": "imagenet"},
+]
+
+
+def _cfg(tmp_path, runs=ALL_METHODS, seeds=(0, 1, 2)):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"preset": "smoke", "results_dir": str(tmp_path / "results"),
+                                    "runs": list(runs), "random_init_seeds": list(seeds)}))
+    return load_config([path])
+
+
+def test_every_variant_gets_its_own_seeds(tmp_path):
+    cfg = _cfg(tmp_path)
+    shapes = {}
+    for r in cfg.baseline_runs:
+        shapes.setdefault((r.arch, r.variant), []).append(r.seed)
+    assert shapes == {("vit-tiny-p8", None): [0, 1, 2], ("vit-tiny-p8", "loca"): [0, 1, 2],
+                      ("vit-tiny-p8", "selfpatch"): [0, 1, 2], ("resnet-tiny", None): [0, 1, 2]}
+    assert "random-init/vit-tiny-p8.selfpatch-seed1" in [r.id for r in cfg.all_runs]
+    # a configuration of standard-ViT methods only has no variant rows
+    only_dino = _cfg(tmp_path, runs=ALL_METHODS[:1])
+    assert [r.id for r in only_dino.baseline_runs] == [f"random-init/vit-tiny-p8-seed{s}" for s in range(3)]
+
+
+@pytest.mark.parametrize("method", ["dino", "selfpatch", "loca", "gtsa"])
+def test_table_matches_what_methods_and_importers_build(method):
+    """The variant table is the single source: the method's exported backbone and the importer of the same name
+    rebuild exactly variant_kwargs(variant_of(method))."""
+    expected = variant_kwargs(variant_of(method, "vit-tiny-p8"))
+    settings = load_config(preset="smoke").pretrain_settings(Run(method, "vit-tiny-p8", "imagenet"))
+    built = get_method(method)("vit-tiny-p8", settings["method"], epochs=1)
+    assert built.arch_kwargs == expected
+    assert (IMPORTERS[method].arch_kwargs or {}) == expected
+
+
+def test_random_init_row_is_built_as_the_variant(tmp_path):
+    cfg = _cfg(tmp_path)
+    run = cfg.run("random-init/vit-tiny-p8.selfpatch-seed0")
+    model, meta = load_backbone(run_convert(cfg, run.id))
+    assert meta["arch_kwargs"] == ARCH_VARIANTS["selfpatch"] and meta["source"]["variant"] == "selfpatch"
+    assert model.cls_token is None and isinstance(model.norm, torch.nn.Identity)
+    standard, _ = load_backbone(run_convert(cfg, "random-init/vit-tiny-p8-seed0"))
+    assert standard.cls_token is not None and isinstance(standard.norm, torch.nn.LayerNorm)
+    # same seed, same standard-ViT init otherwise: the patch embedding draws the same numbers
+    torch.testing.assert_close(model.patch_embed.proj.weight, standard.patch_embed.proj.weight)
+
+
+def test_margins_compare_within_the_variant(tmp_path):
+    cfg = _cfg(tmp_path)
+    by_id = {r.id: r for r in cfg.all_runs}
+    values = {"dino/vit-tiny-p8-imagenet": 0.25, "selfpatch/vit-tiny-p8-imagenet": 0.18}
+    for s, (std, sp) in enumerate([(0.22, 0.15), (0.21, 0.16), (0.20, 0.14)]):
+        values[f"random-init/vit-tiny-p8-seed{s}"] = std
+        values[f"random-init/vit-tiny-p8.selfpatch-seed{s}"] = sp
+    rows = [(by_id[k], {"macro_recall": v}) for k, v in values.items()]
+    margins = {line[0]: line for line in baseline_margins(cfg, rows, ["macro_recall"])}
+    assert margins["DINO"][2].startswith("+0.03 (beats best of 3 seeds, 0.22)")
+    # SelfPatch is measured against its own network (best 0.16), not the standard ViT's 0.22
+    assert margins["SelfPatch"][1].endswith("SelfPatch variant")
+    assert margins["SelfPatch"][2].startswith("+0.02 (beats best of 3 seeds, 0.16)")
+    assert display(by_id["random-init/vit-tiny-p8.loca-seed2"])[1] == "ViT-Tiny/8 (smoke), LOCA variant"
+
+
+def test_resnets_have_no_variants():
+    assert variant_of("clove", "resnet-tiny") is None and variant_of("loca", "resnet50") is None
+    with pytest.raises(KeyError, match="unknown architecture variant"):
+        variant_kwargs("nope")
