@@ -86,3 +86,22 @@ def test_resnets_have_no_variants():
     assert variant_of("clove", "resnet-tiny") is None and variant_of("loca", "resnet50") is None
     with pytest.raises(KeyError, match="unknown architecture variant"):
         variant_kwargs("nope")
+
+
+def test_loca_baseline_starts_where_loca_starts(tmp_path):
+    """The LOCA random-init row is LOCA's step-0 backbone: flax-style init (zero qkv bias), not timm's default."""
+    cfg = _cfg(tmp_path)
+    model, meta = load_backbone(run_convert(cfg, "random-init/vit-tiny-p8.loca-seed0"))
+    assert "weight_init" not in meta["arch_kwargs"]  # init values are not part of the rebuilt architecture
+    settings = cfg.pretrain_settings(Run("loca", "vit-tiny-p8", "imagenet"))
+    torch.manual_seed(0)
+    step0 = get_method("loca")("vit-tiny-p8", settings["method"], epochs=1).student.backbone
+    standard, _ = load_backbone(run_convert(cfg, "random-init/vit-tiny-p8-seed0"))
+    # flax-style init: mlp biases N(0, 1e-6) (timm default: zeros), xavier-uniform qkv (std 0.0625 at D=128,
+    # timm default: trunc-normal 0.02); the baseline matches LOCA's own step-0 network in both
+    bias = model.blocks[0].mlp.fc1.bias
+    assert 0 < bias.abs().max() < 1e-4 and step0.blocks[0].mlp.fc1.bias.abs().max() < 1e-4
+    assert standard.blocks[0].mlp.fc1.bias.abs().max() == 0
+    qkv_std = model.blocks[0].attn.qkv.weight.std()
+    assert abs(qkv_std / step0.blocks[0].attn.qkv.weight.std() - 1) < 0.05
+    assert qkv_std > 2.5 * standard.blocks[0].attn.qkv.weight.std()

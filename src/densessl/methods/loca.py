@@ -33,7 +33,7 @@ from densessl.errors import ConfigError
 from densessl.methods.base import PretrainMethod, build_dataclass, register
 from densessl.methods.loca_views import CropRecipe, LOCAViews
 from densessl.models.backbones import backbone_info, create_backbone
-from densessl.models.variants import ARCH_VARIANTS
+from densessl.models.variants import ARCH_VARIANTS, INIT_KWARGS
 
 # The LOCA ViT (vit.py ViT4LOCA): no CLS token, tanh GELU, final LayerNorm on every token (loca.md §1 "Model").
 LOCA_ARCH_KWARGS: dict[str, Any] = ARCH_VARIANTS["loca"]
@@ -265,7 +265,7 @@ class LOCANetwork(nn.Module):
         super().__init__()
         # weight_init="jax": timm's flax-ViT init (xavier Linear, mlp biases N(0, 1e-6), lecun conv), as
         # scenic's Encoder1DBlock; only the initial values differ from create_backbone's default.
-        self.backbone = create_backbone(arch, drop_path_rate=drop_path_rate, weight_init="jax", **LOCA_ARCH_KWARGS)
+        self.backbone = create_backbone(arch, drop_path_rate=drop_path_rate, **INIT_KWARGS["loca"], **LOCA_ARCH_KWARGS)
         info = backbone_info(self.backbone)
         dim = info.embed_dim
         with torch.no_grad():  # ToTokenSequence posembed_input: normal(stddev=1/sqrt(D))

@@ -4,7 +4,8 @@ One table, read by the methods (to build their networks), by the checkpoint impo
 backbones) and by the configuration (to give each variant its own random-init baseline rows). It imports
 nothing heavy, because the Snakefile reads it while building the DAG.
 
-Why the baseline needs the variant: a random-init ViT without final LayerNorm (SelfPatch's) scores Patch-Seg
+The random-init rows use the variant's architecture and its method's initialisation, i.e. the network the
+method starts training from, so a margin measures what training changed. Why the baseline needs the variant: a random-init ViT without final LayerNorm (SelfPatch's) scores Patch-Seg
 0.156 on the smoke data against 0.22 for the standard ViT (measured, 2 seeds each), so comparing a SelfPatch
 backbone with the standard ViT's random init would charge the architecture to the pretraining.
 """
@@ -21,6 +22,14 @@ ARCH_VARIANTS: dict[str, dict[str, Any]] = {
     "selfpatch": {"class_token": False, "final_norm": False},
 }
 
+# method name → create_backbone keyword arguments that only set the initial values. The random-init baseline is
+# the method's network at step 0, so it is drawn the same way (not stored with exported weights: loading
+# overwrites every value). LOCA: timm's flax-ViT init, as scenic's Encoder1DBlock (loca.md §4); it matters:
+# a random LOCA ViT scores Patch-Seg 0.17 with it and 0.22 with timm's default init (measured, 2 seeds).
+INIT_KWARGS: dict[str, dict[str, Any]] = {
+    "loca": {"weight_init": "jax"},
+}
+
 VARIANT_DISPLAY: dict[str, str] = {
     "loca": "LOCA variant",
     "selfpatch": "SelfPatch variant",
@@ -33,6 +42,11 @@ def variant_of(method_or_format: str, arch: str) -> str | None:
     if arch.startswith("resnet"):  # models/resnet.py RESNET_ARCHS: resnet50, resnet-tiny
         return None
     return method_or_format if method_or_format in ARCH_VARIANTS else None
+
+
+def variant_init_kwargs(variant: str | None) -> dict[str, Any]:
+    """Keyword arguments that draw the variant's initial weights as its method does; {} = timm's default."""
+    return dict(INIT_KWARGS.get(variant or "", {}))
 
 
 def variant_kwargs(variant: str | None) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from densessl.errors import CheckpointError
 from densessl.io import sha256_file
 from densessl.methods import get_method
 from densessl.models.backbones import create_backbone
-from densessl.models.variants import variant_kwargs
+from densessl.models.variants import variant_init_kwargs, variant_kwargs
 
 
 def run_convert(cfg: Config, run_id: str) -> Path:
@@ -24,10 +24,10 @@ def run_convert(cfg: Config, run_id: str) -> Path:
     if run.released:
         backbone, arch_kwargs, inputs, source = _import_released(cfg, run)
     elif run.is_random_init:
-        # the architecture (variant) the compared method trains, with timm's/torchvision's own initialisation
+        # the network the compared method starts from: its architecture variant, drawn with its initialisation
         arch_kwargs: dict = variant_kwargs(run.variant)
         torch.manual_seed(run.seed)
-        backbone = create_backbone(run.arch, **arch_kwargs)
+        backbone = create_backbone(run.arch, **arch_kwargs, **variant_init_kwargs(run.variant))
         inputs = {"random_init_seed": run.seed}
         source = {"kind": "random-init", "seed": run.seed, "variant": run.variant}
     else:
