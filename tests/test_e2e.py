@@ -13,6 +13,7 @@ from conftest import REPO
 REDUCED = {
     "results_dir": "results",
     "threads": 1,
+    "runs": [{"method": "dino", "arch": "vit-tiny-p8", "data": "imagenet"}],  # all five: test below
     "data": {"synthetic_size": "tiny"},
     "pretrain": {"dino": {"train": {"epochs": 1, "batch_size_per_gpu": 4, "num_workers": 0,
                                     "checkpoint_every_steps": 2}}},
@@ -90,6 +91,8 @@ def test_every_method_runs_through_the_dag(tmp_path):
         assert (method, "ViT-Tiny/8 (smoke)") in rows
     assert ("CLoVE", "ResNet-Tiny (smoke)") in rows
     assert ("random init (seed0)", "ResNet-Tiny (smoke)") in rows
+    for variant in ("SelfPatch", "LOCA"):  # each ViT variant has its own random-init rows
+        assert ("random init (seed0)", f"ViT-Tiny/8 (smoke), {variant} variant") in rows
     loca = json.loads((tmp_path / "results/smoke/pretrain/loca/vit-tiny-p8-imagenet/backbone.json").read_text())
     assert loca["arch_kwargs"] == {"class_token": False, "gelu_tanh": True}
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +18,7 @@ from PIL import Image
 from densessl.data.inat import INat2019
 from densessl.data.synthetic import synthesize
 from densessl.errors import ConfigError, DataError
+from densessl.evaluate import inat_finetune
 from densessl.evaluate.inat_finetune import (
     InatClassifier,
     InatFinetuneConfig,
@@ -27,7 +32,9 @@ from densessl.evaluate.inat_finetune import (
     topk_accuracy,
     train_transform,
 )
+from densessl.evaluate.resume import TrainState
 from densessl.models.backbones import create_backbone
+from densessl.train.trainer import Preempted
 
 # ---------------------------------------------------------------- metrics
 
@@ -218,3 +225,110 @@ def test_two_iteration_run_on_synthetic_layout(tmp_path: Path) -> None:
     assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())  # caller's copy untouched
     written = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert written["top1"] == pytest.approx(out["top1"])
+
+
+# ---------------------------------------------------------------- resume
+
+
+def _resume_cfg(**kw: object) -> InatFinetuneConfig:
+    """2 epochs x 4 micro-batches of 2 (accum_iter 2: 2 updates per epoch); mixup, cutmix, RandAugment,
+    random erasing and drop-path all on, so every source of randomness has to survive the resume."""
+    base: dict[str, object] = {"input_size": 32, "batch_size": 4, "accum_iter": 2, "epochs": 2, "warmup_epochs": 0.5,
+                               "lr": 1e-3, "num_workers": 0, "eval_batch_size": 8, "checkpoint_every": 2,
+                               "max_train_items": 8, "max_val_items": 4}
+    base.update(kw)
+    return InatFinetuneConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def inat_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("inat")
+    synthesize("inat", root, "tiny", seed=0)  # 8 train, 8 val images, 8 classes
+    return root
+
+
+@pytest.fixture
+def sigterm_guard() -> Iterator[None]:
+    """A SIGTERM that the code under test fails to catch must fail the test, not kill the test session."""
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _preempt_at_update(monkeypatch: pytest.MonkeyPatch, update: int) -> None:
+    """SIGTERM to this process during update ``update`` (1-based; lr_at is called once per update)."""
+    real, calls = inat_finetune.lr_at, {"n": 0}
+
+    def lr_then_signal(*args: float) -> float:
+        calls["n"] += 1
+        if calls["n"] == update:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args)
+
+    monkeypatch.setattr(inat_finetune, "lr_at", lr_then_signal)
+
+
+def _record_saves(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Update counts at which the training state gets written."""
+    saves: list[int] = []
+    real = TrainState.save
+
+    def save(self: TrainState, state: dict) -> None:
+        saves.append(state["progress"]["updates"])
+        real(self, state)
+
+    monkeypatch.setattr(TrainState, "save", save)
+    return saves
+
+
+def _outcome(r: dict) -> str:
+    d = r["details"]
+    return json.dumps([r["top1"], r["top5"], d["final"], d["best"], d["epochs"], d["updates"]])
+
+
+@pytest.mark.usefixtures("sigterm_guard")
+def test_preempted_finetune_resumes_exactly(inat_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    backbone = create_backbone("vit-tiny-p8")
+    full = run_inat_finetune(backbone, inat_root, _resume_cfg())
+    state = tmp_path / "train_state.pt"
+    handler = signal.getsignal(signal.SIGTERM)
+    saves = _record_saves(monkeypatch)
+    with monkeypatch.context() as m:
+        _preempt_at_update(m, 3)  # first update of epoch 1, after the periodic save at update 2
+        with pytest.raises(Preempted, match=r"after update 3 \(epoch 1, micro-batch 2/4\)"):
+            run_inat_finetune(backbone, inat_root, _resume_cfg(), out_dir=tmp_path, state_path=state)
+    assert signal.getsignal(signal.SIGTERM) is handler
+    assert saves == [2, 3]  # periodic (checkpoint_every=2), then on the signal
+    saved = torch.load(state, weights_only=True)
+    assert (saved["progress"]["epoch"], saved["progress"]["batch"], saved["progress"]["updates"]) == (1, 2, 3)
+    assert len(json.loads((tmp_path / "log.json").read_text())) == 1
+    resumed = run_inat_finetune(backbone, inat_root, _resume_cfg(checkpoint_every=3), out_dir=tmp_path,
+                                state_path=state)  # a field that does not change the run may differ
+    assert _outcome(resumed) == _outcome(full)
+    assert resumed["details"]["updates"] == 4 and len(resumed["details"]["epochs"]) == 2
+    assert not state.exists()
+    assert json.loads((tmp_path / "log.json").read_text()) == resumed["details"]["epochs"]
+
+
+@pytest.mark.usefixtures("sigterm_guard")
+def test_finetune_ignores_state_of_another_config(inat_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    backbone = create_backbone("vit-tiny-p8")
+    state = tmp_path / "train_state.pt"
+    with monkeypatch.context() as m:
+        _preempt_at_update(m, 3)
+        with pytest.raises(Preempted):
+            run_inat_finetune(backbone, inat_root, _resume_cfg(), state_path=state)
+    other = _resume_cfg(mixup=0.0, cutmix=0.0)
+    with caplog.at_level(logging.WARNING, logger="densessl.evaluate.linear_seg"):
+        r = run_inat_finetune(backbone, inat_root, other, state_path=state)
+    assert "different run (config differ)" in caplog.text
+    assert _outcome(r) == _outcome(run_inat_finetune(backbone, inat_root, other))
+    assert not state.exists()
+
+
+def test_finetune_workers_do_not_change_the_run(inat_root: Path) -> None:
+    backbone = create_backbone("vit-tiny-p8")
+    in_process = run_inat_finetune(backbone, inat_root, _resume_cfg(epochs=1))
+    workers = run_inat_finetune(backbone, inat_root, _resume_cfg(epochs=1, num_workers=2))
+    assert _outcome(workers) == _outcome(in_process)

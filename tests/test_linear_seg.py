@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import colorsys
 import json
+import logging
+import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +16,7 @@ import torch
 from PIL import Image
 
 from densessl.errors import ConfigError
+from densessl.evaluate import linear_seg, resume
 from densessl.evaluate.linear_seg import (
     LinearSegConfig,
     LinearSegmenter,
@@ -26,6 +31,7 @@ from densessl.evaluate.linear_seg import (
     slide_inference,
 )
 from densessl.models.backbones import create_backbone
+from densessl.train.trainer import Preempted
 
 COLOURS = {0: (128, 128, 128), 1: (220, 30, 30), 2: (30, 200, 40), 3: (40, 60, 220)}
 
@@ -230,3 +236,128 @@ def test_multiscale_flip_undoes_the_flip(ade_root: Path) -> None:
     assert out["mIoU"] > 90.0
     assert out["ms_flip"]["mIoU"] == pytest.approx(out["mIoU"])
     assert out["ms_flip"]["ratios"] == [1.0]
+
+
+# ---------------------------------------------------------------- resume
+
+
+@pytest.fixture
+def sigterm_guard() -> Iterator[None]:
+    """A SIGTERM that the code under test fails to catch must fail the test, not kill the test session."""
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _preempt_at_iteration(monkeypatch: pytest.MonkeyPatch, iteration: int) -> None:
+    """SIGTERM to this process while iteration ``iteration`` (0-based) runs, as SLURM does before a requeue."""
+    real = linear_seg.poly_lr
+
+    def lr_then_signal(step: int, *args: float) -> float:
+        if step == iteration:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(step, *args)
+
+    monkeypatch.setattr(linear_seg, "poly_lr", lr_then_signal)
+
+
+def _record_saves(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Iterations at which the training state gets written."""
+    saves: list[int] = []
+    real = resume.TrainState.save
+
+    def save(self: resume.TrainState, state: dict) -> None:
+        saves.append(state["progress"]["step"])
+        real(self, state)
+
+    monkeypatch.setattr(resume.TrainState, "save", save)
+    return saves
+
+
+def _outcome(r: dict) -> str:
+    """Loss curve and metrics as text: exact float reprs, and NaN (absent classes) compares equal to NaN."""
+    return json.dumps([r["train_loss"], r["mIoU"], r["mAcc"], r["aAcc"], r["per_class_IoU"], r["per_class_Acc"]])
+
+
+@pytest.mark.usefixtures("sigterm_guard")
+def test_preempted_run_resumes_exactly(ade_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = {"iterations": 6, "checkpoint_every": 2, "max_val_items": 2}  # 2 batches per epoch: resume crosses epochs
+    backbone = create_backbone("vit-tiny-p8")
+    full = run_linear_seg(backbone, ade_root, smoke_cfg(**cfg))  # drop-path 0.1 and SGD momentum both matter
+    state = tmp_path / "train_state.pt"
+    handler = signal.getsignal(signal.SIGTERM)
+    saves = _record_saves(monkeypatch)
+    with monkeypatch.context() as m:
+        _preempt_at_iteration(m, 2)
+        with pytest.raises(Preempted, match=r"after iteration 3/6"):
+            run_linear_seg(backbone, ade_root, smoke_cfg(**cfg), state_path=state)
+    assert signal.getsignal(signal.SIGTERM) is handler  # handlers only while training
+    assert saves == [2, 3]  # periodic (checkpoint_every=2), then on the signal
+    assert torch.load(state, weights_only=True)["progress"]["step"] == 3
+    cfg["checkpoint_every"] = 5  # a field that does not change the run may differ between attempts
+    resumed = run_linear_seg(backbone, ade_root, smoke_cfg(**cfg), state_path=state)
+    assert _outcome(resumed) == _outcome(full)
+    assert len(resumed["train_loss"]) == 6
+    assert not state.exists()  # deleted once the metrics exist
+
+
+@pytest.mark.usefixtures("sigterm_guard")
+def test_state_of_another_run_is_ignored(ade_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    backbone = create_backbone("vit-tiny-p8")
+    state = tmp_path / "train_state.pt"
+    with monkeypatch.context() as m:
+        _preempt_at_iteration(m, 1)
+        with pytest.raises(Preempted):
+            run_linear_seg(backbone, ade_root, smoke_cfg(iterations=4, max_val_items=1), state_path=state)
+    other = smoke_cfg(iterations=4, max_val_items=1, lr=0.02)
+    with caplog.at_level(logging.WARNING, logger="densessl.evaluate.resume"):
+        r = run_linear_seg(backbone, ade_root, other, state_path=state)
+    assert "different run (config differ)" in caplog.text
+    assert _outcome(r) == _outcome(run_linear_seg(backbone, ade_root, other))  # trained from the start
+    assert not state.exists()
+    stranger = create_backbone("vit-tiny-p8")  # same architecture, other weights
+    ident = resume.TrainState(state, "linear_seg", other, backbone).identity
+    assert resume.TrainState(state, "linear_seg", other, stranger).identity["backbone"] != ident["backbone"]
+    assert resume.TrainState(state, "linear_seg", smoke_cfg(iterations=4, max_val_items=1, lr=0.02,
+                                                                num_workers=2), backbone).identity == ident
+
+
+def test_worker_processes_do_not_change_the_run(ade_root: Path) -> None:
+    backbone = create_backbone("vit-tiny-p8")
+    cfg = {"iterations": 3, "max_val_items": 1}
+    in_process = run_linear_seg(backbone, ade_root, smoke_cfg(num_workers=0, **cfg))
+    workers = run_linear_seg(backbone, ade_root, smoke_cfg(num_workers=2, **cfg))
+    assert _outcome(workers) == _outcome(in_process)
+
+
+@pytest.mark.usefixtures("sigterm_guard")
+def test_evaluate_stage_keeps_the_state_next_to_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stage passes ``state_path`` (in the metrics folder), so a requeued job continues the same run."""
+    from densessl.config import load_config
+    from densessl.stages.convert import run_convert
+    from densessl.stages.data import run_data
+    from densessl.stages.evaluate import TRAIN_STATE_NAME, run_evaluate
+
+    def stage_cfg(results: Path):  # noqa: ANN202
+        path = tmp_path / f"{results.name}.yaml"
+        path.write_text(json.dumps({"results_dir": str(results), "data": {"synthetic_size": "tiny"},
+                                    "evaluate": {"linear_seg": {"iterations": 4, "batch_size": 2,
+                                                                "checkpoint_every": 2}}}))
+        cfg = load_config([path])
+        run_data(cfg, "ade20k")
+        run_convert(cfg, "random-init/vit-tiny-p8-seed1")
+        return cfg
+
+    run_id = "random-init/vit-tiny-p8-seed1"
+    full = json.loads(run_evaluate(stage_cfg(tmp_path / "a"), "linear_ade20k", run_id, "cpu").read_text())
+    cfg = stage_cfg(tmp_path / "b")
+    with monkeypatch.context() as m:
+        _preempt_at_iteration(m, 0)
+        with pytest.raises(Preempted, match="after iteration 1/4"):
+            run_evaluate(cfg, "linear_ade20k", run_id, "cpu")
+    out = cfg.eval_metrics("linear_ade20k", cfg.run(run_id))
+    assert (out.parent / TRAIN_STATE_NAME).is_file() and not out.exists()
+    resumed = json.loads(run_evaluate(cfg, "linear_ade20k", run_id, "cpu").read_text())
+    assert _outcome(resumed["metrics"]) == _outcome(full["metrics"])
+    assert not (out.parent / TRAIN_STATE_NAME).exists()

@@ -11,6 +11,8 @@ rule pretrain:
     log:
         f"{RESULTS}/logs/pretrain/{{method}}/{{name}}.log",
     threads: CFG.threads
+    # the longest jobs first: the evaluations of the random-init rows then fill the cores around them
+    priority: 10
     resources:
         gpus=0 if CFG.preset == "smoke" else 8,
     shell:

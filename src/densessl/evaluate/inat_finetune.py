@@ -25,7 +25,11 @@ Deliberate differences, each a config value: the official code runs fp16 autocas
 8 GPUs with 128 images each; this runner is single-process, so ``batch_size`` is the effective batch, split
 into ``accum_iter`` micro-batches (``accum_iter=8`` reproduces the per-GPU batch of 128 and therefore one
 mixup draw per 128 images). Distributed evaluation (``--dist_eval``) pads the 3,030 validation images to a
-multiple of the GPU count; we evaluate every image exactly once.
+multiple of the GPU count; we evaluate every image exactly once. The official loader shuffles with a
+``DistributedSampler``; here the order is a function of (seed, epoch) and each image's augmentation RNGs are
+seeded from (seed, epoch, index), and mixup/cutmix/drop-path are re-seeded from (seed, micro-batch) — so a run
+can be resumed exactly (``state_path``: state saved every ``checkpoint_every`` updates and on SIGTERM/SIGUSR1,
+see ``resume.TrainState``) and the worker count does not change the result.
 
 Smoke and paper scale use this same code; only the numbers in :class:`InatFinetuneConfig` change.
 """
@@ -38,7 +42,7 @@ import random
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +62,7 @@ from tqdm.auto import tqdm
 from densessl.data.inat import INat2019
 from densessl.errors import ConfigError
 from densessl.evaluate.linear_seg import set_drop_path
+from densessl.evaluate.resume import ResumableBatches, StopSignals, TrainState, open_train_state, seed_step
 from densessl.io import write_json
 from densessl.models.backbones import backbone_info
 
@@ -121,6 +126,11 @@ class InatFinetuneConfig:
     max_train_items: int | None = None  # first N images of train2019.json (smoke runs)
     max_val_items: int | None = None
     precision: str = "bf16"  # bf16 autocast on CUDA (official: fp16 NativeScaler AMP); fp32 on CPU
+    # Optimiser updates between saves of the training state (only when the runner gets a state_path; 0 = save
+    # only on SIGTERM/SIGUSR1). Counted in updates, not epochs, so that what a hard kill (node failure, SIGKILL
+    # after the grace period) can lose does not grow with the dataset: at paper scale an epoch is 259 updates
+    # (265k images / batch 1024), so 500 is ~2 epochs, and one save of ViT-B + AdamW is ~1 GB.
+    checkpoint_every: int = 500
 
     def validate(self) -> None:
         for name, value, allowed in (("pool", self.pool, POOLS), ("lr_mode", self.lr_mode, LR_MODES),
@@ -140,8 +150,9 @@ class InatFinetuneConfig:
             raise ConfigError(f"inat_finetune config: layer_decay={self.layer_decay} must be in (0, 1]")
         if not 0 < self.eval_crop_pct <= 1:
             raise ConfigError(f"inat_finetune config: eval_crop_pct={self.eval_crop_pct} must be in (0, 1]")
-        if self.warmup_epochs < 0 or self.num_workers < 0 or self.smoothing < 0:
-            raise ConfigError("inat_finetune config: warmup_epochs, num_workers and smoothing must be >= 0")
+        if self.warmup_epochs < 0 or self.num_workers < 0 or self.smoothing < 0 or self.checkpoint_every < 0:
+            raise ConfigError("inat_finetune config: warmup_epochs, num_workers, smoothing and checkpoint_every "
+                              "must be >= 0")
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
         self.crop_scale = tuple(float(v) for v in self.crop_scale)  # type: ignore[assignment]
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
@@ -399,14 +410,141 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
     return {"top1": 100.0 * correct[0] / n, "top5": 100.0 * correct[1] / n, "loss": loss_sum / n, "num_val": n}
 
 
+@dataclass
+class _InatProgress:
+    """Where a run stands, all a resume needs besides model and optimiser: the position in the data (epoch,
+    micro-batches of it done), updates done, the current epoch's running loss and lr, and the logs so far."""
+
+    epoch: int = 0
+    batch: int = 0
+    updates: int = 0
+    loss_sum: float = 0.0
+    loss_n: int = 0
+    lr: float = 0.0
+    log: list[dict[str, Any]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.batch, self.loss_sum, self.loss_n, self.lr = 0, 0.0, 0, 0.0
+
+
+class _FinetuneLoop:
+    """The MAE ``train_one_epoch`` / ``evaluate`` loop of one run, continuing a saved state of the same run.
+
+    States are saved only at update boundaries (no half-accumulated gradients to keep) and after an epoch's
+    evaluation; a stop signal is acted on at the next of these.
+    """
+
+    def __init__(self, model: InatClassifier, optimizer: torch.optim.Optimizer, mixup: Mixup | None,
+                 criterion: nn.Module, batches: ResumableBatches, val_loader: DataLoader, cfg: InatFinetuneConfig,
+                 dev: torch.device, autocast: Callable[[], AbstractContextManager[Any]],
+                 state: TrainState | None) -> None:
+        self.model, self.optimizer, self.mixup, self.criterion = model, optimizer, mixup, criterion
+        self.batches, self.val_loader, self.cfg, self.dev, self.autocast = batches, val_loader, cfg, dev, autocast
+        self.state = state
+        self.steps_per_epoch = batches.per_epoch
+        self.progress = _InatProgress()
+        saved = state.load() if state is not None else None
+        if saved is not None:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            self.progress = _InatProgress(**saved["progress"])
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "progress": asdict(self.progress)}
+
+    def run(self, out_dir: Path | None) -> _InatProgress:
+        with StopSignals(active=self.state is not None) as signals:
+            while self.progress.epoch < self.cfg.epochs:
+                self.train_epoch(signals)
+                self.finish_epoch(out_dir)
+                if self.state is not None and signals.received is not None and self.progress.epoch < self.cfg.epochs:
+                    self.state.preempt(self.snapshot(), signals.received,
+                                       f"after epoch {self.progress.epoch - 1} (update {self.progress.updates})")
+        return self.progress
+
+    def train_epoch(self, signals: StopSignals) -> None:
+        p, cfg = self.progress, self.cfg
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        bar = tqdm(total=self.steps_per_epoch, initial=p.batch, desc=f"inat train {p.epoch + 1}/{cfg.epochs}",
+                   disable=None, leave=False)
+        try:
+            for step, (images, targets) in enumerate(self.batches.epoch(p.epoch, p.batch), start=p.batch):
+                if step % cfg.accum_iter == 0:  # engine_finetune.py: lr set per update at the fractional epoch
+                    self._set_lr(p.epoch + step / self.steps_per_epoch)
+                # mixup/cutmix (numpy) and drop-path (torch) draws depend on the micro-batch only
+                seed_step(cfg.seed, p.epoch * self.steps_per_epoch + step)
+                value = self._forward_backward(images, targets, step)
+                p.batch, p.loss_sum, p.loss_n = step + 1, p.loss_sum + value, p.loss_n + 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{p.loss_sum / p.loss_n:.4f}", lr=f"{p.lr:.2e}")
+                if p.batch % cfg.accum_iter == 0:
+                    self._update(signals)
+        finally:
+            bar.close()
+
+    def _set_lr(self, fractional_epoch: float) -> None:
+        cfg = self.cfg
+        self.progress.lr = lr_at(fractional_epoch, cfg.peak_lr(), cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.progress.lr * group["lr_scale"]
+
+    def _forward_backward(self, images: torch.Tensor, targets: torch.Tensor, step: int) -> float:
+        images, targets = images.to(self.dev, non_blocking=True), targets.to(self.dev, non_blocking=True)
+        if self.mixup is not None:
+            images, targets = self.mixup(images, targets)
+        with self.autocast():
+            loss = self.criterion(self.model(images).float(), targets)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"inat_finetune: loss is {value} at epoch {self.progress.epoch}, step {step}")
+        (loss / self.cfg.accum_iter).backward()
+        return value
+
+    def _update(self, signals: StopSignals) -> None:
+        p, cfg = self.progress, self.cfg
+        if cfg.clip_grad is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        p.updates += 1
+        if self.state is None:
+            return
+        if signals.received is not None:
+            self.state.preempt(self.snapshot(), signals.received, f"after update {p.updates} (epoch {p.epoch}, "
+                               f"micro-batch {p.batch}/{self.steps_per_epoch})")
+        if cfg.checkpoint_every and p.updates % cfg.checkpoint_every == 0:
+            self.state.save(self.snapshot())
+
+    def finish_epoch(self, out_dir: Path | None) -> None:
+        """Log the epoch, evaluate when due, rewrite ``log.json`` (as the official ``log.txt``)."""
+        p, cfg = self.progress, self.cfg
+        entry: dict[str, Any] = {"epoch": p.epoch, "train_loss": p.loss_sum / max(p.loss_n, 1), "train_lr": p.lr}
+        if (p.epoch + 1) % cfg.eval_every == 0 or p.epoch == cfg.epochs - 1:
+            stats = evaluate(self.model, self.val_loader, self.dev, self.autocast)
+            entry.update({f"test_{k}": v for k, v in stats.items()})
+            p.evals.append({"epoch": p.epoch, **stats})
+        p.log.append(entry)
+        if out_dir is not None:
+            write_json(Path(out_dir) / "log.json", p.log)
+        p.next_epoch()
+
+
 def run_inat_finetune(backbone: nn.Module, data_root: Path, cfg: InatFinetuneConfig, out_dir: Path | None = None,
-                      device: str = "cpu") -> dict[str, Any]:
+                      device: str = "cpu", *, state_path: Path | None = None) -> dict[str, Any]:
     """Fine-tune a copy of ``backbone`` with a new head on iNat 2019 train, evaluate top-1/top-5 on val.
 
     Returns ``{"top1", "top5", "details"}`` (accuracies in percent; ``cfg.report`` picks the final or the
     best evaluated epoch); ``details`` holds the final and best accuracies, the per-epoch log (train loss,
     lr, val top-1/top-5/loss) and run facts. With ``out_dir``, ``metrics.json`` and ``log.json`` (the per-epoch
     log, rewritten after every epoch like the official ``log.txt``) are written there. The caller's ``backbone`` is not modified.
+
+    With ``state_path`` the run is resumable: a state saved there by this same run (config and backbone) is
+    continued, the state is saved every ``cfg.checkpoint_every`` updates and on SIGTERM/SIGUSR1 (then
+    ``Preempted`` is raised), and it is deleted once the metrics exist. The result equals an uninterrupted run.
     """
     cfg.validate()
     t0 = time.time()
@@ -427,14 +565,13 @@ def run_inat_finetune(backbone: nn.Module, data_root: Path, cfg: InatFinetuneCon
     if len(train_reader) < micro:
         raise ConfigError(f"inat_finetune: {len(train_reader)} training images < micro-batch {micro} "
                           f"(batch_size / accum_iter); lower batch_size or raise max_train_items")
+    state = open_train_state(state_path, "inat19_finetune", cfg, backbone)
 
     model = InatClassifier(prepare_backbone(backbone, cfg), num_classes, cfg.pool, cfg.head_norm,
                            cfg.head_init_std, cfg.head_norm_init_quirk).to(dev)
     groups = param_groups_layer_decay(model.backbone, model.head, cfg.weight_decay, cfg.layer_decay)
     optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
                                   lr=cfg.peak_lr(), betas=cfg.betas)
-    mixup = build_mixup(cfg, num_classes)
-    criterion = build_criterion(cfg)
     use_bf16 = cfg.precision == "bf16" and dev.type == "cuda"
 
     def autocast() -> AbstractContextManager[Any]:
@@ -442,70 +579,29 @@ def run_inat_finetune(backbone: nn.Module, data_root: Path, cfg: InatFinetuneCon
 
     train_data = TransformedINat(train_reader, train_transform(cfg, info.mean, info.std))
     val_data = TransformedINat(val_reader, eval_transform(cfg, info.mean, info.std))
-    gen = torch.Generator().manual_seed(cfg.seed)
     pin = dev.type == "cuda"
-    train_loader = DataLoader(train_data, batch_size=micro, shuffle=True, drop_last=True, generator=gen,
-                              num_workers=cfg.num_workers, pin_memory=pin, persistent_workers=cfg.num_workers > 0)
+    batches = ResumableBatches(train_data, micro, cfg.seed, cfg.num_workers, pin)
     val_loader = DataLoader(val_data, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers,
                             pin_memory=pin)
-    steps_per_epoch = len(train_loader)
-    peak = cfg.peak_lr()
+    loop = _FinetuneLoop(model, optimizer, build_mixup(cfg, num_classes), build_criterion(cfg), batches,
+                         val_loader, cfg, dev, autocast, state)
+    progress = loop.run(out_dir)
 
-    log: list[dict[str, Any]] = []
-    updates = 0
-    evals: list[dict[str, Any]] = []
-    for epoch in range(cfg.epochs):
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum, loss_n, lr = 0.0, 0, 0.0
-        bar = tqdm(train_loader, desc=f"inat train {epoch + 1}/{cfg.epochs}", disable=None, leave=False)
-        for step, (images, targets) in enumerate(bar):
-            if step % cfg.accum_iter == 0:  # engine_finetune.py: lr set per update at the fractional epoch
-                lr = lr_at(epoch + step / steps_per_epoch, peak, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * group["lr_scale"]
-            images, targets = images.to(dev, non_blocking=True), targets.to(dev, non_blocking=True)
-            if mixup is not None:
-                images, targets = mixup(images, targets)
-            with autocast():
-                loss = criterion(model(images).float(), targets)
-            value = loss.item()
-            if not math.isfinite(value):
-                raise FloatingPointError(f"inat_finetune: loss is {value} at epoch {epoch}, step {step}")
-            (loss / cfg.accum_iter).backward()
-            if (step + 1) % cfg.accum_iter == 0:
-                if cfg.clip_grad is not None:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                updates += 1
-            loss_sum += value
-            loss_n += 1
-            bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}", lr=f"{lr:.2e}")
-        entry: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / max(loss_n, 1), "train_lr": lr}
-        if (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1:
-            stats = evaluate(model, val_loader, dev, autocast)
-            entry.update({f"test_{k}": v for k, v in stats.items()})
-            evals.append({"epoch": epoch, **stats})
-        log.append(entry)
-        if out_dir is not None:
-            write_json(Path(out_dir) / "log.json", log)
-
-    final = evals[-1]
-    best = max(evals, key=lambda e: (e["top1"], e["top5"]))
+    final = progress.evals[-1]
+    best = max(progress.evals, key=lambda e: (e["top1"], e["top5"]))
     chosen = final if cfg.report == "final" else best
     details: dict[str, Any] = {
         "protocol": "inat19_finetune",
         "final": final,
         "best": best,
         "report": cfg.report,
-        "epochs": log,
+        "epochs": progress.log,
         "num_classes": num_classes,
         "num_train": len(train_data),
         "num_val": len(val_data),
-        "updates": updates,
-        "steps_per_epoch": steps_per_epoch,
-        "peak_lr": peak,
+        "updates": progress.updates,
+        "steps_per_epoch": loop.steps_per_epoch,
+        "peak_lr": cfg.peak_lr(),
         "lr_scales": {g["layer_id"]: g["lr_scale"] for g in groups},
         "patch_size": info.patch_size,
         "device": str(dev),
@@ -517,4 +613,6 @@ def run_inat_finetune(backbone: nn.Module, data_root: Path, cfg: InatFinetuneCon
     result = {"top1": chosen["top1"], "top5": chosen["top5"], "details": details}
     if out_dir is not None:
         write_json(Path(out_dir) / "metrics.json", result)
+    if state is not None:
+        state.discard()
     return result

@@ -14,7 +14,14 @@ OpenCV's INTER_LINEAR does on uint8 images; labels use nearest. The photometric 
 step by step (brightness +-32, contrast x[0.5, 1.5] before or after the HSV steps, saturation x[0.5, 1.5],
 hue +-18 on OpenCV's 0-180 scale, each with p = 0.5, 8-bit truncation after each step) with one
 simplification: the HSV round trip is done in floating point instead of OpenCV's 8-bit HSV, so H/S/V are not
-quantised. All randomness comes from torch's RNG (seeded; per-worker seeds come from the DataLoader).
+quantised. All randomness comes from torch's RNG.
+
+Resumable (paper scale runs for hours on preemptible SLURM jobs): the image order is a function of
+(seed, epoch) (``EpochPermutationSampler``), each crop's RNGs are seeded from (seed, epoch, index)
+(``SeededAugmentation``) and drop-path's from (seed, iteration), so neither depends on the number of
+DataLoader workers or on where a run was interrupted. With ``state_path`` the model, optimiser and loss curve
+are saved every ``checkpoint_every`` iterations and on SIGTERM/SIGUSR1, and a re-run continues exactly where
+the saved one stopped (:class:`TrainState`, also used by ``inat_finetune``).
 
 Smoke and paper scale use this same code; only the numbers in :class:`LinearSegConfig` change.
 """
@@ -22,11 +29,12 @@ Smoke and paper scale use this same code; only the numbers in :class:`LinearSegC
 from __future__ import annotations
 
 import copy
+import logging
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +49,13 @@ from tqdm.auto import tqdm
 from densessl.data.ade20k import ADE_NUM_CLASSES, ADE20KSegmentation
 from densessl.errors import ConfigError
 from densessl.evaluate.metrics import IoUAccumulator, reduce_zero_label_map
+from densessl.evaluate.resume import ResumableBatches, StopSignals, TrainState, open_train_state, seed_step
 from densessl.io import write_json
 from densessl.models.backbones import backbone_info
 
 IGNORE_INDEX = 255
 REF = "reference/protocols/segmenter_linear_ade20k.md"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -84,6 +94,10 @@ class LinearSegConfig:
     max_val_items: int | None = None
     precision: str = "fp32"  # 'bf16' = bfloat16 autocast, CUDA only (Segmenter's --amp is off by default)
     eval_batch_size: int = 8  # sliding windows forwarded together (a speed knob; results unchanged)
+    # Iterations between saves of the training state (only when the runner gets a state_path; 0 = save only on
+    # SIGTERM/SIGUSR1). A hard kill (node failure, SIGKILL after the grace period) loses at most this much:
+    # 2000 iterations are minutes at paper scale, while one save of ViT-B + SGD momentum is ~0.7 GB.
+    checkpoint_every: int = 2000
 
     def validate(self) -> None:
         if self.precision not in ("bf16", "fp32"):
@@ -92,6 +106,9 @@ class LinearSegConfig:
                      "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"linear_seg config: {name}={getattr(self, name)} must be >= 1")
+        if self.checkpoint_every < 0 or self.num_workers < 0:
+            raise ConfigError(f"linear_seg config: checkpoint_every={self.checkpoint_every} and "
+                              f"num_workers={self.num_workers} must be >= 0")
         lo, hi = self.ratio_range
         if not 0 < lo <= hi:
             raise ConfigError(f"linear_seg config: ratio_range={self.ratio_range} must satisfy 0 < lo <= hi")
@@ -380,11 +397,6 @@ def poly_lr(step: int, total: int, base_lr: float, min_lr: float, power: float) 
     return (base_lr - min_lr) * (1 - min(step, total) / total) ** power + min_lr
 
 
-def _infinite(loader: DataLoader) -> Iterator[Any]:
-    while True:
-        yield from loader
-
-
 def evaluate_linear_seg(model: LinearSegmenter, data: ADE20KVal, cfg: LinearSegConfig, device: torch.device,
                         autocast: Callable[[], AbstractContextManager[Any]]) -> dict[str, Any]:
     """Sliding-window inference on the test-scaled image, logits resized to the label size, mmseg IoU."""
@@ -424,15 +436,88 @@ def evaluate_linear_seg(model: LinearSegmenter, data: ADE20KVal, cfg: LinearSegC
     return out
 
 
+@dataclass
+class _SegProgress:
+    """What a resumed run needs besides model and optimiser: iterations done and the loss-curve bookkeeping."""
+
+    step: int = 0
+    loss_curve: list[dict[str, float]] = field(default_factory=list)
+    window_loss: float = 0.0
+    window_n: int = 0
+
+    def record(self, loss: float, lr: float, log_every: int, total: int) -> None:
+        """Count one finished iteration; every ``log_every`` (and at the end) its window's mean joins the curve."""
+        self.step += 1
+        self.window_loss += loss
+        self.window_n += 1
+        if self.window_n == log_every or self.step == total:
+            self.loss_curve.append({"iteration": self.step, "loss": self.window_loss / self.window_n, "lr": lr})
+            self.window_loss, self.window_n = 0.0, 0
+
+
+def _train_linear_seg(model: LinearSegmenter, optimizer: torch.optim.Optimizer, batches: ResumableBatches,
+                      cfg: LinearSegConfig, dev: torch.device, autocast: Callable[[], AbstractContextManager[Any]],
+                      state: TrainState | None) -> _SegProgress:
+    """``cfg.iterations`` SGD updates with the poly schedule, continuing ``state`` when it holds this run."""
+    progress = _SegProgress()
+    saved = state.load() if state is not None else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        progress = _SegProgress(**saved["progress"])
+
+    def snapshot() -> dict[str, Any]:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "progress": asdict(progress)}
+
+    criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+    log_every = max(1, cfg.iterations // 100)
+    stream = batches.from_step(progress.step)
+    bar = tqdm(total=cfg.iterations, initial=progress.step, desc="linear_seg train", disable=None, leave=False)
+    try:
+        with StopSignals(active=state is not None) as signals:
+            while progress.step < cfg.iterations:
+                model.train()
+                if not cfg.finetune_backbone:
+                    model.backbone.eval()  # a frozen backbone has no train-time behaviour to keep (no drop-path)
+                lr = poly_lr(progress.step, cfg.iterations, cfg.lr, cfg.min_lr, cfg.poly_power)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                img, labels = next(stream)
+                seed_step(cfg.seed, progress.step)  # after loading: the augmentation re-seeds the global RNGs
+                img, labels = img.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
+                with autocast():
+                    loss = criterion(model(img), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                progress.record(loss.item(), lr, log_every, cfg.iterations)
+                bar.update(1)
+                if progress.loss_curve:
+                    bar.set_postfix(loss=f"{progress.loss_curve[-1]['loss']:.4f}")
+                if state is None:
+                    continue
+                if signals.received is not None:
+                    state.preempt(snapshot(), signals.received, f"after iteration {progress.step}/{cfg.iterations}")
+                if cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0:
+                    state.save(snapshot())
+    finally:
+        stream.close()  # stops the current epoch's worker processes before evaluation starts its own
+        bar.close()
+    return progress
+
 
 def run_linear_seg(backbone: nn.Module, data_root: Path, cfg: LinearSegConfig, out_dir: Path | None = None,
-                   device: str = "cpu") -> dict[str, Any]:
+                   device: str = "cpu", *, state_path: Path | None = None) -> dict[str, Any]:
     """Train the Segmenter linear decoder (and, by default, fine-tune a copy of ``backbone``) on ADE20K
     training crops for ``cfg.iterations`` updates, then evaluate on the validation split.
 
     Returns mIoU / mAcc / aAcc in percent, ``per_class_IoU`` / ``per_class_Acc`` (percent, NaN for classes
     absent from labels and predictions), the training-loss curve and run facts; with ``out_dir`` the same
     is written to ``out_dir/metrics.json`` (NaN as null). The caller's ``backbone`` is not modified.
+
+    With ``state_path`` the run is resumable: a state saved there by this same run (config and backbone) is
+    continued, the state is saved every ``cfg.checkpoint_every`` iterations and on SIGTERM/SIGUSR1 (then
+    ``Preempted`` is raised), and it is deleted once the metrics exist. The result equals an uninterrupted run.
     """
     cfg.validate()
     t0 = time.time()
@@ -450,6 +535,7 @@ def run_linear_seg(backbone: nn.Module, data_root: Path, cfg: LinearSegConfig, o
     train_data = ADE20KTrain(train_reader, cfg, info.mean, info.std)
     val_data = ADE20KVal(val_reader, cfg.eval_scale or cfg.base_scale, info.mean, info.std,
                          tuple(cfg.eval_ms_ratios) if cfg.eval_ms_flip else ())
+    state = open_train_state(state_path, "linear_seg", cfg, backbone)
 
     encoder = copy.deepcopy(backbone)
     if cfg.finetune_backbone:
@@ -470,38 +556,8 @@ def run_linear_seg(backbone: nn.Module, data_root: Path, cfg: LinearSegConfig, o
     def autocast() -> AbstractContextManager[Any]:
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
-    gen = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(train_data, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                        num_workers=cfg.num_workers, generator=gen, pin_memory=dev.type == "cuda",
-                        persistent_workers=cfg.num_workers > 0)
-    criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
-    log_every = max(1, cfg.iterations // 100)
-    loss_curve: list[dict[str, float]] = []
-    window_loss, window_n = 0.0, 0
-    batches = _infinite(loader)
-    bar = tqdm(range(cfg.iterations), desc="linear_seg train", disable=None, leave=False)
-    for step in bar:
-        model.train()
-        if not cfg.finetune_backbone:
-            encoder.eval()  # a frozen backbone has no train-time behaviour to keep (no drop-path)
-        lr = poly_lr(step, cfg.iterations, cfg.lr, cfg.min_lr, cfg.poly_power)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        img, labels = next(batches)
-        img, labels = img.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
-        with autocast():
-            loss = criterion(model(img), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        window_loss += loss.item()
-        window_n += 1
-        if window_n == log_every or step == cfg.iterations - 1:
-            loss_curve.append({"iteration": step + 1, "loss": window_loss / window_n, "lr": lr})
-            bar.set_postfix(loss=f"{window_loss / window_n:.4f}")
-            window_loss, window_n = 0.0, 0
-    if cfg.num_workers > 0:
-        del batches, loader  # stop persistent workers before evaluation starts its own
+    batches = ResumableBatches(train_data, cfg.batch_size, cfg.seed, cfg.num_workers, dev.type == "cuda")
+    loss_curve = _train_linear_seg(model, optimizer, batches, cfg, dev, autocast, state).loss_curve
 
     metrics = evaluate_linear_seg(model, val_data, cfg, dev, autocast)
     result: dict[str, Any] = {
@@ -521,4 +577,6 @@ def run_linear_seg(backbone: nn.Module, data_root: Path, cfg: LinearSegConfig, o
     }
     if out_dir is not None:
         write_json(Path(out_dir) / "metrics.json", result)
+    if state is not None:
+        state.discard()
     return result

@@ -18,6 +18,11 @@ from densessl.methods.base import build_dataclass
 from densessl.models.backbones import as_token_backbone
 
 KEEP_OUTPUTS = {"davis2017"}
+# Protocols that train for hours at paper scale: their runners take ``state_path`` and resume a preempted run
+# from it (the state lives next to metrics.json, which is the stage's only declared output, so neither
+# Snakemake nor DVC removes it between attempts; the runner deletes it once the metrics exist).
+RESUMABLE = {"linear_ade20k", "inat19_finetune"}
+TRAIN_STATE_NAME = "train_state.pt"
 
 # The official DAVIS evaluator reports fractions; the papers' tables (paper_tables.yaml) print percent under
 # these names.
@@ -67,7 +72,8 @@ def run_evaluate(cfg: Config, protocol: str, run_id: str, device: str | None = N
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # Protocols with per-frame outputs (DAVIS palette PNGs + official CSVs) keep them next to metrics.json.
     keep = out.parent / "results" if protocol in KEEP_OUTPUTS else None
-    metrics = runner(backbone, data_root(manifest), eval_cfg, keep, device=device)
+    resume = {"state_path": out.parent / TRAIN_STATE_NAME} if protocol in RESUMABLE else {}
+    metrics = runner(backbone, data_root(manifest), eval_cfg, keep, device=device, **resume)
     metrics.update(percent_aliases(protocol, metrics))
     write_json(out, {
         "protocol": protocol, "run": run.id, "method": run.method, "arch": run.arch, "pretrain_data": run.data,
