@@ -320,7 +320,7 @@ def test_finetune_ignores_state_of_another_config(inat_root: Path, tmp_path: Pat
         with pytest.raises(Preempted):
             run_inat_finetune(backbone, inat_root, _resume_cfg(), state_path=state)
     other = _resume_cfg(mixup=0.0, cutmix=0.0)
-    with caplog.at_level(logging.WARNING, logger="densessl.evaluate.linear_seg"):
+    with caplog.at_level(logging.WARNING, logger="densessl.evaluate.resume"):
         r = run_inat_finetune(backbone, inat_root, other, state_path=state)
     assert "different run (config differ)" in caplog.text
     assert _outcome(r) == _outcome(run_inat_finetune(backbone, inat_root, other))
