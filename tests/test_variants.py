@@ -11,7 +11,7 @@ from densessl.checkpoints.io import load_backbone
 from densessl.config import Run, load_config
 from densessl.methods import get_method
 from densessl.models.variants import ARCH_VARIANTS, variant_kwargs, variant_of
-from densessl.report.build import baseline_margins, display
+from densessl.report.build import _summary_cell, baseline_margins, display
 from densessl.stages.convert import run_convert
 
 ALL_METHODS = [
@@ -80,6 +80,10 @@ def test_margins_compare_within_the_variant(tmp_path):
     assert margins["SelfPatch"][1].endswith("SelfPatch variant")
     assert margins["SelfPatch"][2].startswith("+0.02 (beats best of 3 seeds, 0.16)")
     assert display(by_id["random-init/vit-tiny-p8.loca-seed2"])[1] == "ViT-Tiny/8 (smoke), LOCA variant"
+    # the report's summary cell: value (margin over its own network's best seed)
+    sp = by_id["selfpatch/vit-tiny-p8-imagenet"]
+    assert _summary_cell(cfg, rows, sp, {"macro_recall": 0.18}, "macro_recall") == "0.18 (+0.02)"
+    assert _summary_cell(cfg, rows, sp, {"macro_recall": float("nan")}, "macro_recall") == "–"
 
 
 def test_resnets_have_no_variants():

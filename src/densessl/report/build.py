@@ -96,6 +96,8 @@ def build_report(cfg: Config) -> Path:
     sections_md: list[str] = []
     sections_html: list[str] = []
     stage_times: list[tuple[str, float | None]] = []
+    summary_columns: list[str] = []
+    summary_cells: dict[str, dict[str, str]] = {}
     for protocol in cfg.evaluations:
         metrics = REPORTED_METRICS[protocol]
         rows: list[tuple[Run, dict[str, Any]]] = []
@@ -114,9 +116,21 @@ def build_report(cfg: Config) -> Path:
             pub = published_value(tables, protocol, run, metrics[0], synthetic)
             body.append([method, arch, data, *[_fmt(_metric(values, m)) for m in metrics], _fmt(pub)])
         margins = baseline_margins(cfg, rows, metrics)
+        summary_columns.append(f"{protocol} {metrics[0]}")
+        for run, values in rows:
+            if not run.is_random_init:
+                summary_cells.setdefault(run.id, {})[protocol] = _summary_cell(cfg, rows, run, values, metrics[0])
         title = f"{EVALUATIONS[protocol]['title']} (`{protocol}`)"
         sections_md.append(_md_section(title, header, body, margins, metrics))
         sections_html.append(_html_section(title, header, body, margins, metrics))
+
+    summary_body = [[*_row_label(cfg, cfg.run(run_id)), *[cells_of.get(p, "–") for p in cfg.evaluations]]
+                    for run_id, cells_of in summary_cells.items()]
+    summary_header = ["method", "arch", *summary_columns]
+    sections_md.insert(0, "## Summary: headline metric (margin over the best random-init seed)\n\n"
+                       + _md_table(summary_header, summary_body) + "\n")
+    sections_html.insert(0, "<h2>Summary: headline metric (margin over the best random-init seed)</h2>"
+                         + _html_table(summary_header, summary_body))
 
     for run in cfg.pretrain_runs:
         summary = cfg.pretrain_dir(run) / "train_summary.json"
@@ -143,6 +157,33 @@ def _metric(values: dict[str, Any], name: str) -> float | None:
     return None if value is None else float(value)
 
 
+def _baselines(cfg: Config, rows: list[tuple[Run, dict[str, Any]]], run: Run) -> list[dict[str, Any]]:
+    """Metrics of the random-init rows of ``run``'s own network (same architecture and variant)."""
+    variant = cfg.variant_of(run)
+    return [v for r, v in rows if r.is_random_init and r.arch == run.arch and r.variant == variant]
+
+
+def _best(baselines: list[dict[str, Any]], metric: str) -> float | None:
+    return max((x for x in (_metric(b, metric) for b in baselines) if x is not None and not math.isnan(x)),
+               default=None)
+
+
+def _row_label(cfg: Config, run: Run) -> list[str]:
+    """(method, arch) as the margin tables show them: the arch names the variant the baseline was drawn as."""
+    variant = cfg.variant_of(run)
+    arch = ARCH_DISPLAY.get(run.arch, run.arch)
+    return [display(run)[0], f"{arch}, {VARIANT_DISPLAY[variant]}" if variant else arch]
+
+
+def _summary_cell(cfg: Config, rows: list[tuple[Run, dict[str, Any]]], run: Run, values: dict[str, Any],
+                  metric: str) -> str:
+    """'0.24 (+0.02)': the value and its margin; a reader sees at a glance which rows beat their baseline."""
+    ours, best = _metric(values, metric), _best(_baselines(cfg, rows, run), metric)
+    if ours is None or math.isnan(ours):
+        return "–"
+    return f"{ours:.2f}" if best is None else f"{ours:.2f} ({ours - best:+.2f})"
+
+
 def baseline_margins(cfg: Config, rows: list[tuple[Run, dict[str, Any]]], metrics: list[str]
                      ) -> list[list[str]]:
     """For each pretrained run: value − best random-init seed of the same architecture and variant, per metric."""
@@ -150,16 +191,13 @@ def baseline_margins(cfg: Config, rows: list[tuple[Run, dict[str, Any]]], metric
     for run, values in rows:
         if run.is_random_init:
             continue
-        variant = cfg.variant_of(run)
-        baselines = [v for r, v in rows if r.is_random_init and r.arch == run.arch and r.variant == variant]
+        baselines = _baselines(cfg, rows, run)
         if not baselines:
             continue
-        arch = ARCH_DISPLAY.get(run.arch, run.arch)
-        line = [display(run)[0], f"{arch}, {VARIANT_DISPLAY[variant]}" if variant else arch]
+        line = _row_label(cfg, run)
         for m in metrics:
             ours = _metric(values, m)
-            best = max((x for x in (_metric(b, m) for b in baselines) if x is not None and not math.isnan(x)),
-                       default=None)
+            best = _best(baselines, m)
             if ours is None or best is None or math.isnan(ours):
                 line.append("–")
             else:
