@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +10,14 @@ import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def sigterm_guard() -> Iterator[None]:
+    """A SIGTERM that the code under test fails to catch must fail the test, not kill the test session."""
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    yield
+    signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.fixture(autouse=True)

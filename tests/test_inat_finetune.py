@@ -7,7 +7,6 @@ import logging
 import math
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -245,14 +244,6 @@ def inat_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("inat")
     synthesize("inat", root, "tiny", seed=0)  # 8 train, 8 val images, 8 classes
     return root
-
-
-@pytest.fixture
-def sigterm_guard() -> Iterator[None]:
-    """A SIGTERM that the code under test fails to catch must fail the test, not kill the test session."""
-    previous = signal.signal(signal.SIGTERM, lambda *_: None)
-    yield
-    signal.signal(signal.SIGTERM, previous)
 
 
 def _preempt_at_update(monkeypatch: pytest.MonkeyPatch, update: int) -> None:

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -239,14 +238,6 @@ def test_multiscale_flip_undoes_the_flip(ade_root: Path) -> None:
 
 
 # ---------------------------------------------------------------- resume
-
-
-@pytest.fixture
-def sigterm_guard() -> Iterator[None]:
-    """A SIGTERM that the code under test fails to catch must fail the test, not kill the test session."""
-    previous = signal.signal(signal.SIGTERM, lambda *_: None)
-    yield
-    signal.signal(signal.SIGTERM, previous)
 
 
 def _preempt_at_iteration(monkeypatch: pytest.MonkeyPatch, iteration: int) -> None:
