@@ -162,10 +162,6 @@ class Config:
     def download_path(self, url: str) -> Path:
         return self.results / "downloads" / url.rstrip("/").rsplit("/", 1)[-1]
 
-    @property
-    def archs(self) -> list[str]:
-        return sorted({r.arch for r in self.pretrain_runs + self.released_runs})
-
     def variant_of(self, run: Run) -> str | None:
         """The architecture variant ``run``'s backbone has: random-init rows carry it, pretraining runs take
         their method's, released runs their checkpoint format's (models/variants.py)."""

@@ -21,7 +21,7 @@ Resumable (paper scale runs for hours on preemptible SLURM jobs): the image orde
 (``SeededAugmentation``) and drop-path's from (seed, iteration), so neither depends on the number of
 DataLoader workers or on where a run was interrupted. With ``state_path`` the model, optimiser and loss curve
 are saved every ``checkpoint_every`` iterations and on SIGTERM/SIGUSR1, and a re-run continues exactly where
-the saved one stopped (:class:`TrainState`, also used by ``inat_finetune``).
+the saved one stopped (``evaluate.resume``, shared with ``inat_finetune``).
 
 Smoke and paper scale use this same code; only the numbers in :class:`LinearSegConfig` change.
 """
@@ -29,7 +29,6 @@ Smoke and paper scale use this same code; only the numbers in :class:`LinearSegC
 from __future__ import annotations
 
 import copy
-import logging
 import random
 import time
 from collections.abc import Callable
@@ -55,7 +54,6 @@ from densessl.models.backbones import backbone_info
 
 IGNORE_INDEX = 255
 REF = "reference/protocols/segmenter_linear_ade20k.md"
-log = logging.getLogger(__name__)
 
 
 @dataclass

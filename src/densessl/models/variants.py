@@ -5,9 +5,10 @@ backbones) and by the configuration (to give each variant its own random-init ba
 nothing heavy, because the Snakefile reads it while building the DAG.
 
 The random-init rows use the variant's architecture and its method's initialisation, i.e. the network the
-method starts training from, so a margin measures what training changed. Why the baseline needs the variant: a random-init ViT without final LayerNorm (SelfPatch's) scores Patch-Seg
-0.156 on the smoke data against 0.22 for the standard ViT (measured, 2 seeds each), so comparing a SelfPatch
-backbone with the standard ViT's random init would charge the architecture to the pretraining.
+method starts training from, so a margin measures what training changed. Why the baseline needs the variant:
+a random-init ViT without final LayerNorm (SelfPatch's) scores Patch-Seg 0.156 on the smoke data against 0.22
+for the standard ViT (measured, 2 seeds each), so comparing a SelfPatch backbone with the standard ViT's
+random init would charge the architecture to the pretraining.
 """
 
 from __future__ import annotations
