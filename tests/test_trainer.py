@@ -98,3 +98,18 @@ def test_non_finite_loss_names_the_step(tmp_path, random_images):
 def test_batch_larger_than_dataset_is_a_clear_error(tmp_path, random_images):
     with pytest.raises(Exception, match="larger than the dataset"):
         _trainer(random_images[:3], tmp_path)
+
+
+@pytest.mark.parametrize(("device", "world", "local_rank", "cuda", "expected"), [
+    (None, 1, 0, False, "cpu"),
+    (None, 1, 0, True, "cuda:0"),
+    ("cuda", 1, 0, True, "cuda:0"),      # a bare "cuda" gets an index: torch.cuda.set_device needs one
+    ("cuda", 4, 3, True, "cuda:3"),      # under torchrun: this rank's own GPU
+    (None, 4, 2, True, "cuda:2"),
+    ("cuda:1", 1, 0, True, "cuda:1"),    # an explicit index is kept
+    ("cpu", 2, 1, True, "cpu"),
+])
+def test_pick_device(device, world, local_rank, cuda, expected):
+    from densessl.train.trainer import pick_device
+
+    assert pick_device(device, world, local_rank, cuda) == torch.device(expected)

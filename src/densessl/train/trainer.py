@@ -97,16 +97,21 @@ class TrainConfig:
     nproc_per_node: int | None = None
 
 
+def pick_device(device: str | None, world: int, local_rank: int, cuda_available: bool) -> torch.device:
+    """The device this rank trains on; always with an index on CUDA.
+
+    ``torch.cuda.set_device`` rejects a bare ``cuda`` (found on an H100: ``--device cuda`` failed before the
+    first step), and under torchrun a bare ``cuda`` must still mean this rank's own GPU, not GPU 0."""
+    wanted = torch.device(device) if device else torch.device("cuda" if cuda_available else "cpu")
+    if wanted.type == "cuda" and wanted.index is None:
+        return torch.device("cuda", local_rank if world > 1 else 0)
+    return wanted
+
+
 def _init_distributed(device: str | None) -> tuple[int, int, torch.device]:
     """Join the torchrun process group if there is one; pick this rank's device (cuda:LOCAL_RANK)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = device.startswith("cuda") if device else torch.cuda.is_available()
-    if device:
-        chosen = torch.device(device)
-    elif use_cuda:
-        chosen = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0)
-    else:
-        chosen = torch.device("cpu")
+    chosen = pick_device(device, world, int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.is_available())
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)  # before init_process_group: NCCL binds to the current device
     if world > 1 and not dist.is_initialized():
@@ -169,8 +174,7 @@ def clip_gradients_per_parameter(module: nn.Module, clip: float) -> None:
         return
     norms = torch.stack(torch._foreach_norm(grads, 2.0))
     coefs = torch.clamp(clip / (norms.float() + 1e-6), max=1.0)
-    for grad, coef in zip(grads, coefs.unbind(), strict=True):
-        grad.mul_(coef.to(grad.dtype))
+    torch._foreach_mul_(grads, [c.to(g.dtype) for g, c in zip(grads, coefs.unbind(), strict=True)])
 
 
 def resolve_optimizer_name(configured: str | None, method: PretrainMethod | type[PretrainMethod]) -> str:
