@@ -306,3 +306,44 @@ def test_config_defaults_and_errors():
         LOCA("vit-tiny-p8", dict(TINY, teacher_temp=0.04), epochs=1)
     with pytest.raises(ConfigError, match="focal_size"):
         _method(focal_size=20).views()
+
+
+# ------------------------------------------------------------------------------------------------ learnability
+def _position_accuracy_after_training(tmp_path, position_signal: float) -> float:
+    """Train LOCA 64 steps (32-px views: 16 reference positions, chance 1/16) on images whose red and green
+    channels are ``position_signal`` × the pixel's x and y; return the last 10 steps' mean position accuracy."""
+    import json
+
+    from densessl.train.trainer import TrainConfig, Trainer
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:48, 0:48] / 47.0
+    images = []
+    for _ in range(256):
+        pixels = np.stack([xx * 255 * position_signal, yy * 255 * position_signal,
+                           np.full_like(xx, rng.uniform(0, 255))], -1) + rng.normal(0, 4, (48, 48, 3))
+        images.append(Image.fromarray(np.clip(pixels, 0, 255).astype("uint8")))
+    settings = dict(head_hidden_dim=64, head_bottleneck_dim=16, head_output_dim=32, reference_size=32,
+                    query_size=32, focal_size=16, num_focal_queries=2, query0_keep_tokens=6,
+                    color_jitter_prob=0.0, grayscale_prob=0.0, solarize_prob=0.0)  # colour carries the position
+    torch.manual_seed(0)
+    method = LOCA("vit-tiny-p8", settings, epochs=8)
+    train = TrainConfig(epochs=8, batch_size_per_gpu=32, lr=1e-3, warmup_epochs=1, num_workers=0, tensorboard=False,
+                        log_every_steps=1, checkpoint_every_steps=10**6, precision="fp32")
+    Trainer(method, images, train, tmp_path, device="cpu").fit()
+    logs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(logs) == 64
+    return float(np.mean([r["position_accuracy"] for r in logs[-10:]]))
+
+
+def test_position_task_is_learned_where_pixels_show_the_position(tmp_path):
+    """The whole position path (view tracking, 80 % reference masking, teacher keys, cross-attention head, CE)
+    learns when the task is solvable, and does not learn from a leak when it is not: on images that encode
+    x and y in colour accuracy climbs far above chance (measured 0.30); on images of one colour each it stays
+    near chance plus the prior of where queries land (measured 0.10; chance 0.0625). Why this test exists: on
+    the synthetic scenes LOCA's position accuracy stays at chance at smoke scale (README), and this separates
+    "the implementation cannot learn" from "the data gives nothing to locate"."""
+    solvable = _position_accuracy_after_training(tmp_path / "gradient", 1.0)
+    unsolvable = _position_accuracy_after_training(tmp_path / "flat", 0.0)
+    assert solvable > 0.2, solvable
+    assert unsolvable < 0.15, unsolvable
