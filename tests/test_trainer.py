@@ -63,6 +63,9 @@ def test_resume_continues_the_exact_same_run(tmp_path, random_images):
     a, b = _losses(full), _losses(resumed)
     assert len(a) == len(b) == 8
     assert a == b
+    attempts = [json.loads(line) for line in (resumed / "attempts.jsonl").read_text().splitlines()]
+    assert [(r["event"], r["step"]) for r in attempts] == [("start", 0), ("paused", 3), ("start", 3), ("finished", 8)]
+    assert [r.get("resumed") for r in attempts] == [False, None, True, None]
 
 
 def test_sigterm_saves_checkpoint_and_raises_preempted(tmp_path, random_images):
@@ -78,6 +81,8 @@ def test_sigterm_saves_checkpoint_and_raises_preempted(tmp_path, random_images):
         trainer.fit()
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["batch_in_epoch"] == 1 and state["epoch"] == 0
+    last = json.loads((tmp_path / "attempts.jsonl").read_text().splitlines()[-1])
+    assert last["event"] == "preempted" and last["step"] == 1 and last["signal"] == "SIGTERM"
 
 
 def test_non_finite_loss_names_the_step(tmp_path, random_images):

@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -390,6 +391,17 @@ class Trainer:
             self._writer.close()
             self._writer = None
 
+    def _record_attempt(self, record: dict[str, Any]) -> None:
+        """Append one line to ``attempts.jsonl``: when each attempt of the run started (resumed or not) and how
+        it ended. Why a file of its own: the stage log belongs to Snakemake, which deletes it before re-running
+        a failed (e.g. preempted, exit 3) job, so a requeued run's history would otherwise be lost."""
+        if self.rank != 0:
+            return
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **record,
+                  "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+        with open(self.out_dir / "attempts.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
     def _log(self, record: dict[str, Any]) -> None:
         if self.rank != 0:
             return
@@ -479,8 +491,13 @@ class Trainer:
     def fit(self, max_steps: int | None = None) -> dict[str, Any]:
         """Train to the end (or ``max_steps`` more steps, used by tests); resume from the checkpoint if any."""
         checkpoint = self.out_dir / CHECKPOINT_NAME
-        if checkpoint.exists():
+        resumed = checkpoint.exists()
+        if resumed:
             self.load_checkpoint(checkpoint)
+            if self.rank == 0:
+                print(f"resuming from {checkpoint} at step {self.step} of {self.total_steps} (epoch {self.epoch})",
+                      file=sys.stderr, flush=True)
+        self._record_attempt({"event": "start", "step": self.step, "resumed": resumed})
         previous = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
         steps_done, start = 0, time.time()
         last_loss = math.nan
@@ -514,6 +531,9 @@ class Trainer:
                         message = f"signal {self._stop_signal or 'on another rank'} at step {self.step}; checkpoint saved"
                         if self.rank == 0:
                             write_requeue_marker(message)
+                        self._record_attempt({"event": "preempted", "step": self.step,
+                                              "signal": signal.Signals(self._stop_signal).name
+                                              if self._stop_signal else "on another rank"})
                         raise Preempted(message)
                     if self.step % self.cfg.checkpoint_every_steps == 0:
                         self.check_replicas_in_sync(it)
@@ -522,6 +542,7 @@ class Trainer:
                         self.check_replicas_in_sync(it)
                         self.save_checkpoint()
                         self._barrier()
+                        self._record_attempt({"event": "paused", "step": self.step})
                         return {"stopped_at_step": self.step, "last_loss": last_loss}
                 self.epoch += 1
                 self.batch_in_epoch = 0
@@ -529,6 +550,7 @@ class Trainer:
                 self.save_checkpoint()
             progress.close()
             self._barrier()
+            self._record_attempt({"event": "finished", "step": self.step, "steps_this_run": steps_done})
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
