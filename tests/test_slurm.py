@@ -42,6 +42,11 @@ pytestmark = [
 ]
 
 
+def sbin(name: str) -> str:
+    """Debian installs the daemons in /usr/sbin, which a non-login root shell may not have on PATH."""
+    return shutil.which(name) or f"/usr/sbin/{name}"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -71,7 +76,6 @@ def slurm_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
     key.write_bytes(os.urandom(1024))
     key.chmod(0o400)
     sock = root / "munge" / "munge.sock"
-    sbin = lambda name: shutil.which(name) or f"/usr/sbin/{name}"  # noqa: E731
     subprocess.run([sbin("munged"), f"--key-file={key}", f"--socket={sock}", f"--pid-file={root}/munge/pid",
                     f"--log-file={root}/munge/log", f"--seed-file={root}/munge/seed", "--force"], check=True)
     ctld_port, slurmd_port = _free_port(), _free_port()
