@@ -7,7 +7,8 @@ the Snakefile would run, layer by layer (data → pretrain → convert → evalu
 layer side by side, and prints each stage's wall time and the total. Logs go to
 `<results>/logs/stages_in_order/`. It always runs every stage (no up-to-date checks: that is Snakemake's
 job), so point it at an empty results folder. The README's "GPU checks" figure (3 min 34 s for the smoke DAG
-on an H100 with 5 and 12 jobs) came from this script.
+on an H100, 5 pretraining and 12 evaluation jobs) came from the session driver this script was written from,
+which differed only in running the conversions 8 at a time rather than 12.
 """
 
 from __future__ import annotations
