@@ -96,27 +96,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _channels_last(batch: Any) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.contiguous(memory_format=torch.channels_last) if batch.ndim == 4 else batch
-    if isinstance(batch, dict):
-        return {k: _channels_last(v) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_channels_last(v) for v in batch)
-    return batch
-
-
 class _TrainerPath:
     def __init__(self, method: Any, images: list, batch: Any, args: argparse.Namespace, out_dir: str):
         from densessl.train.trainer import TrainConfig, Trainer
 
         steps = args.warmup + args.steps * args.repeats
         cfg = TrainConfig(epochs=steps, batch_size_per_gpu=len(images), num_workers=0, tensorboard=False,
-                          warmup_epochs=min(10, steps), precision=args.precision)
+                          warmup_epochs=min(10, steps), precision=args.precision, channels_last=args.channels_last)
         self.trainer = Trainer(method, images, cfg, out_dir, device=args.device)
-        if args.channels_last:
-            self.trainer.method.to(memory_format=torch.channels_last)
-            batch = _channels_last(batch)
         if args.compile:
             self.trainer.method.student.compile()
         self.batch = batch
@@ -191,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                         help="trainer path precision (bf16 autocast applies on CUDA only)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--channels-last", action="store_true", help="trainer path: channels-last modules/inputs")
+    parser.add_argument("--channels-last", action="store_true", help="trainer path: train.channels_last")
     parser.add_argument("--compile", action="store_true", help="trainer path: torch.compile the student")
     args = parser.parse_args(argv)
     if args.threads:

@@ -301,3 +301,33 @@ def test_config_errors_name_the_field():
         get_method("clove")("resnet-tiny", dict(TINY, export_weights="ema"), epochs=1)
     with pytest.raises(ConfigError, match="unknown field"):
         get_method("clove")("resnet-tiny", dict(TINY, lamb=2), epochs=1)
+
+
+def test_channels_last_training_matches_the_default_layout(tmp_path):
+    """train.channels_last changes the memory layout only: the same losses, conv weights stored NHWC."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from densessl.train.trainer import TrainConfig, Trainer
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray((rng.random((64, 64, 3)) * 255).astype("uint8")) for _ in range(8)]
+
+    def losses(channels_last: bool) -> tuple[list[float], Trainer]:
+        torch.manual_seed(0)
+        method = get_method("clove")("resnet-tiny", TINY, epochs=1)
+        cfg = TrainConfig(epochs=1, batch_size_per_gpu=4, lr=0.1, warmup_epochs=0, num_workers=0, tensorboard=False,
+                          log_every_steps=1, precision="fp32", channels_last=channels_last)
+        out = tmp_path / str(channels_last)
+        trainer = Trainer(method, images, cfg, out, device="cpu")
+        trainer.fit()
+        return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()], trainer
+
+    default, _ = losses(False)
+    nhwc, trainer = losses(True)
+    assert len(default) == 2
+    np.testing.assert_allclose(nhwc, default, rtol=1e-4, atol=1e-5)
+    conv = trainer.method.student.encoder.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
