@@ -98,6 +98,8 @@ def test_non_finite_loss_names_the_step(tmp_path, random_images):
     trainer.method.loss = nan_at_step_two
     with pytest.raises(NonFiniteLossError, match="at step 2"):
         trainer.fit()
+    last = json.loads((tmp_path / "attempts.jsonl").read_text().splitlines()[-1])
+    assert last["event"] == "failed" and "NonFiniteLossError" in last["error"] and "at step 2" in last["error"]
 
 
 def test_batch_larger_than_dataset_is_a_clear_error(tmp_path, random_images):

@@ -558,6 +558,10 @@ class Trainer:
             progress.close()
             self._barrier()
             self._record_attempt({"event": "finished", "step": self.step, "steps_this_run": steps_done})
+        except Exception as exc:
+            if not isinstance(exc, Preempted):  # recorded above, with its signal
+                self._record_attempt({"event": "failed", "step": self.step, "error": f"{type(exc).__name__}: {exc}"})
+            raise
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
