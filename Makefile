@@ -59,7 +59,7 @@ test-slurm: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
-	$(BIN)/snakemake --lint --configfile config.yaml
+	$(BIN)/python workflow/lint.py --configfile config.yaml
 
 # Re-resolve the lock from pyproject.toml (needs network). Commit the result.
 lock: | $(BIN)/uv

@@ -3,31 +3,15 @@
 import sys
 from pathlib import Path
 
-from densessl.config import load_config
+from densessl.config import load_config, snakemake_config_files
 
 configfile: "config.yaml"
 
 
-def config_files():
-    """The config files in merge order, each once, relative to the working directory where possible.
-
-    `configfile:` above and a `--configfile config.yaml` on the command line name the same file (one
-    absolute, one relative); rule params hold these paths, so `make smoke` and a plain `snakemake` must spell
-    them identically or Snakemake would rerun every job for "params changed"."""
-    seen, out = set(), []
-    for f in workflow.configfiles:
-        path = Path(f).resolve()
-        if path in seen:
-            continue
-        seen.add(path)
-        out.append(str(path.relative_to(Path.cwd().resolve())) if path.is_relative_to(Path.cwd().resolve())
-                   else str(path))
-    return out
-
-
 # The preset may be overridden with `--config preset=paper`; other settings belong in config files.
-CFG = load_config(config_files(), preset=config.get("preset"), root=Path(workflow.basedir))
-CONFIG_ARGS = " ".join(f"--config {f}" for f in config_files()) + f" --preset {CFG.preset}"
+CONFIG_FILES = snakemake_config_files(workflow.configfiles, Path.cwd())
+CFG = load_config(CONFIG_FILES, preset=config.get("preset"), root=Path(workflow.basedir))
+CONFIG_ARGS = " ".join(f"--config {f}" for f in CONFIG_FILES) + f" --preset {CFG.preset}"
 # The interpreter running Snakemake (the project venv) also runs every stage, locally or on SLURM nodes.
 PY = f"DENSESSL_ROOT={workflow.basedir} {sys.executable} -m densessl"
 

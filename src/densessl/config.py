@@ -263,6 +263,24 @@ EVALUATIONS: dict[str, dict[str, str]] = {
 }
 
 
+def snakemake_config_files(configfiles: Iterable[str | Path], cwd: Path) -> list[str]:
+    """Snakemake's config files in merge order, each once, relative to ``cwd`` where possible.
+
+    The Snakefile's ``configfile:`` and a ``--configfile config.yaml`` on the command line name the same file
+    (one absolute, one relative); rule params hold these paths, so ``make smoke`` and a plain ``snakemake``
+    must spell them identically or Snakemake would rerun every job for "params changed"."""
+    here = cwd.resolve()
+    seen: set[Path] = set()
+    out: list[str] = []
+    for f in configfiles:
+        path = Path(f).resolve()
+        if path in seen:
+            continue
+        seen.add(path)
+        out.append(str(path.relative_to(here)) if path.is_relative_to(here) else str(path))
+    return out
+
+
 def load_config(config_files: Iterable[str | Path] = ("config.yaml",), preset: str | None = None,
                 overrides: dict[str, Any] | None = None, root: Path | None = None) -> Config:
     """Merge preset ← config files ← overrides, validating each user layer and the result."""
