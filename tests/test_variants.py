@@ -36,7 +36,7 @@ def test_every_variant_gets_its_own_seeds(tmp_path):
     for r in cfg.baseline_runs:
         shapes.setdefault((r.arch, r.variant), []).append(r.seed)
     assert shapes == {("vit-tiny-p8", None): [0, 1, 2], ("vit-tiny-p8", "loca"): [0, 1, 2],
-                      ("vit-tiny-p8", "selfpatch"): [0, 1, 2], ("resnet-tiny", None): [0, 1, 2]}
+                      ("vit-tiny-p8", "selfpatch"): [0, 1, 2], ("resnet-tiny", "clove"): [0, 1, 2]}
     assert "random-init/vit-tiny-p8.selfpatch-seed1" in [r.id for r in cfg.all_runs]
     # a configuration of standard-ViT methods only has no variant rows
     only_dino = _cfg(tmp_path, runs=ALL_METHODS[:1])
@@ -86,8 +86,11 @@ def test_margins_compare_within_the_variant(tmp_path):
     assert _summary_cell(cfg, rows, sp, {"macro_recall": float("nan")}, "macro_recall") == "–"
 
 
-def test_resnets_have_no_variants():
-    assert variant_of("clove", "resnet-tiny") is None and variant_of("loca", "resnet50") is None
+def test_variants_apply_to_their_architecture_family():
+    # CLoVE's ResNet differs only in its initialisation (zero-init residual): same architecture, own baseline
+    assert variant_of("clove", "resnet-tiny") == "clove" and variant_kwargs("clove") == {}
+    assert variant_of("clove", "vit-s16") is None and variant_of("loca", "resnet50") is None
+    assert variant_of("dino", "vit-s16") is None and variant_of("gtsa", "resnet50") is None
     with pytest.raises(KeyError, match="unknown architecture variant"):
         variant_kwargs("nope")
 
@@ -109,3 +112,22 @@ def test_loca_baseline_starts_where_loca_starts(tmp_path):
     qkv_std = model.blocks[0].attn.qkv.weight.std()
     assert abs(qkv_std / step0.blocks[0].attn.qkv.weight.std() - 1) < 0.05
     assert qkv_std > 2.5 * standard.blocks[0].attn.qkv.weight.std()
+
+
+@pytest.mark.parametrize("method", ["dino", "selfpatch", "loca", "gtsa", "clove"])
+@pytest.mark.parametrize("seed", [0, 3])
+def test_random_init_row_is_the_methods_step_zero_network(method, seed):
+    """A margin measures what training changed only if the baseline is the very network training starts from:
+    the pretrain stage seeds and builds the method; its step-0 export must equal the random-init row of that
+    seed, every tensor (LOCA's positional embedding once differed: N(0, 0.02) vs N(0, 1/D))."""
+    from densessl.stages.convert import random_init_backbone
+
+    arch = "resnet-tiny" if method == "clove" else "vit-tiny-p8"
+    settings = load_config(preset="smoke").pretrain_settings(Run(method, arch, "imagenet"))
+    torch.manual_seed(seed)
+    step0 = get_method(method)(arch, settings["method"], epochs=1).export_backbone().state_dict()
+    baseline, _ = random_init_backbone(arch, variant_of(method, arch), seed)
+    baseline_sd = baseline.state_dict()
+    assert step0.keys() == baseline_sd.keys()
+    for key, value in step0.items():
+        torch.testing.assert_close(value, baseline_sd[key], rtol=0, atol=0, msg=f"{method} {key}")

@@ -19,7 +19,6 @@ One step (v2 objective, ``apply_cluster_loss=True``):
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -264,12 +263,11 @@ class LOCANetwork(nn.Module):
     def __init__(self, arch: str, cfg: LOCAConfig, drop_path_rate: float):
         super().__init__()
         # weight_init="jax": timm's flax-ViT init (xavier Linear, mlp biases N(0, 1e-6), lecun conv), as
-        # scenic's Encoder1DBlock; only the initial values differ from create_backbone's default.
+        # scenic's Encoder1DBlock, and pos_embed_init="flax" (ToTokenSequence posembed_input N(0, 1/D)); only
+        # the initial values differ from create_backbone's default.
         self.backbone = create_backbone(arch, drop_path_rate=drop_path_rate, **INIT_KWARGS["loca"], **LOCA_ARCH_KWARGS)
         info = backbone_info(self.backbone)
         dim = info.embed_dim
-        with torch.no_grad():  # ToTokenSequence posembed_input: normal(stddev=1/sqrt(D))
-            nn.init.normal_(self.backbone.pos_embed, std=1.0 / math.sqrt(dim))
         self.patch_size = info.patch_size
         self.native_grid = tuple(self.backbone.patch_embed.grid_size)
         self.n_ref_positions = (cfg.reference_size // info.patch_size) ** 2  # config.n_ref_positions

@@ -68,6 +68,7 @@ def vit_kwargs(arch: str, **overrides: Any) -> dict[str, Any]:
         dynamic_img_size=True,  # multi-crop feeds 224 and 96 px crops through the same positional embedding
         drop_path_rate=0.0,
         gelu_tanh=False,
+        pos_embed_init="timm",  # initial values only: 'timm' N(0, 0.02) | 'flax' N(0, 1/D) (drawn after the rest)
     )
     kwargs.update(overrides)
     return kwargs
@@ -80,6 +81,7 @@ def create_backbone(arch: str, **overrides: Any) -> nn.Module:
     if arch in RESNET_ARCHS:
         return create_resnet(arch, **overrides)
     kwargs = vit_kwargs(arch, **overrides)
+    pos_embed_init = kwargs.pop("pos_embed_init")
     gelu_tanh = kwargs.pop("gelu_tanh")
     if gelu_tanh:  # LOCA's flax ViT uses the tanh approximation of GELU (reference/methods/loca.md §4)
         kwargs["act_layer"] = partial(nn.GELU, approximate="tanh")
@@ -89,7 +91,13 @@ def create_backbone(arch: str, **overrides: Any) -> nn.Module:
         # normalises every token ("encoder_norm", reference/methods/loca.md §4), which dense evaluation needs.
         kwargs.setdefault("fc_norm", False)
     kwargs["norm_layer"] = partial(nn.LayerNorm, eps=1e-6)
-    return VisionTransformer(**kwargs)
+    model = VisionTransformer(**kwargs)
+    if pos_embed_init == "flax":  # scenic ToTokenSequence posembed_input: normal(stddev=1/sqrt(D)) (loca.md §1)
+        with torch.no_grad():
+            nn.init.normal_(model.pos_embed, std=1.0 / model.embed_dim**0.5)
+    elif pos_embed_init != "timm":
+        raise ConfigError(f"pos_embed_init={pos_embed_init!r}: choose 'timm' (N(0, 0.02)) or 'flax' (N(0, 1/D))")
+    return model
 
 
 class ResNetTokens(nn.Module):

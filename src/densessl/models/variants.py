@@ -27,22 +27,32 @@ ARCH_VARIANTS: dict[str, dict[str, Any]] = {
 # the method's network at step 0, so it is drawn the same way (not stored with exported weights: loading
 # overwrites every value). LOCA: timm's flax-ViT init, as scenic's Encoder1DBlock (loca.md §4); it matters:
 # a random LOCA ViT scores Patch-Seg 0.17 with it and 0.22 with timm's default init (measured, 2 seeds).
+# Both the methods and the convert stage's random-init rows build from this table, and
+# tests/test_variants.py checks that a random-init row equals the method's step-0 network (before session 6
+# the LOCA rows drew the positional embedding with timm's N(0, 0.02) while LOCA trains from N(0, 1/D)).
+# CLoVE: torchvision's ResNet with zero_init_residual=True (contrast/resnet.py, clove.md; CLoVEConfig's default);
+# the standard ResNet rows had it off, which scored Patch-Seg 0.08-0.09 against 0.105-0.113 with it (3 seeds).
 INIT_KWARGS: dict[str, dict[str, Any]] = {
-    "loca": {"weight_init": "jax"},
+    "loca": {"weight_init": "jax", "pos_embed_init": "flax"},
+    "clove": {"zero_init_residual": True},
 }
+
+# the architecture family each method's variant applies to (models/resnet.py RESNET_ARCHS start with "resnet")
+VARIANT_FAMILY: dict[str, str] = {"loca": "vit", "selfpatch": "vit", "clove": "resnet"}
 
 VARIANT_DISPLAY: dict[str, str] = {
     "loca": "LOCA variant",
     "selfpatch": "SelfPatch variant",
+    "clove": "CLoVE init",
 }
 
 
 def variant_of(method_or_format: str, arch: str) -> str | None:
-    """The variant a method (or a released-checkpoint format of the same name) trains for ``arch``; None =
-    the standard architecture. ResNets have no variants (CLoVE uses torchvision's ResNet as is)."""
-    if arch.startswith("resnet"):  # models/resnet.py RESNET_ARCHS: resnet50, resnet-tiny
-        return None
-    return method_or_format if method_or_format in ARCH_VARIANTS else None
+    """The variant a method (or a released-checkpoint format of the same name) trains for ``arch``: its own
+    architecture changes and/or its own initialisation; None = the standard architecture and timm's or
+    torchvision's default init."""
+    family = "resnet" if arch.startswith("resnet") else "vit"
+    return method_or_format if VARIANT_FAMILY.get(method_or_format) == family else None
 
 
 def variant_init_kwargs(variant: str | None) -> dict[str, Any]:
@@ -54,6 +64,6 @@ def variant_kwargs(variant: str | None) -> dict[str, Any]:
     """Keyword arguments for create_backbone; {} for the standard architecture."""
     if variant is None:
         return {}
-    if variant not in ARCH_VARIANTS:
-        raise KeyError(f"unknown architecture variant {variant!r}; known: {sorted(ARCH_VARIANTS)}")
-    return dict(ARCH_VARIANTS[variant])
+    if variant not in VARIANT_FAMILY:
+        raise KeyError(f"unknown architecture variant {variant!r}; known: {sorted(VARIANT_FAMILY)}")
+    return dict(ARCH_VARIANTS.get(variant, {}))

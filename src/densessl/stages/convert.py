@@ -24,10 +24,7 @@ def run_convert(cfg: Config, run_id: str) -> Path:
     if run.released:
         backbone, arch_kwargs, inputs, source = _import_released(cfg, run)
     elif run.is_random_init:
-        # the network the compared method starts from: its architecture variant, drawn with its initialisation
-        arch_kwargs: dict = variant_kwargs(run.variant)
-        torch.manual_seed(run.seed)
-        backbone = create_backbone(run.arch, **arch_kwargs, **variant_init_kwargs(run.variant))
+        backbone, arch_kwargs = random_init_backbone(run.arch, run.variant, run.seed)
         inputs = {"random_init_seed": run.seed}
         source = {"kind": "random-init", "seed": run.seed, "variant": run.variant}
     else:
@@ -50,6 +47,14 @@ def run_convert(cfg: Config, run_id: str) -> Path:
         "run": run.id, "method": run.method, "pretrain_data": run.data, "source": source,
         "provenance": provenance.collect("convert", cfg.hash, inputs, started)})
     return out
+
+
+def random_init_backbone(arch: str, variant: str | None, seed: int) -> tuple[torch.nn.Module, dict]:
+    """The network the compared method starts from (its architecture variant, drawn with its initialisation
+    after ``torch.manual_seed(seed)``, as the pretrain stage seeds), and the architecture kwargs to store."""
+    arch_kwargs: dict = variant_kwargs(variant)
+    torch.manual_seed(seed)
+    return create_backbone(arch, **arch_kwargs, **variant_init_kwargs(variant)), arch_kwargs
 
 
 def _import_released(cfg: Config, run: Run) -> tuple[torch.nn.Module, dict, dict, dict]:
