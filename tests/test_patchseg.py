@@ -222,6 +222,8 @@ def test_linear_probe_learns_separable_union(coco_root: Path, backbone: torch.nn
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
     assert on_disk["macro_recall"] == pytest.approx(r["macro_recall"])
     assert on_disk["feature_cache"] == {"train": True, "val": True}
+    # diagnostic: the effective rank of the validation patch tokens, between 1 and the embedding width
+    assert 1.0 <= r["feature_effective_rank"] <= backbone.embed_dim
 
 
 def test_linear_probe_learns_separable_majority(coco_root: Path, backbone: torch.nn.Module) -> None:
@@ -246,6 +248,7 @@ def test_cached_and_streamed_features_agree(coco_root: Path, backbone: torch.nn.
     a = run_patchseg(backbone, coco_root, cfg)
     b = run_patchseg(backbone, coco_root, _cfg(epochs=2, head="mlp", hidden_size=32, cache_features=False))
     assert b["feature_cache"] == {"train": False, "val": False}
+    assert b["feature_effective_rank"] is None and a["feature_effective_rank"] is not None  # needs the cache
     for ea, eb in zip(a["epochs"], b["epochs"]):
         assert ea["train_loss"] == pytest.approx(eb["train_loss"], rel=1e-4)
         assert ea["val"]["macro_recall"] == pytest.approx(eb["val"]["macro_recall"], abs=1e-6)

@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 from densessl.data.ade20k import ADE_NUM_CLASSES_WITH_OTHER, ADE20KSegmentation
 from densessl.data.coco import COCO_NUM_CLASSES, CocoStuffPatchSegDataset, PairedSegmentationFolder
 from densessl.errors import ConfigError, DataError
+from densessl.evaluate.feature_stats import effective_rank
 from densessl.evaluate.metrics import MulticlassConfusion, MultilabelConfusion
 from densessl.io import write_json
 from densessl.models.backbones import backbone_info
@@ -567,6 +568,12 @@ def _run(backbone: nn.Module, data_root: Path, cfg: PatchSegConfig, out_dir: Pat
         best_epoch, best_full = cfg.epochs - 1, val
 
     best = _scalar_metrics(best_full)
+    # Diagnostic, not a score: the effective rank of the validation patch tokens (prefix tokens dropped), from
+    # the cache; None when the split was streamed (the features are never all in memory then).
+    val_features = sources["val"].features
+    if val_features is not None and mode == "keep_all":
+        val_features = val_features[:, info.num_prefix_tokens:]
+    feature_rank = None if val_features is None else effective_rank(val_features)
     result: dict[str, Any] = {
         "protocol": "patchseg",
         "dataset": cfg.dataset,
@@ -582,6 +589,7 @@ def _run(backbone: nn.Module, data_root: Path, cfg: PatchSegConfig, out_dir: Pat
         "macro_precision_nanmean": best["macro_precision_nanmean"],
         "macro_f1_nanmean": best["macro_f1_nanmean"],
         "num_valid_classes": best["num_valid_classes"],
+        "feature_effective_rank": feature_rank,
         "best_epoch": best_epoch,
         "epochs": epochs,
         "per_class": _per_class_lists(best_full),

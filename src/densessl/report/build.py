@@ -32,6 +32,11 @@ REPORTED_METRICS: dict[str, list[str]] = {
     "davis2017": ["JF_mean", "J_mean", "F_mean"],
     "inat19_finetune": ["top1", "top5"],
 }
+# Diagnostics shown after the metrics, without margins: not scores (evaluate/feature_stats.py says why).
+DIAGNOSTICS: dict[str, list[str]] = {
+    "patchseg_coco": ["feature_effective_rank"],
+    "patchseg_ade20k": ["feature_effective_rank"],
+}
 
 
 @dataclass
@@ -100,21 +105,22 @@ def build_report(cfg: Config) -> Path:
     summary_cells: dict[str, dict[str, str]] = {}
     for protocol in cfg.evaluations:
         metrics = REPORTED_METRICS[protocol]
+        shown = metrics + DIAGNOSTICS.get(protocol, [])
         rows: list[tuple[Run, dict[str, Any]]] = []
         for run in cfg.all_runs:
             result = read_json(cfg.eval_metrics(protocol, run))
             rows.append((run, result["metrics"]))
             stage_times.append((f"evaluate {protocol} {run.id}", result["provenance"].get("wall_s")))
-            for metric in metrics:
+            for metric in shown:
                 method, arch, data = display(run)
                 cells.append(Cell(protocol, method, arch, data, metric, _metric(result["metrics"], metric),
                                   published_value(tables, protocol, run, metric, synthetic)))
-        header = ["method", "arch", "pretrain data", *metrics, "published"]
+        header = ["method", "arch", "pretrain data", *shown, "published"]
         body = []
         for run, values in rows:
             method, arch, data = display(run)
             pub = published_value(tables, protocol, run, metrics[0], synthetic)
-            body.append([method, arch, data, *[_fmt(_metric(values, m)) for m in metrics], _fmt(pub)])
+            body.append([method, arch, data, *[_fmt(_metric(values, m)) for m in shown], _fmt(pub)])
         margins = baseline_margins(cfg, rows, metrics)
         summary_columns.append(f"{protocol} {metrics[0]}")
         for run, values in rows:
