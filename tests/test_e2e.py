@@ -90,7 +90,7 @@ def test_every_method_runs_through_the_dag(tmp_path):
     for method in ("DINO", "SelfPatch", "LOCA", "GTSA"):
         assert (method, "ViT-Tiny/8 (smoke)") in rows
     assert ("CLoVE", "ResNet-Tiny (smoke)") in rows
-    assert ("random init (seed0)", "ResNet-Tiny (smoke)") in rows
+    assert ("random init (seed0)", "ResNet-Tiny (smoke), CLoVE init") in rows  # CLoVE's zero-init residual
     for variant in ("SelfPatch", "LOCA"):  # each ViT variant has its own random-init rows
         assert ("random init (seed0)", f"ViT-Tiny/8 (smoke), {variant} variant") in rows
     loca = json.loads((tmp_path / "results/smoke/pretrain/loca/vit-tiny-p8-imagenet/backbone.json").read_text())
