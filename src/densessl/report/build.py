@@ -23,6 +23,7 @@ from densessl.config import DATA_DISPLAY, EVALUATIONS, METHOD_DISPLAY, Config, R
 from densessl.io import read_json, write_json, write_text
 from densessl.models.backbones import ARCH_DISPLAY
 from densessl.models.variants import VARIANT_DISPLAY
+from densessl.report.code_versions import summarise as summarise_code_versions
 
 # Metrics shown per protocol (headline first), with the unit they are reported in.
 REPORTED_METRICS: dict[str, list[str]] = {
@@ -101,6 +102,7 @@ def build_report(cfg: Config) -> Path:
     sections_md: list[str] = []
     sections_html: list[str] = []
     stage_times: list[tuple[str, float | None]] = []
+    artifacts: list[tuple[str, dict[str, Any] | None]] = []  # (label, provenance) of every result shown
     summary_columns: list[str] = []
     summary_cells: dict[str, dict[str, str]] = {}
     for protocol in cfg.evaluations:
@@ -111,6 +113,7 @@ def build_report(cfg: Config) -> Path:
             result = read_json(cfg.eval_metrics(protocol, run))
             rows.append((run, result["metrics"]))
             stage_times.append((f"evaluate {protocol} {run.id}", result["provenance"].get("wall_s")))
+            artifacts.append((f"evaluate {protocol} {run.id}", result["provenance"]))
             for metric in shown:
                 method, arch, data = display(run)
                 cells.append(Cell(protocol, method, arch, data, metric, _metric(result["metrics"], metric),
@@ -142,6 +145,11 @@ def build_report(cfg: Config) -> Path:
         summary = cfg.pretrain_dir(run) / "train_summary.json"
         if summary.is_file():
             stage_times.append((f"pretrain {run.id}", read_json(summary)["provenance"].get("wall_s")))
+            artifacts.append((f"pretrain {run.id}", read_json(summary)["provenance"]))
+    for run in cfg.all_runs:
+        sidecar = cfg.backbone(run).with_suffix(".json")
+        if sidecar.is_file():
+            artifacts.append((f"convert {run.id}", read_json(sidecar).get("provenance")))
     data_hashes = {}
     for dataset in cfg.datasets:
         manifest = read_json(cfg.data_manifest(dataset))
@@ -150,6 +158,8 @@ def build_report(cfg: Config) -> Path:
         stage_times.append((f"data {dataset}", manifest["provenance"].get("wall_s")))
 
     prov = provenance.collect("report", cfg.hash, {"data": data_hashes}, started)
+    versions, version_warnings = summarise_code_versions(artifacts)
+    prov["code_versions"], prov["code_version_warnings"] = versions, version_warnings
     out = cfg.report_dir
     write_json(out / "tables.json", [c.as_dict() for c in cells])
     md = _markdown(cfg, sections_md, prov, stage_times, synthetic)
@@ -237,8 +247,10 @@ def _markdown(cfg: Config, sections: list[str], prov: dict[str, Any], stage_time
                   "- packages: " + ", ".join(f"{k} {v}" for k, v in prov["packages"].items() if v),
                   f"- hardware: {prov['hardware']['cpu_count']} CPUs, CUDA: {prov['hardware'].get('cuda') or 'none'},"
                   f" {prov['hardware']['platform']}"]
+    prov_lines.append("- code versions of the results: " + "; ".join(prov["code_versions"]))
+    warn = "".join(f"> **Warning:** {w}\n\n" for w in prov["code_version_warnings"])
     times = _md_table(["stage", "wall time (s)"], [[s, _fmt(t, 1)] for s, t in stage_times])
-    return (f"# densessl report ({cfg.preset})\n\n{note}" + "\n".join(sections) +
+    return (f"# densessl report ({cfg.preset})\n\n{warn}{note}" + "\n".join(sections) +
             "\n## Provenance\n\n" + "\n".join(prov_lines) + "\n\n### Wall time per stage\n\n" + times + "\n")
 
 
@@ -264,11 +276,14 @@ def _html(cfg: Config, sections: list[str], prov: dict[str, Any], stage_times: l
              *[f"data {k}: {v}" for k, v in prov["inputs"]["data"].items()],
              "packages: " + ", ".join(f"{k} {v}" for k, v in prov["packages"].items() if v),
              f"hardware: {prov['hardware']['cpu_count']} CPUs, CUDA: {prov['hardware'].get('cuda') or 'none'}"]
+    items.append("code versions of the results: " + "; ".join(v.replace("`", "") for v in prov["code_versions"]))
     prov_html = "<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in items) + "</ul>"
+    warn = "".join(f"<p><strong>Warning:</strong> {html.escape(w.replace('`', ''))}</p>"
+                   for w in prov["code_version_warnings"])
     times = _html_table(["stage", "wall time (s)"], [[s, _fmt(t, 1)] for s, t in stage_times])
     style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse;"
              "margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}"
              "td:first-child,th:first-child{text-align:left}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>densessl report ({cfg.preset})</title>"
-            f"<style>{style}</style></head><body><h1>densessl report ({html.escape(cfg.preset)})</h1>{note}"
+            f"<style>{style}</style></head><body><h1>densessl report ({html.escape(cfg.preset)})</h1>{warn}{note}"
             + "".join(sections) + f"<h2>Provenance</h2>{prov_html}<h3>Wall time per stage</h3>{times}</body></html>\n")
