@@ -64,3 +64,10 @@ def test_evaluate_any_timm_model_by_name(tmp_path):
     bad = run_cli("evaluate", "patchseg_coco", "--config", str(cfg), "--timm-model", "no_such_model_xyz",
                   "--out", str(out))
     assert bad.returncode == 2 and "no_such_model_xyz" in bad.stderr
+
+
+def test_feature_stats_before_any_data_is_a_clear_error(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"results_dir": str(tmp_path / "results")}))
+    out = run_cli("feature-stats", "--config", str(cfg))
+    assert out.returncode == 2 and "run the data stage" in out.stderr and "Traceback" not in out.stderr

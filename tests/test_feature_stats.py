@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from densessl.evaluate.feature_stats import effective_rank
+from densessl.evaluate.feature_stats import colour_explained_share, effective_rank, position_share
 
 
 def test_equal_variance_directions_count_exactly():
@@ -33,3 +33,39 @@ def test_offset_and_chunking_do_not_matter_and_degenerate_inputs():
     assert effective_rank(torch.ones(10, 4)) == 0.0
     with pytest.raises(ValueError, match="at least 2"):
         effective_rank(torch.ones(1, 4))
+
+
+def test_position_share_of_a_pure_positional_code_and_of_pure_content():
+    g = torch.Generator().manual_seed(0)
+    code = torch.randn(1, 16, 8, generator=g).repeat(5, 1, 1)  # same tokens at each position in every image
+    assert position_share(code) == pytest.approx(1.0)
+    content = torch.randn(5, 1, 8, generator=g).repeat(1, 16, 1)  # constant within an image
+    assert position_share(content) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_colour_share_of_tokens_made_from_colour_and_of_unrelated_tokens():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(6, 3, 32, 32, generator=g)
+    mean = torch.nn.functional.avg_pool2d(images, 8).flatten(2).transpose(1, 2)  # (6, 16, 3)
+    made = mean @ torch.randn(3, 10, generator=g) + 0.5 * mean[..., :1] ** 2
+    assert colour_explained_share(made, images, 8) == pytest.approx(1.0, abs=1e-9)
+    unrelated = torch.randn(6, 16, 10, generator=g)
+    assert colour_explained_share(unrelated, images, 8) < 0.2  # 13 regressors on 96 samples: chance level
+    with pytest.raises(ValueError, match="patches per image"):
+        colour_explained_share(made, images, 4)
+
+
+def test_feature_stats_of_a_backbone_on_patchseg_data(tmp_path):
+    from test_patchseg import write_coco
+
+    from densessl.evaluate.patchseg import PatchSegConfig
+    from densessl.models.backbones import create_backbone
+    from densessl.stages.feature_stats import backbone_feature_stats, format_rows
+
+    torch.manual_seed(0)
+    stats = backbone_feature_stats(create_backbone("vit-tiny-p8"), write_coco(tmp_path / "c"),
+                                   PatchSegConfig(dataset="coco"), num_images=3)
+    assert stats["images"] == 3 and 1.0 <= stats["effective_rank"] <= 128
+    # the fixture's patches are solid colours, so a random ViT's tokens are mostly their colour
+    assert 0.5 < stats["colour_explained_share"] <= 1.0 and 0.0 <= stats["position_share"] < 0.5
+    assert "eff. rank" in format_rows([{"run": "r", **stats}])

@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dvc-yaml", help="print dvc.yaml for the configuration (same stages as the Snakefile)")
     _add_common(p)
 
+    p = sub.add_parser("feature-stats", help="effective rank, colour and position shares of every exported "
+                                              "backbone's patch tokens (diagnostics, printed)")
+    _add_common(p)
+    p.add_argument("--images", type=int, default=128, help="validation images to use (default 128)")
+    p.add_argument("--protocol", default="patchseg_coco", help="whose data: patchseg_coco | patchseg_ade20k")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
     sub.add_parser("doctor", help="check that torch and torchvision's compiled ops work")
     return parser
 
@@ -136,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
             from densessl.dvc_stages import render
 
             print(render(_config(args)), end="")
+        elif args.stage == "feature-stats":
+            from densessl.stages.feature_stats import dump, format_rows, run_feature_stats
+
+            rows = run_feature_stats(_config(args), args.images, args.protocol)
+            print(dump(rows) if args.json else format_rows(rows))
         elif args.stage == "targets":
             for target in _config(args).all_targets():
                 print(target)
