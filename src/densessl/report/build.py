@@ -144,8 +144,9 @@ def build_report(cfg: Config) -> Path:
     for run in cfg.pretrain_runs:
         summary = cfg.pretrain_dir(run) / "train_summary.json"
         if summary.is_file():
-            stage_times.append((f"pretrain {run.id}", read_json(summary)["provenance"].get("wall_s")))
-            artifacts.append((f"pretrain {run.id}", read_json(summary)["provenance"]))
+            train_prov = read_json(summary)["provenance"]
+            stage_times.append((f"pretrain {run.id}", train_prov.get("wall_s")))
+            artifacts.append((f"pretrain {run.id}", train_prov))
     for run in cfg.all_runs:
         sidecar = cfg.backbone(run).with_suffix(".json")
         if sidecar.is_file():
