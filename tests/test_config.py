@@ -67,3 +67,15 @@ def test_paper_preset_requires_dataset_roots(tmp_path):
     cfg = load_config([write(tmp_path, {"preset": "paper", "results_dir": str(tmp_path / "r")})], root=REPO)
     with pytest.raises(ConfigError, match=r"data.roots.imagenet is not set"):
         run_data(cfg, "imagenet")
+
+
+@pytest.mark.parametrize("override", sorted((REPO / "workflow/overrides").glob("*.yaml")), ids=lambda p: p.name)
+def test_override_files_validate_and_keep_the_preset(override):
+    cfg = load_config([REPO / "config.yaml", override], root=REPO)
+    assert cfg.preset == "smoke" and cfg.pretrain_runs
+    if override.name == "gtsa-long.yaml":
+        (run,) = cfg.pretrain_runs
+        train = cfg.pretrain_settings(run)["train"]
+        assert run.id == "gtsa/vit-tiny-p8-coco" and train["epochs"] == 60
+        assert train["batch_size_per_gpu"] == 32 and train["lr"] == 0.0005  # the rest from smoke.yaml
+        assert str(cfg.results).endswith("results/gtsa-long/smoke")
