@@ -65,13 +65,13 @@ def test_smoke_dag_end_to_end(tmp_path):
     assert "made by other code than the rest" not in md
     metrics = tmp_path / "results/smoke/eval/patchseg_coco/dino/vit-tiny-p8-imagenet/metrics.json"
     stale = json.loads(metrics.read_text())
-    stale["provenance"]["git"] = {"commit": "0" * 40, "dirty": False}
+    stale["provenance"]["code"] = {"sha256": "0" * 64, "files": 1, "uncommitted": False}
     metrics.write_text(json.dumps(stale))
     rebuilt = subprocess.run([sys.executable, "-m", "densessl", "report", "--config", "config.yaml"], cwd=tmp_path,
                              capture_output=True, text=True, timeout=600)
     assert rebuilt.returncode == 0, rebuilt.stderr[-2000:]
     md = (report / "report.md").read_text()
-    assert "made by other code than the rest" in md and "evaluate patchseg_coco dino/vit-tiny-p8-imagenet (000000000000)" in md
+    assert "made by other code than the rest" in md and "evaluate patchseg_coco dino/vit-tiny-p8-imagenet (code 000000000000)" in md
 
 
 TINY_TRAIN = {"epochs": 1, "batch_size_per_gpu": 4, "num_workers": 0, "checkpoint_every_steps": 2}
