@@ -86,6 +86,26 @@ def test_margins_compare_within_the_variant(tmp_path):
     assert _summary_cell(cfg, rows, sp, {"macro_recall": float("nan")}, "macro_recall") == "–"
 
 
+def test_davis_margins_carry_paired_errors_and_flag_noise(tmp_path):
+    cfg = _cfg(tmp_path)
+    by_id = {r.id: r for r in cfg.all_runs}
+
+    def davis(scores):  # per-object J = F = score
+        return {"JF_mean": 100 * sum(scores) / len(scores),
+                "per_object": {f"s_{i}": {"J-Mean": x, "F-Mean": x} for i, x in enumerate(scores)}}
+
+    values = {"dino/vit-tiny-p8-imagenet": davis([0.5, 0.3, 0.6, 0.2]),      # vs seed 0: +10, -10, +10, -8
+              "random-init/vit-tiny-p8-seed0": davis([0.4, 0.4, 0.5, 0.28]),  # the best seed, 39.5
+              "random-init/vit-tiny-p8-seed1": davis([0.3, 0.3, 0.3, 0.3]),
+              "random-init/vit-tiny-p8-seed2": davis([0.1, 0.1, 0.1, 0.1])}
+    rows = [(by_id[k], v) for k, v in values.items()]
+    line = {row[0]: row for row in baseline_margins(cfg, rows, ["JF_mean"], "davis2017")}["DINO"]
+    # sample std of the paired differences is 11, over sqrt(4) objects: 5.5
+    assert line[2] == "+0.50 ± 5.50 (beats best of 3 seeds, 39.50; within 2 standard errors)"
+    dino = by_id["dino/vit-tiny-p8-imagenet"]
+    assert _summary_cell(cfg, rows, dino, values[dino.id], "JF_mean", "davis2017") == "40.00 (+0.50 ± 5.50)"
+
+
 def test_variants_apply_to_their_architecture_family():
     # CLoVE's ResNet differs only in its initialisation (zero-init residual): same architecture, own baseline
     assert variant_of("clove", "resnet-tiny") == "clove" and variant_kwargs("clove") == {}

@@ -24,6 +24,7 @@ from densessl.io import read_json, write_json, write_text
 from densessl.models.backbones import ARCH_DISPLAY
 from densessl.models.variants import VARIANT_DISPLAY
 from densessl.report.code_versions import summarise as summarise_code_versions
+from densessl.report.uncertainty import paired_standard_error
 
 # Metrics shown per protocol (headline first), with the unit they are reported in.
 REPORTED_METRICS: dict[str, list[str]] = {
@@ -124,11 +125,12 @@ def build_report(cfg: Config) -> Path:
             method, arch, data = display(run)
             pub = published_value(tables, protocol, run, metrics[0], synthetic)
             body.append([method, arch, data, *[_fmt(_metric(values, m)) for m in shown], _fmt(pub)])
-        margins = baseline_margins(cfg, rows, metrics)
+        margins = baseline_margins(cfg, rows, metrics, protocol)
         summary_columns.append(f"{protocol} {metrics[0]}")
         for run, values in rows:
             if not run.is_random_init:
-                summary_cells.setdefault(run.id, {})[protocol] = _summary_cell(cfg, rows, run, values, metrics[0])
+                summary_cells.setdefault(run.id, {})[protocol] = _summary_cell(cfg, rows, run, values, metrics[0],
+                                                                               protocol)
         title = f"{EVALUATIONS[protocol]['title']} (`{protocol}`)"
         sections_md.append(_md_section(title, header, body, margins, metrics))
         sections_html.append(_html_section(title, header, body, margins, metrics))
@@ -180,11 +182,6 @@ def _baselines(cfg: Config, rows: list[tuple[Run, dict[str, Any]]], run: Run) ->
     return [v for r, v in rows if r.is_random_init and r.arch == run.arch and r.variant == variant]
 
 
-def _best(baselines: list[dict[str, Any]], metric: str) -> float | None:
-    return max((x for x in (_metric(b, metric) for b in baselines) if x is not None and not math.isnan(x)),
-               default=None)
-
-
 def _row_label(cfg: Config, run: Run) -> list[str]:
     """(method, arch) as the margin tables show them: the arch names the variant the baseline was drawn as."""
     variant = cfg.variant_of(run)
@@ -192,18 +189,31 @@ def _row_label(cfg: Config, run: Run) -> list[str]:
     return [display(run)[0], f"{arch}, {VARIANT_DISPLAY[variant]}" if variant else arch]
 
 
+def _best_row(baselines: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
+    scored = [b for b in baselines if (x := _metric(b, metric)) is not None and not math.isnan(x)]
+    return max(scored, key=lambda b: _metric(b, metric), default=None)
+
+
+def _margin_text(protocol: str, values: dict[str, Any], best_row: dict[str, Any], metric: str) -> str:
+    """'+0.30' or, where the protocol's metric is a mean over items, '+0.30 ± 0.44' (paired standard error)."""
+    ours, best = _metric(values, metric), _metric(best_row, metric)
+    se = paired_standard_error(protocol, values, best_row, metric)
+    return f"{ours - best:+.2f}" + (f" ± {se[0]:.2f}" if se else "")
+
+
 def _summary_cell(cfg: Config, rows: list[tuple[Run, dict[str, Any]]], run: Run, values: dict[str, Any],
-                  metric: str) -> str:
+                  metric: str, protocol: str = "") -> str:
     """'0.24 (+0.02)': the value and its margin; a reader sees at a glance which rows beat their baseline."""
-    ours, best = _metric(values, metric), _best(_baselines(cfg, rows, run), metric)
+    ours, best_row = _metric(values, metric), _best_row(_baselines(cfg, rows, run), metric)
     if ours is None or math.isnan(ours):
         return "–"
-    return f"{ours:.2f}" if best is None else f"{ours:.2f} ({ours - best:+.2f})"
+    return f"{ours:.2f}" if best_row is None else f"{ours:.2f} ({_margin_text(protocol, values, best_row, metric)})"
 
 
-def baseline_margins(cfg: Config, rows: list[tuple[Run, dict[str, Any]]], metrics: list[str]
+def baseline_margins(cfg: Config, rows: list[tuple[Run, dict[str, Any]]], metrics: list[str], protocol: str = ""
                      ) -> list[list[str]]:
-    """For each pretrained run: value − best random-init seed of the same architecture and variant, per metric."""
+    """For each pretrained run: value − best random-init seed of the same architecture and variant, per metric
+    (± the paired standard error where the metric is a mean over items, report/uncertainty.py)."""
     out = []
     for run, values in rows:
         if run.is_random_init:
@@ -214,12 +224,15 @@ def baseline_margins(cfg: Config, rows: list[tuple[Run, dict[str, Any]]], metric
         line = _row_label(cfg, run)
         for m in metrics:
             ours = _metric(values, m)
-            best = _best(baselines, m)
-            if ours is None or best is None or math.isnan(ours):
+            best_row = _best_row(baselines, m)
+            if ours is None or best_row is None or math.isnan(ours):
                 line.append("–")
             else:
-                line.append(f"{ours - best:+.2f} ({'beats' if ours > best else 'does not beat'} best of "
-                            f"{len(baselines)} seeds, {best:.2f})")
+                best = _metric(best_row, m)
+                se = paired_standard_error(protocol, values, best_row, m)
+                noise = "; within 2 standard errors" if se and abs(ours - best) < 2 * se[0] else ""
+                line.append(f"{_margin_text(protocol, values, best_row, m)} ({'beats' if ours > best else 'does not beat'}"
+                            f" best of {len(baselines)} seeds, {best:.2f}{noise})")
         out.append(line)
     return out
 
@@ -230,11 +243,21 @@ def _md_table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+ERROR_BAR_NOTE = ("± is the paired standard error of the margin over the objects both rows were scored on (the "
+                  "metric is their mean); a margin within about two of them is not a difference.")
+
+
+def _has_error_bars(margins: list[list[str]]) -> bool:
+    return any("±" in cell for row in margins for cell in row)
+
+
 def _md_section(title: str, header: list[str], body: list[list[str]], margins: list[list[str]],
                 metrics: list[str]) -> str:
     text = f"## {title}\n\n{_md_table(header, body)}\n"
     if margins:
         text += "\nMargin over the best random-init seed:\n\n" + _md_table(["method", "arch", *metrics], margins) + "\n"
+        if _has_error_bars(margins):
+            text += f"\n{ERROR_BAR_NOTE}\n"
     return text
 
 
@@ -266,6 +289,8 @@ def _html_section(title: str, header: list[str], body: list[list[str]], margins:
     text = f"<h2>{html.escape(title)}</h2>{_html_table(header, body)}"
     if margins:
         text += "<p>Margin over the best random-init seed:</p>" + _html_table(["method", "arch", *metrics], margins)
+        if _has_error_bars(margins):
+            text += f"<p>{html.escape(ERROR_BAR_NOTE)}</p>"
     return text
 
 
