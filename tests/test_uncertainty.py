@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from densessl.report.build import ERROR_BAR_NOTE, _md_section, _margin_text
+from densessl.report.build import ERROR_BAR_NOTE, _margin_text, _md_section
 from densessl.report.uncertainty import paired_standard_error, per_item_scores
 
 

@@ -10,7 +10,8 @@ paired per-object differences and its standard error is their sample standard de
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
