@@ -93,9 +93,10 @@ PRESETS: dict[str, SynthSize] = {
             "imagenet": {"train": 2000, "val": 200},
             "coco": {"train": 800, "val": 200},
             "ade20k": {"train": 800, "val": 200},
-            # 48 clips (~130 objects): with 4 (11 objects) the paired standard error of a J&F margin was
-            # 1-2.4 points and DINO's +1.7 turned out to be noise (-0.3 +- 0.4 on 48); 3.7 s per backbone.
-            "davis": {"train": 2, "val": 48},
+            # 32 clips (~85 objects): with 4 (11 objects) the paired standard error of a J&F margin was
+            # 1-2.4 points and DINO's +1.7 turned out to be noise (-0.3 +- 0.4 on 48 clips, 3.7 s per
+            # backbone; 32 keeps `make smoke` nearer its 15 minutes).
+            "davis": {"train": 2, "val": 32},
             "inat": {"train": 480, "val": 96},
             "lvis": {"train": 400, "val": 100},
             "cityscapes": {"train": 160, "val": 40},
