@@ -215,9 +215,20 @@ class Config:
         return copy.deepcopy(self.data.get("evaluate", {}).get(key, {}))
 
     def data_settings(self, dataset: str) -> dict[str, Any]:
+        """What determines a dataset stage's output. For synthetic data this includes the generator's spec and
+        version, so that a change to the smoke sizes (session 7: DAVIS 4 → 32 clips) reruns the data and what
+        depends on it instead of leaving the old files "up to date"."""
         d = self.data.get("data", {})
-        return {"synthetic": bool(d.get("synthetic", False)), "size": d.get("synthetic_size", "smoke"),
-                "seed": int(d.get("synthetic_seed", 0)), "root": (d.get("roots") or {}).get(dataset)}
+        settings: dict[str, Any] = {"synthetic": bool(d.get("synthetic", False)),
+                                    "size": d.get("synthetic_size", "smoke"), "seed": int(d.get("synthetic_seed", 0)),
+                                    "root": (d.get("roots") or {}).get(dataset)}
+        if settings["synthetic"]:
+            from densessl.data.synthetic import DATASETS, GENERATOR_VERSION, PRESETS
+
+            size = PRESETS.get(str(settings["size"]))
+            if size is not None and dataset in DATASETS:
+                settings["generator"] = {"version": GENERATOR_VERSION, "spec": size.spec(dataset)}
+        return settings
 
     # ------------------------------------------------------------------ paths
     def data_manifest(self, dataset: str) -> Path:
