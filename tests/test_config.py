@@ -79,3 +79,21 @@ def test_override_files_validate_and_keep_the_preset(override):
         assert run.id == "gtsa/vit-tiny-p8-coco" and train["epochs"] == 60
         assert train["batch_size_per_gpu"] == 32 and train["lr"] == 0.0005  # the rest from smoke.yaml
         assert str(cfg.results).endswith("results/gtsa-long/smoke")
+
+
+def test_data_settings_follow_the_synthetic_generator(monkeypatch):
+    """A change of the smoke sizes must change the data rule's parameters (Snakemake reruns on them)."""
+    from dataclasses import replace
+
+    import densessl.data.synthetic as synthetic
+
+    cfg = load_config([REPO / "config.yaml"], root=REPO)
+    before = cfg.data_settings("davis")
+    assert before["generator"]["spec"]["counts"] == dict(synthetic.PRESETS["smoke"].counts["davis"])
+    smoke = synthetic.PRESETS["smoke"]
+    bigger = replace(smoke, counts={**smoke.counts, "davis": {"train": 2, "val": 99}})
+    monkeypatch.setitem(synthetic.PRESETS, "smoke", bigger)
+    assert cfg.data_settings("davis") != before
+    assert cfg.data_settings("coco") == load_config([REPO / "config.yaml"], root=REPO).data_settings("coco")
+    monkeypatch.setattr(synthetic, "GENERATOR_VERSION", synthetic.GENERATOR_VERSION + 1)
+    assert cfg.data_settings("coco")["generator"]["version"] == synthetic.GENERATOR_VERSION
