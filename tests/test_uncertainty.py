@@ -39,8 +39,9 @@ def test_paired_standard_error_by_hand():
 def test_margin_text_and_note():
     ours = davis({"a": (0.6, 0.6), "b": (0.4, 0.4), "c": (0.5, 0.5)})
     base = davis({"a": (0.5, 0.5), "b": (0.4, 0.4), "c": (0.3, 0.3)})
-    assert _margin_text("davis2017", ours, base, "JF_mean") == f"+10.00 ± {10 / math.sqrt(3):.2f}"
-    assert _margin_text("patchseg_coco", {"macro_recall": 0.25}, {"macro_recall": 0.2}, "macro_recall") == "+0.05"
+    assert _margin_text("davis2017", ours, base, "JF_mean") == (f"+10.00 ± {10 / math.sqrt(3):.2f}", True)
+    assert _margin_text("patchseg_coco", {"macro_recall": 0.25}, {"macro_recall": 0.2}, "macro_recall") == ("+0.05",
+                                                                                                         False)
     text = _md_section("t", ["m"], [["x"]], [["DINO", "ViT", "+10.00 ± 5.77 (beats best of 3 seeds, 40.00)"]], ["JF_mean"])
     assert ERROR_BAR_NOTE in text
     assert ERROR_BAR_NOTE not in _md_section("t", ["m"], [["x"]], [["DINO", "ViT", "+0.05 (beats ...)"]], ["macro_recall"])

@@ -194,11 +194,14 @@ def _best_row(baselines: list[dict[str, Any]], metric: str) -> dict[str, Any] | 
     return max(scored, key=lambda b: _metric(b, metric), default=None)
 
 
-def _margin_text(protocol: str, values: dict[str, Any], best_row: dict[str, Any], metric: str) -> str:
-    """'+0.30' or, where the protocol's metric is a mean over items, '+0.30 ± 0.44' (paired standard error)."""
-    ours, best = _metric(values, metric), _metric(best_row, metric)
+def _margin_text(protocol: str, values: dict[str, Any], best_row: dict[str, Any], metric: str) -> tuple[str, bool]:
+    """('+0.30', False) or, where the protocol's metric is a mean over items, ('+0.30 ± 0.44', within), with
+    ``within`` true when the margin is under two paired standard errors."""
+    margin = _metric(values, metric) - _metric(best_row, metric)
     se = paired_standard_error(protocol, values, best_row, metric)
-    return f"{ours - best:+.2f}" + (f" ± {se[0]:.2f}" if se else "")
+    if se is None:
+        return f"{margin:+.2f}", False
+    return f"{margin:+.2f} ± {se[0]:.2f}", abs(margin) < 2 * se[0]
 
 
 def _summary_cell(cfg: Config, rows: list[tuple[Run, dict[str, Any]]], run: Run, values: dict[str, Any],
@@ -207,7 +210,7 @@ def _summary_cell(cfg: Config, rows: list[tuple[Run, dict[str, Any]]], run: Run,
     ours, best_row = _metric(values, metric), _best_row(_baselines(cfg, rows, run), metric)
     if ours is None or math.isnan(ours):
         return "–"
-    return f"{ours:.2f}" if best_row is None else f"{ours:.2f} ({_margin_text(protocol, values, best_row, metric)})"
+    return f"{ours:.2f}" if best_row is None else f"{ours:.2f} ({_margin_text(protocol, values, best_row, metric)[0]})"
 
 
 def baseline_margins(cfg: Config, rows: list[tuple[Run, dict[str, Any]]], metrics: list[str], protocol: str = ""
@@ -229,10 +232,10 @@ def baseline_margins(cfg: Config, rows: list[tuple[Run, dict[str, Any]]], metric
                 line.append("–")
             else:
                 best = _metric(best_row, m)
-                se = paired_standard_error(protocol, values, best_row, m)
-                noise = "; within 2 standard errors" if se and abs(ours - best) < 2 * se[0] else ""
-                line.append(f"{_margin_text(protocol, values, best_row, m)} ({'beats' if ours > best else 'does not beat'}"
-                            f" best of {len(baselines)} seeds, {best:.2f}{noise})")
+                text, within = _margin_text(protocol, values, best_row, m)
+                noise = "; within 2 standard errors" if within else ""
+                line.append(f"{text} ({'beats' if ours > best else 'does not beat'} best of {len(baselines)} seeds, "
+                            f"{best:.2f}{noise})")
         out.append(line)
     return out
 
