@@ -69,3 +69,15 @@ def test_feature_stats_of_a_backbone_on_patchseg_data(tmp_path):
     # the fixture's patches are solid colours, so a random ViT's tokens are mostly their colour
     assert 0.5 < stats["colour_explained_share"] <= 1.0 and 0.0 <= stats["position_share"] < 0.5
     assert "eff. rank" in format_rows([{"run": "r", **stats}])
+
+
+def test_unknown_protocol_names_the_flag():
+    from conftest import REPO
+
+    from densessl.config import load_config
+    from densessl.errors import ConfigError
+    from densessl.stages.feature_stats import run_feature_stats
+
+    cfg = load_config([REPO / "config.yaml"], root=REPO)
+    with pytest.raises(ConfigError, match="--protocol 'davis2017'.*patchseg_coco"):
+        run_feature_stats(cfg, 8, "davis2017")

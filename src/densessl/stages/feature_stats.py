@@ -39,7 +39,7 @@ def backbone_feature_stats(backbone: torch.nn.Module, data_root_path: Path, cfg:
 
 def run_feature_stats(cfg: Config, num_images: int, protocol: str = "patchseg_coco") -> list[dict[str, Any]]:
     if protocol not in ("patchseg_coco", "patchseg_ade20k"):
-        raise ConfigError(f"feature-stats: --dataset-of {protocol!r}; choose patchseg_coco or patchseg_ade20k")
+        raise ConfigError(f"feature-stats: --protocol {protocol!r}; choose patchseg_coco or patchseg_ade20k")
     settings = dict(cfg.eval_settings(protocol), dataset=EVALUATIONS[protocol]["dataset"])
     pcfg = build_dataclass(PatchSegConfig, settings, "evaluate.patchseg")
     manifest = cfg.data_manifest(EVALUATIONS[protocol]["dataset"])
