@@ -27,9 +27,10 @@ from densessl.evaluate.linear_seg import (
     rescale_size,
     rgb_to_hsv,
     run_linear_seg,
+    set_drop_path,
     slide_inference,
 )
-from densessl.models.backbones import create_backbone
+from densessl.models.backbones import as_token_backbone, create_backbone
 from densessl.train.trainer import Preempted
 
 COLOURS = {0: (128, 128, 128), 1: (220, 30, 30), 2: (30, 200, 40), 3: (40, 60, 220)}
@@ -203,6 +204,20 @@ def test_run_linear_seg_frozen_backbone(ade_root: Path) -> None:
     r = run_linear_seg(create_backbone("vit-tiny-p8"), ade_root,
                        smoke_cfg(iterations=10, finetune_backbone=False, lr=0.05, max_val_items=2))
     assert r["num_val"] == 2 and 0 <= r["mIoU"] <= 100
+
+
+def test_resnet_fine_tunes_with_the_vit_drop_path_setting(ade_root: Path) -> None:
+    """The paper preset's drop_path 0.1 is Segmenter's ViT setting; CLoVE's ResNet rows have no stochastic depth,
+    so they fine-tune without it (and say so) instead of failing the whole paper DAG."""
+    torch.manual_seed(0)
+    resnet = as_token_backbone(create_backbone("resnet-tiny"))
+    r = run_linear_seg(resnet, ade_root, smoke_cfg(iterations=4, drop_path=0.1, max_val_items=1))
+    assert r["drop_path_applied"] == 0.0 and 0 <= r["mIoU"] <= 100
+    vit = run_linear_seg(create_backbone("vit-tiny-p8"), ade_root, smoke_cfg(iterations=2, drop_path=0.1,
+                                                                              max_val_items=1))
+    assert vit["drop_path_applied"] == pytest.approx(0.1)
+    with pytest.raises(ConfigError, match="drop_path: 0"):
+        set_drop_path(torch.nn.Linear(2, 2), 0.1)  # anything else without blocks is refused by name
 
 
 def test_run_linear_seg_rejects_too_few_images(ade_root: Path) -> None:

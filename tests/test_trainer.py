@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from densessl.errors import ConfigError
 from densessl.methods import get_method
 from densessl.train.schedules import cosine_schedule
 from densessl.train.trainer import (
@@ -17,6 +18,7 @@ from densessl.train.trainer import (
     Preempted,
     TrainConfig,
     Trainer,
+    clip_gradients,
     clip_gradients_per_parameter,
 )
 
@@ -40,6 +42,28 @@ def test_clipping_is_per_parameter():
     clip_gradients_per_parameter(module, 1.0)
     assert a.grad.norm().item() == pytest.approx(1.0, rel=1e-5)
     assert torch.allclose(b.grad, torch.tensor([0.3, 0.4]))  # below the threshold: untouched
+
+
+def test_global_norm_clipping_scales_all_gradients_together():
+    """LOCA's clip_grads: one norm over every gradient ((3, 4) and (0, 12): 13), all scaled by clip / 13."""
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    module = torch.nn.Module()
+    module.a, module.b = a, b
+    a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([0.0, 12.0])
+    clip_gradients(module, 1.0, "global_norm")
+    assert torch.allclose(a.grad, torch.tensor([3.0, 4.0]) / 13, rtol=1e-5)
+    assert torch.allclose(b.grad, torch.tensor([0.0, 12.0]) / 13, rtol=1e-5)
+    a.grad, b.grad = torch.tensor([0.3, 0.4]), torch.tensor([0.0, 0.1])  # norm 0.51 < 1: untouched
+    clip_gradients(module, 1.0, "global_norm")
+    assert torch.equal(a.grad, torch.tensor([0.3, 0.4])) and torch.equal(b.grad, torch.tensor([0.0, 0.1]))
+    a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([0.0, 12.0])  # per parameter: each to norm 1
+    clip_gradients(module, 1.0, "per_parameter")
+    assert a.grad.norm().item() == pytest.approx(1.0, rel=1e-5) and b.grad.norm().item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_unknown_clip_mode_is_refused(tmp_path, random_images):
+    with pytest.raises(ConfigError, match="train.clip_mode"):
+        _trainer(random_images, tmp_path, clip_mode="global")
 
 
 def _trainer(images, out_dir, epochs=2, **cfg):

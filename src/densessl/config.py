@@ -192,6 +192,17 @@ class Config:
     def evaluations(self) -> list[str]:
         return list(self.data.get("evaluations", []))
 
+    def applies(self, protocol: str, run: Run) -> bool:
+        """Whether ``protocol`` can evaluate ``run``'s backbone: iNat fine-tuning is the GTSA protocol for ViTs
+        (layer-wise lr decay over the blocks, a class-token or mean-pooled head), so ResNet rows skip it; every
+        other protocol reads a patch grid and takes both families."""
+        return backbone_family(run.arch) in EVALUATIONS[protocol]["backbones"]
+
+    def evaluation_jobs(self) -> list[tuple[str, Run]]:
+        """Every (protocol, run) the DAG evaluates and the report shows: the configured protocols × all runs,
+        less the pairs a protocol does not apply to (the report marks those "n/a")."""
+        return [(p, r) for p in self.evaluations for r in self.all_runs if self.applies(p, r)]
+
     @property
     def datasets(self) -> list[str]:
         """Datasets the configured runs and evaluations read."""
@@ -257,20 +268,27 @@ class Config:
         return self.report_outputs()
 
 
-# Evaluation protocols: the dataset each reads and the settings block that configures it.
-EVALUATIONS: dict[str, dict[str, str]] = {
+def backbone_family(arch: str) -> str:
+    """"resnet" for the torchvision ResNets (CLoVE), "vit" for every timm ViT."""
+    return "resnet" if arch.startswith("resnet") else "vit"
+
+
+# Evaluation protocols: the dataset each reads, the settings block that configures it and the backbone families
+# it can evaluate.
+EVALUATIONS: dict[str, dict[str, Any]] = {
     "patchseg_coco": {"dataset": "coco", "settings": "patchseg", "protocol_file": "protocols/patchseg.md",
-                      "title": "Patch-Seg probe (frozen backbone), COCO-Stuff"},
+                      "title": "Patch-Seg probe (frozen backbone), COCO-Stuff", "backbones": ("vit", "resnet")},
     "patchseg_ade20k": {"dataset": "ade20k", "settings": "patchseg", "protocol_file": "protocols/patchseg.md",
-                        "title": "Patch-Seg probe (frozen backbone), ADE20K"},
+                        "title": "Patch-Seg probe (frozen backbone), ADE20K", "backbones": ("vit", "resnet")},
     "linear_ade20k": {"dataset": "ade20k", "settings": "linear_seg",
                       "protocol_file": "protocols/segmenter_linear_ade20k.md",
-                      "title": "Segmenter linear decoder, ADE20K"},
+                      "title": "Segmenter linear decoder, ADE20K", "backbones": ("vit", "resnet")},
     "inat19_finetune": {"dataset": "inat", "settings": "inat_finetune",
                         "protocol_file": "protocols/inat19_finetune.md",
-                        "title": "iNaturalist 2019 fine-tuning (GTSA protocol), top-1/top-5"},
+                        "title": "iNaturalist 2019 fine-tuning (GTSA protocol), top-1/top-5", "backbones": ("vit",)},
     "davis2017": {"dataset": "davis", "settings": "davis", "protocol_file": "protocols/davis2017.md",
-                  "title": "DAVIS-2017 video object segmentation (label propagation, frozen features), J&F"},
+                  "title": "DAVIS-2017 video object segmentation (label propagation, frozen features), J&F",
+                  "backbones": ("vit", "resnet")},
 }
 
 

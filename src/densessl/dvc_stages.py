@@ -58,18 +58,17 @@ def stages(cfg: Config) -> dict[str, Any]:
             "deps": deps + CODE["convert"], "params": _params(cfg),
             "outs": [str(cfg.backbone(run)), str(cfg.backbone(run).with_suffix(".json"))],
         }
-    for protocol in cfg.evaluations:
-        for run in cfg.all_runs:
-            out[_name("eval", protocol, run.id)] = {
-                "cmd": f"{cli} evaluate {protocol} --run {run.id}",
-                "deps": [str(cfg.backbone(run)), str(cfg.data_manifest(EVALUATIONS[protocol]["dataset"])),
-                         *CODE["evaluate"]],
-                "params": _params(cfg),
-                "metrics": [{str(cfg.eval_metrics(protocol, run)): {"cache": False}}],
-            }
+    for protocol, run in cfg.evaluation_jobs():
+        out[_name("eval", protocol, run.id)] = {
+            "cmd": f"{cli} evaluate {protocol} --run {run.id}",
+            "deps": [str(cfg.backbone(run)), str(cfg.data_manifest(EVALUATIONS[protocol]["dataset"])),
+                     *CODE["evaluate"]],
+            "params": _params(cfg),
+            "metrics": [{str(cfg.eval_metrics(protocol, run)): {"cache": False}}],
+        }
     out["report"] = {
         "cmd": f"{cli} report",
-        "deps": [str(cfg.eval_metrics(p, r)) for p in cfg.evaluations for r in cfg.all_runs] + CODE["report"],
+        "deps": [str(cfg.eval_metrics(p, r)) for p, r in cfg.evaluation_jobs()] + CODE["report"],
         "outs": [{str(p): {"cache": False}} for p in cfg.report_outputs()],
     }
     return out

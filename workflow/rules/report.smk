@@ -1,6 +1,6 @@
 rule report:
     input:
-        metrics=[str(CFG.eval_metrics(p, r)) for p in CFG.evaluations for r in CFG.all_runs],
+        metrics=[str(CFG.eval_metrics(p, r)) for p, r in CFG.evaluation_jobs()],
     output:
         [str(p) for p in CFG.report_outputs()],
     params:

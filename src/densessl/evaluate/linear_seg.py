@@ -50,7 +50,7 @@ from densessl.errors import ConfigError
 from densessl.evaluate.metrics import IoUAccumulator, reduce_zero_label_map
 from densessl.evaluate.resume import ResumableBatches, StopSignals, TrainState, open_train_state, seed_step
 from densessl.io import write_json
-from densessl.models.backbones import backbone_info
+from densessl.models.backbones import ResNetTokens, backbone_info
 
 IGNORE_INDEX = 255
 REF = "reference/protocols/segmenter_linear_ade20k.md"
@@ -311,18 +311,24 @@ class ADE20KVal(Dataset):
 # Model
 # ----------------------------------------------------------------------------------------------------------
 
-def set_drop_path(backbone: nn.Module, rate: float) -> None:
-    """Stochastic depth linearly increasing from 0 to ``rate`` over the blocks (Segmenter / timm rule)."""
+def set_drop_path(backbone: nn.Module, rate: float) -> float:
+    """Stochastic depth linearly increasing from 0 to ``rate`` over the blocks (Segmenter / timm rule).
+
+    Returns the rate applied. Drop-path is a property of Segmenter's ViT; a ResNet (CLoVE's rows, wrapped in
+    ``ResNetTokens``) has none in torchvision, so the shared protocol setting leaves it as it is and the
+    result records ``drop_path_applied: 0`` rather than refusing the row."""
     blocks = getattr(backbone, "blocks", None)
     if blocks is None:
-        if rate > 0:
-            raise ConfigError(f"linear_seg: drop_path={rate} needs a backbone with .blocks (a timm ViT)")
-        return
+        if isinstance(backbone, ResNetTokens) or rate == 0:
+            return 0.0
+        raise ConfigError(f"linear_seg: drop_path={rate} needs a backbone with .blocks (a timm ViT); got "
+                          f"{type(backbone).__name__}: set evaluate.linear_seg.drop_path: 0")
     dpr = torch.linspace(0, rate, len(blocks)).tolist()
     for blk, p in zip(blocks, dpr):
         for name in ("drop_path1", "drop_path2"):
             if hasattr(blk, name):
                 setattr(blk, name, DropPath(p) if p > 0 else nn.Identity())
+    return float(rate)
 
 
 class LinearSegmenter(nn.Module):
@@ -536,8 +542,7 @@ def run_linear_seg(backbone: nn.Module, data_root: Path, cfg: LinearSegConfig, o
     state = open_train_state(state_path, "linear_seg", cfg, backbone)
 
     encoder = copy.deepcopy(backbone)
-    if cfg.finetune_backbone:
-        set_drop_path(encoder, cfg.drop_path)
+    drop_path_applied = set_drop_path(encoder, cfg.drop_path) if cfg.finetune_backbone else 0.0
     model = LinearSegmenter(encoder, cfg.num_classes).to(dev)
     if cfg.finetune_backbone:
         params = list(model.parameters())
@@ -567,6 +572,7 @@ def run_linear_seg(backbone: nn.Module, data_root: Path, cfg: LinearSegConfig, o
         "final_train_loss": loss_curve[-1]["loss"] if loss_curve else float("nan"),
         "train_loss": loss_curve,
         "patch_size": info.patch_size,
+        "drop_path_applied": drop_path_applied,
         "device": str(dev),
         "autocast_bf16": use_bf16,
         "config": asdict(cfg),

@@ -28,12 +28,20 @@ from densessl.report.uncertainty import paired_standard_error
 
 # Metrics shown per protocol (headline first), with the unit they are reported in.
 REPORTED_METRICS: dict[str, list[str]] = {
-    "patchseg_coco": ["macro_recall", "macro_f1_nanmean", "macro_precision_nanmean", "accuracy"],
-    "patchseg_ade20k": ["macro_recall", "macro_f1_nanmean", "macro_precision_nanmean", "accuracy"],
+    "patchseg_coco": ["macro_recall", "macro_f1_nanmean", "macro_precision_nanmean", "macro_f1", "macro_precision",
+                      "accuracy"],
+    "patchseg_ade20k": ["macro_recall", "macro_f1_nanmean", "macro_precision_nanmean", "macro_f1", "macro_precision",
+                        "accuracy"],
     "linear_ade20k": ["mIoU", "mAcc", "aAcc"],
     "davis2017": ["JF_mean", "J_mean", "F_mean"],
     "inat19_finetune": ["top1", "top5"],
 }
+# What a reader needs to read a protocol's columns (reference/protocols/patchseg.md "Pitfall": report both means).
+PATCHSEG_NOTE = ("macro_f1 and macro_precision are the official benchmark's plain means over valid classes: a valid "
+                 "class the head never predicts has precision 0/0, which makes both NaN (shown as –). The _nanmean "
+                 "columns leave such classes out. macro_recall, the headline, has no such case.")
+PROTOCOL_NOTES: dict[str, str] = {"patchseg_coco": PATCHSEG_NOTE, "patchseg_ade20k": PATCHSEG_NOTE}
+NOT_APPLICABLE = "n/a"  # a protocol that cannot evaluate this backbone family (Config.applies)
 # Diagnostics shown after the metrics, without margins: not scores (evaluate/feature_stats.py says why).
 DIAGNOSTICS: dict[str, list[str]] = {
     "patchseg_coco": ["feature_effective_rank"],
@@ -111,6 +119,8 @@ def build_report(cfg: Config) -> Path:
         shown = metrics + DIAGNOSTICS.get(protocol, [])
         rows: list[tuple[Run, dict[str, Any]]] = []
         for run in cfg.all_runs:
+            if not cfg.applies(protocol, run):
+                continue  # e.g. iNat fine-tuning of a ResNet: the summary says "n/a"
             result = read_json(cfg.eval_metrics(protocol, run))
             rows.append((run, result["metrics"]))
             stage_times.append((f"evaluate {protocol} {run.id}", result["provenance"].get("wall_s")))
@@ -132,10 +142,13 @@ def build_report(cfg: Config) -> Path:
                 summary_cells.setdefault(run.id, {})[protocol] = _summary_cell(cfg, rows, run, values, metrics[0],
                                                                                protocol)
         title = f"{EVALUATIONS[protocol]['title']} (`{protocol}`)"
-        sections_md.append(_md_section(title, header, body, margins, metrics))
-        sections_html.append(_html_section(title, header, body, margins, metrics))
+        note = PROTOCOL_NOTES.get(protocol)
+        sections_md.append(_md_section(title, header, body, margins, metrics, note))
+        sections_html.append(_html_section(title, header, body, margins, metrics, note))
 
-    summary_body = [[*_row_label(cfg, cfg.run(run_id)), *[cells_of.get(p, "–") for p in cfg.evaluations]]
+    summary_body = [[*_row_label(cfg, cfg.run(run_id)),
+                     *[cells_of.get(p, "–" if cfg.applies(p, cfg.run(run_id)) else NOT_APPLICABLE)
+                       for p in cfg.evaluations]]
                     for run_id, cells_of in summary_cells.items()]
     summary_header = ["method", "arch", *summary_columns]
     sections_md.insert(0, "## Summary: headline metric (margin over the best random-init seed)\n\n"
@@ -255,8 +268,10 @@ def _has_error_bars(margins: list[list[str]]) -> bool:
 
 
 def _md_section(title: str, header: list[str], body: list[list[str]], margins: list[list[str]],
-                metrics: list[str]) -> str:
+                metrics: list[str], note: str | None = None) -> str:
     text = f"## {title}\n\n{_md_table(header, body)}\n"
+    if note:
+        text += f"\n{note}\n"
     if margins:
         text += "\nMargin over the best random-init seed:\n\n" + _md_table(["method", "arch", *metrics], margins) + "\n"
         if _has_error_bars(margins):
@@ -288,8 +303,10 @@ def _html_table(header: list[str], body: list[list[str]]) -> str:
 
 
 def _html_section(title: str, header: list[str], body: list[list[str]], margins: list[list[str]],
-                  metrics: list[str]) -> str:
+                  metrics: list[str], note: str | None = None) -> str:
     text = f"<h2>{html.escape(title)}</h2>{_html_table(header, body)}"
+    if note:
+        text += f"<p>{html.escape(note)}</p>"
     if margins:
         text += "<p>Margin over the best random-init seed:</p>" + _html_table(["method", "arch", *metrics], margins)
         if _has_error_bars(margins):

@@ -55,11 +55,12 @@ from densessl.train.sampling import EpochPermutationSampler, SeededAugmentation
 from densessl.train.schedules import cosine_schedule
 
 __all__ = ["CHECKPOINT_NAME", "REQUEUE_EXIT_CODE", "NonFiniteLossError", "Preempted", "TrainConfig", "Trainer",
-           "build_optimizer", "clip_gradients_per_parameter", "param_groups", "resolve_optimizer_name"]
+           "build_optimizer", "clip_gradients", "clip_gradients_global_norm", "clip_gradients_per_parameter", "param_groups", "resolve_optimizer_name"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 TENSORBOARD_DIR = "tensorboard"
 OPTIMIZERS = ("adamw", "sgd", "lars")
+CLIP_MODES = ("per_parameter", "global_norm")
 log = logging.getLogger(__name__)
 
 
@@ -82,6 +83,10 @@ class TrainConfig:
     weight_decay_end: float = 0.4       # DINO --weight_decay_end
     momentum_teacher: float = 0.996     # DINO --momentum_teacher (cosine → 1)
     clip_grad: float = 3.0              # DINO --clip_grad (per parameter; 0 disables)
+    # how clip_grad is applied: "per_parameter" (DINO utils.clip_gradients; SelfPatch and GTSA inherit it) or
+    # "global_norm" over all student gradients together (LOCA: jax.example_libraries.optimizers.clip_grads,
+    # max_grad_norm 1.0 in configs/loca_imnet1k_base16.py, loca.md §2)
+    clip_mode: str = "per_parameter"
     # adamw | sgd | lars; null = the method's ``optimizer_name`` (CLoVE: lars), else adamw (DINO --optimizer)
     optimizer: str | None = None
     precision: str = "bf16"             # bf16 autocast on CUDA; CPU always runs fp32
@@ -183,6 +188,23 @@ def clip_gradients_per_parameter(module: nn.Module, clip: float) -> None:
     torch._foreach_mul_(grads, [c.to(g.dtype) for g, c in zip(grads, coefs.unbind(), strict=True)])
 
 
+def clip_gradients_global_norm(module: nn.Module, clip: float) -> None:
+    """LOCA's ``clip_grads``: scale every gradient by ``clip / ‖g‖`` when the norm ‖g‖ over all of them exceeds
+    ``clip``. Under DDP the gradients are already averaged, so every rank computes the same norm. torch's
+    ``clip_grad_norm_`` divides by ‖g‖ + 1e-6 where jax divides by ‖g‖: a relative difference below 1e-6."""
+    grads = [p for p in module.parameters() if p.grad is not None]
+    if grads:
+        torch.nn.utils.clip_grad_norm_(grads, clip, norm_type=2.0)
+
+
+def clip_gradients(module: nn.Module, clip: float, mode: str) -> None:
+    """Clip the student's gradients the way its method's official code does (``TrainConfig.clip_mode``)."""
+    if mode == "global_norm":
+        clip_gradients_global_norm(module, clip)
+    else:
+        clip_gradients_per_parameter(module, clip)
+
+
 def resolve_optimizer_name(configured: str | None, method: PretrainMethod | type[PretrainMethod]) -> str:
     """``train.optimizer`` if set, else the method's ``optimizer_name``, else DINO's adamw."""
     name = configured if configured is not None else getattr(method, "optimizer_name", None) or "adamw"
@@ -228,6 +250,9 @@ class Trainer:
                                   f"or torchrun --nproc_per_node {cfg.nproc_per_node}, or set nproc_per_node: null")
         if cfg.precision not in ("bf16", "fp32"):
             raise ConfigError(f"train.precision: {cfg.precision!r}; allowed values: bf16, fp32")
+        if cfg.clip_mode not in CLIP_MODES:
+            raise ConfigError(f"train.clip_mode: {cfg.clip_mode!r}; allowed values: {', '.join(CLIP_MODES)} "
+                              f"(DINO, SelfPatch, GTSA: per_parameter; LOCA: global_norm)")
         torch.manual_seed(cfg.seed + self.rank)
         self.method = method.to(self.device)
         if cfg.channels_last:
@@ -489,7 +514,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.clip_grad > 0:
-            clip_gradients_per_parameter(self._student(), self.cfg.clip_grad)
+            clip_gradients(self._student(), self.cfg.clip_grad, self.cfg.clip_mode)
         self.method.cancel_gradients(self.epoch)
         self.optimizer.step()
         self.method.update_teacher(float(self.momentum_schedule[it]))

@@ -1,0 +1,68 @@
+"""Protocols evaluate only the backbone families they apply to (iNat fine-tuning is ViT-only), everywhere:
+the DAG's evaluation jobs, the DVC stages and the report, which says "n/a" instead of failing."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+from conftest import REPO
+
+from densessl import dvc_stages
+from densessl.config import load_config
+from densessl.report.build import build_report
+
+RUNS = [{"method": "dino", "arch": "vit-tiny-p8", "data": "imagenet"},
+        {"method": "clove", "arch": "resnet-tiny", "data": "imagenet"}]
+
+
+def _cfg(tmp_path, evaluations):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"preset": "smoke", "results_dir": str(tmp_path / "results"), "runs": RUNS,
+                                    "random_init_seeds": [0], "evaluations": evaluations}))
+    return load_config([path], root=REPO)
+
+
+def test_inat_finetuning_skips_resnets_and_nothing_else(tmp_path):
+    cfg = _cfg(tmp_path, ["patchseg_coco", "linear_ade20k", "davis2017", "inat19_finetune"])
+    jobs = {(p, r.id) for p, r in cfg.evaluation_jobs()}
+    resnets = {r.id for r in cfg.all_runs if r.arch.startswith("resnet")}
+    vits = {r.id for r in cfg.all_runs} - resnets
+    assert resnets == {"clove/resnet-tiny-imagenet", "random-init/resnet-tiny.clove-seed0"}
+    assert {rid for p, rid in jobs if p == "inat19_finetune"} == vits
+    for protocol in ("patchseg_coco", "linear_ade20k", "davis2017"):
+        assert {rid for p, rid in jobs if p == protocol} == vits | resnets
+    eval_stages = [name for name in dvc_stages.stages(cfg) if name.startswith("eval")]
+    assert len(eval_stages) == len(jobs) == 3 * 4 + 2
+
+
+def test_paper_preset_evaluates_clove_on_everything_but_inat():
+    cfg = load_config([REPO / "config.yaml"], preset="paper", root=REPO)
+    clove = [r for r in cfg.all_runs if r.method == "clove"][0]
+    assert {p for p, r in cfg.evaluation_jobs() if r == clove} == set(cfg.evaluations) - {"inat19_finetune"}
+
+
+def _write(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def test_report_marks_inapplicable_cells_and_explains_patchseg_means(tmp_path):
+    cfg = _cfg(tmp_path, ["patchseg_coco", "inat19_finetune"])
+    for dataset in cfg.datasets:
+        _write(cfg.data_manifest(dataset), {"fingerprint": {"content_sha256": "0" * 64, "listing_sha256": None},
+                                            "provenance": {"wall_s": 1.0}})
+    for protocol, run in cfg.evaluation_jobs():  # no file for (inat, ResNet): the report must not ask for one
+        values = ({"macro_recall": 0.3, "macro_f1_nanmean": 0.2, "macro_precision_nanmean": 0.25,
+                   "macro_f1": None, "macro_precision": None, "accuracy": 0.4}
+                  if protocol == "patchseg_coco" else {"top1": 10.0 + run.is_random_init, "top5": 30.0})
+        _write(cfg.eval_metrics(protocol, run), {"metrics": values, "provenance": {"wall_s": 1.0}})
+    report = build_report(cfg).read_text()
+    summary = report.split("## Summary")[1].split("\n## ")[0]
+    clove_row = [line for line in summary.splitlines() if line.startswith("| CLoVE")][0]
+    assert clove_row.rstrip().endswith("| n/a |")
+    inat = report.split("iNaturalist 2019")[1].split("\n## ")[0]
+    assert "ResNet" not in inat and "DINO" in inat
+    patchseg = report.split("Patch-Seg probe")[1].split("\n## ")[0]
+    assert "| macro_precision_nanmean | macro_f1 | macro_precision |" in patchseg
+    assert "precision 0/0" in patchseg  # the note on the official NaN means
