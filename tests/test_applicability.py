@@ -66,3 +66,22 @@ def test_report_marks_inapplicable_cells_and_explains_patchseg_means(tmp_path):
     patchseg = report.split("Patch-Seg probe")[1].split("\n## ")[0]
     assert "| macro_precision_nanmean | macro_f1 | macro_precision |" in patchseg
     assert "precision 0/0" in patchseg  # the note on the official NaN means
+
+
+def test_published_numbers_match_the_runs_epochs():
+    from densessl.config import Run
+    from densessl.report.build import display, published_value
+
+    table = {"protocol": "protocols/patchseg.md", "columns": ["macro_recall"],
+             "rows": [{"method": "CLoVE", "arch": "ResNet-50", "pretrain_data": "ImageNet-1k", "epochs": 200,
+                       "values": {"macro_recall": 0.2}},
+                      {"method": "CLoVE", "arch": "ResNet-50", "pretrain_data": "ImageNet-1k", "epochs": 400,
+                       "values": {"macro_recall": 0.4}}]}
+    ours = Run("clove", "resnet50", "imagenet", epochs=200)
+    assert display(ours)[0] == "CLoVE (200 ep)"
+    assert published_value([table], "patchseg_coco", ours, "macro_recall", False, 200) == 0.2
+    assert published_value([table], "patchseg_coco", Run("clove", "resnet50", "imagenet"), "macro_recall", False,
+                           400) == 0.4
+    released = Run("clove", "resnet50", "imagenet", released=True)  # epochs unknown: the first row
+    assert published_value([table], "patchseg_coco", released, "macro_recall", False, None) == 0.2
+    assert published_value([table], "patchseg_coco", ours, "macro_recall", True, 200) is None  # synthetic data

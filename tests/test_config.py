@@ -97,3 +97,22 @@ def test_data_settings_follow_the_synthetic_generator(monkeypatch):
     assert cfg.data_settings("coco") == load_config([REPO / "config.yaml"], root=REPO).data_settings("coco")
     monkeypatch.setattr(synthetic, "GENERATOR_VERSION", synthetic.GENERATOR_VERSION + 1)
     assert cfg.data_settings("coco")["generator"]["version"] == synthetic.GENERATOR_VERSION
+
+
+def test_epoch_variants_are_separate_runs_and_repeats_are_refused(tmp_path):
+    run = {"method": "clove", "arch": "resnet-tiny", "data": "imagenet"}
+    cfg = load_config([write(tmp_path, {"runs": [run, {**run, "epochs": 2}]})], root=REPO)
+    assert [r.id for r in cfg.pretrain_runs] == ["clove/resnet-tiny-imagenet", "clove/resnet-tiny-imagenet-2ep"]
+    assert cfg.pretrain_settings(cfg.pretrain_runs[1])["train"]["epochs"] == 2
+    with pytest.raises(ConfigError, match=r"clove/resnet-tiny-imagenet'\] are listed more than once"):
+        load_config([write(tmp_path, {"runs": [run, dict(run)]})], root=REPO)
+
+
+def test_paper_preset_runs_both_epoch_variants_the_papers_report():
+    cfg = load_config([REPO / "config.yaml"], preset="paper", root=REPO)
+    ids = {r.id for r in cfg.pretrain_runs}
+    assert {"selfpatch/vit-s16-imagenet", "selfpatch/vit-s16-imagenet-300ep", "clove/resnet50-imagenet",
+            "clove/resnet50-imagenet-200ep", "dino/vit-s16-coco"} <= ids
+    epochs = {r.id: cfg.pretrain_settings(r)["train"]["epochs"] for r in cfg.pretrain_runs}
+    assert epochs["selfpatch/vit-s16-imagenet"] == 200 and epochs["selfpatch/vit-s16-imagenet-300ep"] == 300
+    assert epochs["clove/resnet50-imagenet"] == 400 and epochs["clove/resnet50-imagenet-200ep"] == 200

@@ -104,8 +104,11 @@ class Run:
 
     @property
     def name(self) -> str:
+        """``<arch>[.<variant>]-<data>[-<E>ep][-released]``: a run that sets its own epochs is named by them, so
+        the papers' epoch variants of one recipe (CLoVE 200/400, SelfPatch 200/300) are separate rows."""
         arch = f"{self.arch}.{self.variant}" if self.variant else self.arch
-        return f"{arch}-{self.data}" + ("-released" if self.released else "")
+        epochs = f"-{self.epochs}ep" if self.epochs is not None else ""
+        return f"{arch}-{self.data}{epochs}" + ("-released" if self.released else "")
 
     @property
     def id(self) -> str:
@@ -333,5 +336,12 @@ def load_config(config_files: Iterable[str | Path] = ("config.yaml",), preset: s
     validate(base, str(preset_path), root)
     merged = deep_merge(base, user)
     merged["preset"] = name
-    validate(merged, f"{preset_path} merged with {', '.join(map(str, config_files))}", root)
-    return Config(merged, root)
+    where = f"{preset_path} merged with {', '.join(map(str, config_files))}"
+    validate(merged, where, root)
+    cfg = Config(merged, root)
+    ids = [r.id for r in cfg.pretrain_runs + cfg.released_runs]
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:
+        raise ConfigError(f"{where}: runs {repeated} are listed more than once (a run is method, arch, data and "
+                          f"its epochs); remove the repeat, or give each copy its own 'epochs'")
+    return cfg

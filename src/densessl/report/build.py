@@ -8,6 +8,7 @@ synthetic data.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import math
 import time
@@ -73,6 +74,8 @@ def display(run: Run) -> tuple[str, str, str]:
     data = "none" if run.is_random_init else DATA_DISPLAY.get(run.data, run.data)
     if run.is_random_init:
         method = f"{method} ({run.data})"
+    if run.epochs is not None:  # a run named by its epochs (Run.name): one of a recipe's epoch variants
+        method = f"{method} ({run.epochs} ep)"
     if run.released:
         method = f"{method} (released weights)"
     arch = ARCH_DISPLAY.get(run.arch, run.arch)
@@ -82,19 +85,32 @@ def display(run: Run) -> tuple[str, str, str]:
 
 
 def published_value(tables: list[dict[str, Any]], protocol: str, run: Run, metric: str,
-                    synthetic: bool) -> float | None:
+                    synthetic: bool, epochs: int | None = None) -> float | None:
+    """The published number of ``run``'s row: same method, arch and data, and, where the paper states the
+    pretraining epochs and ``epochs`` (the run's) is known, the same epochs (CLoVE reports 200 and 400)."""
     if synthetic:
         return None
     protocol_file = EVALUATIONS[protocol]["protocol_file"]
-    method, arch, data = display(run)
-    method = method.removesuffix(" (released weights)")  # the released checkpoint is the paper's own row
+    # the paper's row names neither our epochs suffix (matched below) nor "released" (the paper's own weights)
+    method, arch, data = display(dataclasses.replace(run, epochs=None, released=False))
     for table in tables:
         if table.get("protocol") != protocol_file or metric not in table.get("columns", []):
             continue
         for row in table.get("rows", []):
-            if (row.get("method"), row.get("arch"), row.get("pretrain_data")) == (method, arch, data):
-                return row["values"].get(metric)
+            if (row.get("method"), row.get("arch"), row.get("pretrain_data")) != (method, arch, data):
+                continue
+            if epochs is not None and row.get("epochs") is not None and row["epochs"] != epochs:
+                continue
+            return row["values"].get(metric)
     return None
+
+
+def _run_epochs(cfg: Config, run: Run) -> int | None:
+    """Pretraining epochs of one of our runs (None for random init and released weights)."""
+    if run.is_random_init or run.released:
+        return None
+    epochs = cfg.pretrain_settings(run)["train"].get("epochs")
+    return int(epochs) if epochs is not None else None
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -128,12 +144,13 @@ def build_report(cfg: Config) -> Path:
             for metric in shown:
                 method, arch, data = display(run)
                 cells.append(Cell(protocol, method, arch, data, metric, _metric(result["metrics"], metric),
-                                  published_value(tables, protocol, run, metric, synthetic)))
+                                  published_value(tables, protocol, run, metric, synthetic,
+                                                  _run_epochs(cfg, run))))
         header = ["method", "arch", "pretrain data", *shown, "published"]
         body = []
         for run, values in rows:
             method, arch, data = display(run)
-            pub = published_value(tables, protocol, run, metrics[0], synthetic)
+            pub = published_value(tables, protocol, run, metrics[0], synthetic, _run_epochs(cfg, run))
             body.append([method, arch, data, *[_fmt(_metric(values, m)) for m in shown], _fmt(pub)])
         margins = baseline_margins(cfg, rows, metrics, protocol)
         summary_columns.append(f"{protocol} {metrics[0]}")
