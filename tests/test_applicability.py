@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 from conftest import REPO
 
@@ -85,3 +86,12 @@ def test_published_numbers_match_the_runs_epochs():
     released = Run("clove", "resnet50", "imagenet", released=True)  # epochs unknown: the first row
     assert published_value([table], "patchseg_coco", released, "macro_recall", False, None) == 0.2
     assert published_value([table], "patchseg_coco", ours, "macro_recall", True, 200) is None  # synthetic data
+
+
+def test_evaluate_stage_refuses_a_pair_the_protocol_does_not_take(tmp_path):
+    from densessl.errors import ConfigError
+    from densessl.stages.evaluate import run_evaluate
+
+    cfg = _cfg(tmp_path, ["inat19_finetune"])
+    with pytest.raises(ConfigError, match="takes vit backbones, and clove/resnet-tiny-imagenet is a resnet-tiny"):
+        run_evaluate(cfg, "inat19_finetune", "clove/resnet-tiny-imagenet")

@@ -3,6 +3,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import yaml
 from conftest import REPO
 
@@ -61,6 +62,9 @@ def test_evaluate_any_timm_model_by_name(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["timm_model"] == "vit_tiny_patch16_224" and 0.0 <= result["metrics"]["macro_recall"] <= 1.0
+    # normalised with the model's own timm mean/std (augreg: 0.5/0.5), as the benchmark does, not ImageNet's
+    assert result["backbone"]["mean"] == result["metrics"]["mean"] == [0.5, 0.5, 0.5]
+    assert result["backbone"]["std"] == [0.5, 0.5, 0.5] and result["backbone"]["img_size"] == 224
     bad = run_cli("evaluate", "patchseg_coco", "--config", str(cfg), "--timm-model", "no_such_model_xyz",
                   "--out", str(out))
     assert bad.returncode == 2 and "no_such_model_xyz" in bad.stderr
@@ -71,3 +75,37 @@ def test_feature_stats_before_any_data_is_a_clear_error(tmp_path):
     cfg.write_text(yaml.safe_dump({"results_dir": str(tmp_path / "results")}))
     out = run_cli("feature-stats", "--config", str(cfg))
     assert out.returncode == 2 and "run the data stage" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_evaluate_timm_img_size_and_clip_normalisation(tmp_path):
+    """In process: ``img_size`` reaches ``timm.create_model`` (the benchmark's DINOv2@224 entries) and a CLIP
+    model is normalised with OpenAI CLIP's mean/std."""
+    import json
+
+    from timm.data import IMAGENET_DEFAULT_MEAN, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    from densessl.config import load_config
+    from densessl.errors import ConfigError
+    from densessl.stages.data import run_data
+    from densessl.stages.evaluate import run_evaluate_timm
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"results_dir": str(tmp_path / "results"), "data": {"synthetic_size": "tiny"},
+                                    "evaluate": {"patchseg": {"epochs": 1, "batch_size": 4, "warmup_steps": 1,
+                                                              "head": "linear"}}}))
+    cfg = load_config([path], root=REPO)
+    run_data(cfg, "coco")
+    cases = [("vit_small_patch14_reg4_dinov2.lvd142m", 56, 14, IMAGENET_DEFAULT_MEAN, None),
+             ("vit_base_patch16_clip_224.openai", 32, 16, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)]
+    for name, size, patch, mean, std in cases:
+        out = run_evaluate_timm(cfg, "patchseg_coco", name, False, tmp_path / f"{patch}.json", "cpu", img_size=size)
+        result = json.loads(out.read_text())
+        assert result["backbone"]["img_size"] == result["metrics"]["img_size"] == size
+        assert result["backbone"]["patch_size"] == patch and result["metrics"]["grid_size"] == size // patch
+        assert result["backbone"]["mean"] == list(mean) and result["metrics"]["mean"] == list(mean)
+        if std is not None:
+            assert result["backbone"]["std"] == list(std)
+    with pytest.raises(ConfigError, match="resnet18.*--img-size"):
+        run_evaluate_timm(cfg, "patchseg_coco", "resnet18", False, tmp_path / "r.json", "cpu", img_size=64)
+    with pytest.raises(ConfigError, match="resnet18.*patch tokens"):
+        run_evaluate_timm(cfg, "patchseg_coco", "resnet18", False, tmp_path / "r.json", "cpu")

@@ -279,3 +279,50 @@ def test_bad_config_and_too_few_images(coco_root: Path, backbone: torch.nn.Modul
         run_patchseg(backbone, coco_root, _cfg(label_reduction="mode"))
     with pytest.raises(ConfigError, match="batch_size"):
         run_patchseg(backbone, coco_root, _cfg(batch_size=64))
+
+
+@pytest.fixture(scope="module")
+def ade_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from densessl.data.synthetic import synthesize
+
+    root = tmp_path_factory.mktemp("ade20k")
+    synthesize("ade20k", root, "tiny", seed=0)  # 8 train, 6 val images in the ADEChallengeData2016 layout
+    return root
+
+
+@pytest.mark.parametrize("reduction", ["union", "majority"])
+def test_ade20k_end_to_end_predicts_151_classes(ade_root: Path, backbone: torch.nn.Module,
+                                                monkeypatch: pytest.MonkeyPatch, reduction: str) -> None:
+    """patchseg_ade20k: 151 classes (0 = unlabelled kept as a class), metrics over the classes in val."""
+    import densessl.evaluate.patchseg as patchseg
+
+    heads: list[torch.nn.Module] = []
+    original = patchseg.build_head
+
+    def recording_build_head(*args: object, **kwargs: object) -> torch.nn.Module:
+        heads.append(original(*args, **kwargs))  # type: ignore[arg-type]
+        return heads[-1]
+
+    monkeypatch.setattr(patchseg, "build_head", recording_build_head)
+    r = run_patchseg(backbone, ade_root, _cfg(dataset="ade20k", label_reduction=reduction, epochs=3))
+
+    assert ROW_KEYS | {"macro_precision_nanmean", "macro_f1_nanmean", "num_valid_classes", "per_class"} <= set(r)
+    assert r["dataset"] == "ade20k" and r["num_classes"] == 151 and r["num_train"] == 8 and r["num_val"] == 6
+    assert len(heads) == 1 and heads[0].out_features == 151
+    assert all(len(v) == 151 for v in r["per_class"].values())
+
+    # valid classes = the ids present in the reduced validation targets, computed here independently
+    reader = ADE20KSegmentation(ade_root, "val")
+    present: set[int] = set()
+    for i in range(len(reader)):
+        t = reduce_labels(preprocess_labels(reader.load_labels(i), 64), 8, 151, reduction)
+        present |= set(torch.nonzero(t.reshape(-1, 151).sum(0) if reduction == "union" else
+                                     torch.bincount(t.reshape(-1), minlength=151)).flatten().tolist())
+    valid = {i for i, v in enumerate(r["per_class"]["valid"]) if v}
+    assert valid == present and r["num_valid_classes"] == len(present) >= 5
+    assert max(present) > 1  # ADE ids, not a relabelled 0..K range
+    for k in ("accuracy", "macro_accuracy", "macro_recall", "macro_precision_nanmean", "macro_f1_nanmean", "loss"):
+        assert math.isfinite(r[k]), k
+    for k in ("accuracy", "macro_accuracy", "macro_recall", "macro_precision_nanmean", "macro_f1_nanmean"):
+        assert 0.0 <= r[k] <= 1.0, k
+    assert all(math.isfinite(r["per_class"]["recall"][c]) for c in valid)  # recall defined on every valid class

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="any timm model by name instead (e.g. vit_small_patch16_224.dino); needs --out")
     p.add_argument("--pretrained", action="store_true", help="with --timm-model: load timm's released weights")
     p.add_argument("--out", type=Path, default=None, help="with --timm-model: where to write metrics.json")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="with --timm-model: input size for timm.create_model (the benchmark builds dinov2 at 224)")
     p.add_argument("--device", default=None)
 
     p = sub.add_parser("report", help="build the report tables from every metrics.json")
@@ -132,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
                 if args.out is None:
                     raise DenseSSLError("evaluate --timm-model needs --out <metrics.json>")
                 print(run_evaluate_timm(_config(args), args.protocol, args.timm_model, args.pretrained, args.out,
-                                        args.device))
+                                        args.device, img_size=args.img_size))
+            elif args.img_size is not None:
+                raise DenseSSLError("evaluate --img-size applies to --timm-model only; a --run's backbone keeps "
+                                    "the size it was trained at")
             else:
                 print(run_evaluate(_config(args), args.protocol, args.run, args.device))
         elif args.stage == "report":

@@ -597,6 +597,8 @@ def _run(backbone: nn.Module, data_root: Path, cfg: PatchSegConfig, out_dir: Pat
         "num_train": n_train,
         "num_val": len(sources["val"].data),
         "img_size": img_size,
+        "mean": list(info.mean),  # the normalisation used: the backbone's own (timm pretrained_cfg) or ImageNet
+        "std": list(info.std),
         "patch_size": patch,
         "grid_size": grid,
         "feature_mode": mode,

@@ -130,7 +130,31 @@ def as_token_backbone(model: nn.Module) -> nn.Module:
     return ResNetTokens(model) if is_resnet(model) else model
 
 
+def timm_normalization(model: nn.Module) -> tuple[tuple[float, float, float], tuple[float, float, float]] | None:
+    """The (mean, std) a model built by ``timm.create_model`` declares in its ``pretrained_cfg``, else None.
+
+    Why: a published backbone was trained on inputs normalised its own way (OpenAI CLIP, SigLIP's 0.5/0.5,
+    ...), and Patch-Seg normalises with the backbone's timm mean/std (reference/protocols/patchseg.md
+    "Preprocessing"). Our own backbones are built from ``VisionTransformer(**kwargs)`` / torchvision and never
+    carry a ``pretrained_cfg``, so they keep the ImageNet statistics their pretraining views used.
+    """
+    cfg = getattr(model, "pretrained_cfg", None)
+    if not isinstance(cfg, dict) or cfg.get("mean") is None or cfg.get("std") is None:
+        return None
+    mean, std = tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"])
+    if len(mean) != 3 or len(std) != 3:
+        name = cfg.get("hf_hub_id") or cfg.get("architecture") or type(model).__name__
+        raise ConfigError(f"timm model {name!r}: pretrained_cfg mean={mean} std={std}; Patch-Seg and the dense "
+                          f"protocols read RGB images and need 3 values each (pick an RGB model)")
+    return mean, std  # type: ignore[return-value]
+
+
 def backbone_info(model: nn.Module) -> BackboneInfo:
+    """Geometry and input normalisation of a token backbone.
+
+    mean/std: a timm-by-name model's own (``pretrained_cfg``, see :func:`timm_normalization`); otherwise the
+    ImageNet statistics every densessl pretraining normalises with (data/views.py, the LOCA/GTSA views).
+    """
     if isinstance(model, ResNetTokens):
         i = model.info
         # num_heads only sizes Patch-Seg's transformer head on top of the grid (64-d heads, as ViT-S/B)
@@ -138,12 +162,15 @@ def backbone_info(model: nn.Module) -> BackboneInfo:
                             num_prefix_tokens=0, img_size=i.img_size, mean=i.mean, std=i.std)
     patch = model.patch_embed.patch_size
     img = model.patch_embed.img_size
+    mean, std = timm_normalization(model) or (IMAGENET_MEAN, IMAGENET_STD)
     return BackboneInfo(
         patch_size=int(patch[0] if isinstance(patch, tuple) else patch),
         embed_dim=int(model.embed_dim),
         num_heads=int(model.blocks[0].attn.num_heads),
         num_prefix_tokens=int(model.num_prefix_tokens),
         img_size=int(img[0] if isinstance(img, tuple) else img),
+        mean=mean,
+        std=std,
     )
 
 

@@ -15,7 +15,7 @@ from densessl.data.manifest import data_root
 from densessl.errors import ConfigError
 from densessl.io import read_json, sha256_file, write_json
 from densessl.methods.base import build_dataclass
-from densessl.models.backbones import as_token_backbone
+from densessl.models.backbones import ResNetTokens, as_token_backbone, backbone_info
 
 KEEP_OUTPUTS = {"davis2017"}
 # Protocols that train for hours at paper scale: their runners take ``state_path`` and resume a preempted run
@@ -60,6 +60,10 @@ def run_evaluate(cfg: Config, protocol: str, run_id: str, device: str | None = N
     started = time.time()
     run = cfg.run(run_id)
     config_cls, runner = _protocol(protocol)
+    if not cfg.applies(protocol, run):
+        families = " and ".join(EVALUATIONS[protocol]["backbones"])
+        raise ConfigError(f"evaluate {protocol}: the protocol takes {families} backbones, and {run.id} is a "
+                          f"{run.arch}; the DAG skips this pair and the report shows n/a")
     settings = cfg.eval_settings(protocol)
     if protocol.startswith("patchseg_"):  # one settings block, two datasets
         settings["dataset"] = EVALUATIONS[protocol]["dataset"]
@@ -85,9 +89,14 @@ def run_evaluate(cfg: Config, protocol: str, run_id: str, device: str | None = N
 
 
 def run_evaluate_timm(cfg: Config, protocol: str, model_name: str, pretrained: bool, out: Path,
-                      device: str | None = None) -> Path:
+                      device: str | None = None, *, img_size: int | None = None) -> Path:
     """Evaluate any timm model by name (the Patch-Seg benchmark's own use: probing published backbones),
-    outside the DAG. Data and protocol settings come from the configuration as for a run."""
+    outside the DAG. Data and protocol settings come from the configuration as for a run.
+
+    The images are normalised with the model's own timm mean/std (``pretrained_cfg``, as the official
+    benchmark does), not ImageNet's. ``img_size`` is passed to ``timm.create_model`` (timm resamples the
+    released positional embedding): the benchmark builds its custom DINOv2 entries at 224 instead of 518.
+    """
     import timm
 
     started = time.time()
@@ -96,11 +105,23 @@ def run_evaluate_timm(cfg: Config, protocol: str, model_name: str, pretrained: b
     if protocol.startswith("patchseg_"):
         settings["dataset"] = EVALUATIONS[protocol]["dataset"]
     eval_cfg = build_dataclass(config_cls, settings, f"evaluate.{EVALUATIONS[protocol]['settings']}")
+    if img_size is not None and img_size < 1:
+        raise ConfigError(f"--img-size {img_size}: must be a positive number of pixels (e.g. 224)")
+    model_kwargs: dict[str, Any] = {} if img_size is None else {"img_size": img_size}
     try:
-        backbone = timm.create_model(model_name, pretrained=pretrained, num_classes=0)
+        backbone = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **model_kwargs)
     except (RuntimeError, ValueError) as exc:  # unknown name, or weights that cannot be fetched
         raise ConfigError(f"--timm-model {model_name!r}: {exc}") from exc
+    except TypeError as exc:  # a model class without an img_size argument (e.g. a CNN)
+        if img_size is None:
+            raise
+        raise ConfigError(f"--timm-model {model_name!r} does not take --img-size: {exc}") from exc
     backbone = as_token_backbone(backbone)
+    if not isinstance(backbone, ResNetTokens) and not hasattr(backbone, "patch_embed"):
+        raise ConfigError(f"--timm-model {model_name!r} is a {type(backbone).__name__}, not a ViT-style model "
+                          f"with patch tokens; the dense protocols read patch tokens (pick a ViT, e.g. "
+                          f"vit_base_patch16_clip_224.openai)")
+    info = backbone_info(backbone)
     manifest = cfg.data_manifest(EVALUATIONS[protocol]["dataset"])
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     keep = Path(out).parent / "results" if protocol in KEEP_OUTPUTS else None
@@ -108,6 +129,10 @@ def run_evaluate_timm(cfg: Config, protocol: str, model_name: str, pretrained: b
     metrics.update(percent_aliases(protocol, metrics))
     write_json(Path(out), {
         "protocol": protocol, "timm_model": model_name, "pretrained": pretrained, "settings": settings,
+        # The backbone as built: native input size and its timm mean/std (Patch-Seg, the linear probe and iNat
+        # normalise with these; DAVIS keeps its script's fixed color_normalize, see davis_propagation.py).
+        "backbone": {"img_size": info.img_size, "patch_size": info.patch_size, "mean": list(info.mean),
+                     "std": list(info.std)},
         "metrics": metrics, "provenance": provenance.collect(f"evaluate/{protocol}", cfg.hash, {
             "data": read_json(manifest)["fingerprint"]}, started)})
     return Path(out)
