@@ -78,3 +78,19 @@ def test_exported_backbones_keep_their_imagenet_normalisation(tmp_path: Path, ar
     info = backbone_info(as_token_backbone(loaded))
     assert info == expected
     assert (info.mean, info.std) == (IMAGENET_MEAN, IMAGENET_STD)
+
+
+@pytest.mark.parametrize("arch, dim, depth, heads", [("vit-l16", 1024, 24, 16), ("vit-h16", 1280, 32, 16)])
+def test_large_vits_have_the_published_shapes(arch, dim, depth, heads):
+    """ViT-L/16 and ViT-H/16 (LOCA's ImageNet-21k rows) built on the meta device: no memory, exact shapes.
+    Parameters by hand: 12·D² + 13·D per block, 16·16·3·D + D patch embedding, 197·D position embedding
+    (196 patches + class token), D class token, 2·D final norm."""
+    with torch.device("meta"):
+        model = create_backbone(arch)
+    expected = depth * (12 * dim**2 + 13 * dim) + (768 * dim + dim) + 197 * dim + dim + 2 * dim
+    assert sum(p.numel() for p in model.parameters()) == expected
+    assert (model.embed_dim, len(model.blocks), model.blocks[0].attn.num_heads) == (dim, depth, heads)
+    with torch.device("meta"):
+        loca = create_backbone(arch, **variant_kwargs("loca"))  # no class token, tanh GELU
+    assert loca.num_prefix_tokens == 0 and loca.pos_embed.shape[1] == 196
+    assert loca.blocks[0].mlp.act.approximate == "tanh"
