@@ -20,7 +20,7 @@ import jsonschema
 import yaml
 
 from densessl.errors import ConfigError
-from densessl.models.variants import variant_of
+from densessl.models.variants import variant_init_kwargs, variant_kwargs, variant_of
 
 PRESETS = ("smoke", "paper")
 METHOD_DISPLAY = {"dino": "DINO", "loca": "LOCA", "selfpatch": "SelfPatch", "gtsa": "GTSA", "clove": "CLoVE",
@@ -227,6 +227,20 @@ class Config:
     def eval_settings(self, protocol: str) -> dict[str, Any]:
         key = EVALUATIONS[protocol]["settings"]
         return copy.deepcopy(self.data.get("evaluate", {}).get(key, {}))
+
+    def convert_settings(self, run: Run) -> dict[str, Any]:
+        """What determines an exported backbone besides its input files (the convert rule hashes it into its params,
+        a rerun trigger). A released entry's url / sha256 / path / format / options are not files: without this,
+        editing options.checkpoint_key left the old backbone.safetensors "up to date". Random-init rows: the
+        architecture, variant (its create_backbone and init kwargs, code that has changed before) and seed.
+        Pretrained runs: their pretrain settings, as the pretrain rule."""
+        if run.released:
+            return {"released": self.released_spec(run)}
+        if run.is_random_init:
+            return {"random_init": {"arch": run.arch, "variant": run.variant, "seed": run.seed,
+                                    "arch_kwargs": variant_kwargs(run.variant),
+                                    "init_kwargs": variant_init_kwargs(run.variant)}}
+        return {"pretrained": self.pretrain_settings(run)}
 
     def data_settings(self, dataset: str) -> dict[str, Any]:
         """What determines a dataset stage's output. For synthetic data this includes the generator's spec and
