@@ -21,6 +21,7 @@ import yaml
 
 from densessl.errors import ConfigError
 from densessl.models.variants import variant_init_kwargs, variant_kwargs, variant_of
+from densessl.protocol_names import ProtocolRegistry
 
 PRESETS = ("smoke", "paper")
 METHOD_DISPLAY = {"dino": "DINO", "loca": "LOCA", "selfpatch": "SelfPatch", "gtsa": "GTSA", "clove": "CLoVE",
@@ -292,11 +293,18 @@ def backbone_family(arch: str) -> str:
 
 # Evaluation protocols: the dataset each reads, the settings block that configures it and the backbone families
 # it can evaluate.
-EVALUATIONS: dict[str, dict[str, Any]] = {
+# ``fixed``: settings the protocol's name fixes (they override its settings block). Patch-Seg grid points
+# (``patchseg_coco.majority-mlp``, ...) resolve through ProtocolRegistry (protocol_names.py).
+EVALUATIONS: ProtocolRegistry = ProtocolRegistry({
     "patchseg_coco": {"dataset": "coco", "settings": "patchseg", "protocol_file": "protocols/patchseg.md",
-                      "title": "Patch-Seg probe (frozen backbone), COCO-Stuff", "backbones": ("vit", "resnet")},
+                      "title": "Patch-Seg probe (frozen backbone), COCO-Stuff", "backbones": ("vit", "resnet"),
+                      "fixed": {"dataset": "coco"}},
+    "patchseg_coco_things": {"dataset": "coco", "settings": "patchseg", "protocol_file": "protocols/patchseg.md",
+                             "title": "Patch-Seg probe (frozen backbone), COCO things (stuff folded into unlabelled)",
+                             "backbones": ("vit", "resnet"), "fixed": {"dataset": "coco", "class_set": "things"}},
     "patchseg_ade20k": {"dataset": "ade20k", "settings": "patchseg", "protocol_file": "protocols/patchseg.md",
-                        "title": "Patch-Seg probe (frozen backbone), ADE20K", "backbones": ("vit", "resnet")},
+                        "title": "Patch-Seg probe (frozen backbone), ADE20K", "backbones": ("vit", "resnet"),
+                        "fixed": {"dataset": "ade20k"}},
     "linear_ade20k": {"dataset": "ade20k", "settings": "linear_seg",
                       "protocol_file": "protocols/segmenter_linear_ade20k.md",
                       "title": "Segmenter linear decoder, ADE20K", "backbones": ("vit", "resnet")},
@@ -306,7 +314,16 @@ EVALUATIONS: dict[str, dict[str, Any]] = {
     "davis2017": {"dataset": "davis", "settings": "davis", "protocol_file": "protocols/davis2017.md",
                   "title": "DAVIS-2017 video object segmentation (label propagation, frozen features), J&F",
                   "backbones": ("vit", "resnet")},
-}
+    # DINO's eval_knn.py / eval_linear.py; the published numbers are the DINO README's table (paper_tables id).
+    "knn_imagenet": {"dataset": "imagenet", "settings": "knn", "protocol_file": "methods/dino.md",
+                     "paper_tables": ("dino_imagenet_readme",),
+                     "title": "ImageNet weighted 20-NN on frozen features (DINO eval_knn.py), top-1",
+                     "backbones": ("vit", "resnet")},
+    "linear_imagenet": {"dataset": "imagenet", "settings": "linear_cls", "protocol_file": "methods/dino.md",
+                        "paper_tables": ("dino_imagenet_readme",),
+                        "title": "ImageNet linear classification on frozen features (DINO eval_linear.py), top-1",
+                        "backbones": ("vit", "resnet")},
+})
 
 
 def snakemake_config_files(configfiles: Iterable[str | Path], cwd: Path) -> list[str]:

@@ -21,7 +21,7 @@ KEEP_OUTPUTS = {"davis2017"}
 # Protocols that train for hours at paper scale: their runners take ``state_path`` and resume a preempted run
 # from it (the state lives next to metrics.json, which is the stage's only declared output, so neither
 # Snakemake nor DVC removes it between attempts; the runner deletes it once the metrics exist).
-RESUMABLE = {"linear_ade20k", "inat19_finetune"}
+RESUMABLE = {"linear_ade20k", "inat19_finetune", "linear_imagenet"}
 TRAIN_STATE_NAME = "train_state.pt"
 
 # The official DAVIS evaluator reports fractions; the papers' tables (paper_tables.yaml) print percent under
@@ -37,7 +37,10 @@ def percent_aliases(protocol: str, metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def _protocol(protocol: str) -> tuple[type, Any]:
-    if protocol in ("patchseg_coco", "patchseg_ade20k"):
+    if protocol not in EVALUATIONS:
+        raise ConfigError(f"unknown evaluation {protocol!r}; choose one of {sorted(EVALUATIONS)} or a Patch-Seg "
+                          f"grid point such as patchseg_coco.majority-mlp")
+    if EVALUATIONS[protocol]["settings"] == "patchseg":
         from densessl.evaluate.patchseg import PatchSegConfig, run_patchseg
 
         return PatchSegConfig, run_patchseg
@@ -53,6 +56,14 @@ def _protocol(protocol: str) -> tuple[type, Any]:
         from densessl.evaluate.inat_finetune import InatFinetuneConfig, run_inat_finetune
 
         return InatFinetuneConfig, run_inat_finetune
+    if protocol == "knn_imagenet":
+        from densessl.evaluate.knn import KnnConfig, run_knn
+
+        return KnnConfig, run_knn
+    if protocol == "linear_imagenet":
+        from densessl.evaluate.linear_cls import LinearClsConfig, run_linear_cls
+
+        return LinearClsConfig, run_linear_cls
     raise ConfigError(f"unknown evaluation {protocol!r}; choose one of {sorted(EVALUATIONS)}")
 
 
@@ -65,8 +76,7 @@ def run_evaluate(cfg: Config, protocol: str, run_id: str, device: str | None = N
         raise ConfigError(f"evaluate {protocol}: the protocol takes {families} backbones, and {run.id} is a "
                           f"{run.arch}; the DAG skips this pair and the report shows n/a")
     settings = cfg.eval_settings(protocol)
-    if protocol.startswith("patchseg_"):  # one settings block, two datasets
-        settings["dataset"] = EVALUATIONS[protocol]["dataset"]
+    settings.update(EVALUATIONS[protocol].get("fixed", {}))  # one patchseg block: the name fixes dataset, grid point
     eval_cfg = build_dataclass(config_cls, settings, f"evaluate.{EVALUATIONS[protocol]['settings']}")
     backbone_path = cfg.backbone(run)
     backbone, meta = load_backbone(backbone_path)
@@ -102,8 +112,7 @@ def run_evaluate_timm(cfg: Config, protocol: str, model_name: str, pretrained: b
     started = time.time()
     config_cls, runner = _protocol(protocol)
     settings = cfg.eval_settings(protocol)
-    if protocol.startswith("patchseg_"):
-        settings["dataset"] = EVALUATIONS[protocol]["dataset"]
+    settings.update(EVALUATIONS[protocol].get("fixed", {}))
     eval_cfg = build_dataclass(config_cls, settings, f"evaluate.{EVALUATIONS[protocol]['settings']}")
     if img_size is not None and img_size < 1:
         raise ConfigError(f"--img-size {img_size}: must be a positive number of pixels (e.g. 224)")
