@@ -237,7 +237,7 @@ def _train(backbone: nn.Module, train: LabelledImageFolder, val: LabelledImageFo
                 loss.backward()
                 optimizer.step()
                 progress["batch"] += 1
-                progress["loss_sum"] += float(loss)
+                progress["loss_sum"] += loss.item()
                 if state is not None and signals.received is not None:
                     state.preempt(snapshot(), signals.received, f"in epoch {epoch}, batch {progress['batch']}")
                 if state is not None and cfg.checkpoint_every and progress["batch"] % cfg.checkpoint_every == 0:

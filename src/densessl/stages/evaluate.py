@@ -13,7 +13,7 @@ from densessl.checkpoints.io import load_backbone
 from densessl.config import EVALUATIONS, Config
 from densessl.data.manifest import data_root
 from densessl.errors import ConfigError
-from densessl.io import read_json, sha256_file, write_json
+from densessl.io import read_json, sha256_file, write_json, write_text
 from densessl.methods.base import build_dataclass
 from densessl.models.backbones import ResNetTokens, as_token_backbone, backbone_info
 
@@ -34,6 +34,18 @@ def percent_aliases(protocol: str, metrics: dict[str, Any]) -> dict[str, Any]:
     if protocol != "davis2017":
         return {}
     return {alias: 100.0 * float(metrics[key]) for alias, key in _DAVIS_PERCENT.items() if key in metrics}
+
+
+def write_patchseg_csv(protocol: str, metrics: dict[str, Any], backbone: str, folder: Path) -> Path | None:
+    """Patch-Seg only: the official ``results/outputs-{dataset}.csv`` (header + this run's row) next to
+    metrics.json; the report concatenates them per dataset."""
+    if EVALUATIONS[protocol]["settings"] != "patchseg":
+        return None
+    from densessl.evaluate.patchseg import csv_header, csv_row
+
+    path = folder / f"outputs-{metrics['dataset']}.csv"
+    write_text(path, csv_header() + csv_row(metrics, backbone))
+    return path
 
 
 def _protocol(protocol: str) -> tuple[type, Any]:
@@ -89,6 +101,7 @@ def run_evaluate(cfg: Config, protocol: str, run_id: str, device: str | None = N
     resume = {"state_path": out.parent / TRAIN_STATE_NAME} if protocol in RESUMABLE else {}
     metrics = runner(backbone, data_root(manifest), eval_cfg, keep, device=device, **resume)
     metrics.update(percent_aliases(protocol, metrics))
+    write_patchseg_csv(protocol, metrics, run.id, out.parent)
     write_json(out, {
         "protocol": protocol, "run": run.id, "method": run.method, "arch": run.arch, "pretrain_data": run.data,
         "settings": settings, "metrics": metrics,
@@ -136,6 +149,7 @@ def run_evaluate_timm(cfg: Config, protocol: str, model_name: str, pretrained: b
     keep = Path(out).parent / "results" if protocol in KEEP_OUTPUTS else None
     metrics = runner(backbone, data_root(manifest), eval_cfg, keep, device=device)
     metrics.update(percent_aliases(protocol, metrics))
+    write_patchseg_csv(protocol, metrics, model_name, Path(out).parent)
     write_json(Path(out), {
         "protocol": protocol, "timm_model": model_name, "pretrained": pretrained, "settings": settings,
         # The backbone as built: native input size and its timm mean/std (Patch-Seg, the linear probe and iNat
