@@ -71,6 +71,10 @@ def validate(data: dict[str, Any], source: str, root: Path) -> None:
         hint = ""
         if err.validator == "enum":
             hint = f"; allowed values: {', '.join(map(str, err.validator_value))}"
+        elif err.validator == "anyOf":  # e.g. evaluations: a listed name or a Patch-Seg grid point
+            allowed = [str(v) for sub in err.validator_value for v in sub.get("enum", [])]
+            patterns = [f"a name matching {sub['pattern']}" for sub in err.validator_value if "pattern" in sub]
+            hint = f"; allowed values: {', '.join(allowed + patterns)}"
         elif err.validator == "additionalProperties":
             allowed = sorted(err.schema.get("properties", {}))
             hint = f"; allowed fields here: {', '.join(allowed)}"
