@@ -186,15 +186,3 @@ def test_grid_point_through_the_evaluate_stage(tmp_path: Path) -> None:
     csv = (out.parent / "outputs-coco.csv").read_text().splitlines()
     assert csv[0] == csv_header().strip() and csv[1].startswith(f"coco, majority, mlp, {run_id}, 0, False, 1, ")
 
-
-def test_grid_points_are_valid_dvc_stage_names(tmp_path: Path) -> None:
-    from dvc.stage import INVALID_STAGENAME_CHARS
-
-    from densessl.dvc_stages import stages
-
-    path = tmp_path / "config.yaml"
-    path.write_text(json.dumps({"results_dir": str(tmp_path / "r"),
-                                "evaluations": ["patchseg_coco.majority-mlp", "patchseg_coco_things.union-linear"]}))
-    names = [n for n in stages(load_config([path])) if n.startswith("eval_")]
-    assert names and not any(INVALID_STAGENAME_CHARS & set(n) for n in names)
-    assert any(n.startswith("eval_patchseg_coco-majority-mlp_") for n in names)

@@ -23,9 +23,7 @@ CODE = {
 
 
 def _name(*parts: str) -> str:
-    """A DVC stage name: "/" and "." are not allowed there (a Patch-Seg grid point patchseg_coco.majority-mlp
-    becomes patchseg_coco-majority-mlp; no other protocol name has a "-", so names stay distinct)."""
-    return "_".join(p.replace("/", "_").replace(".", "-") for p in parts)
+    return "_".join(p.replace("/", "_") for p in parts)
 
 
 def _params(cfg: Config) -> list[Any]:
