@@ -204,3 +204,17 @@ def test_both_protocols_through_the_evaluate_stage(tmp_path: Path) -> None:
         assert len(lin["metrics"]["history"]) == 2 and "linear_top1" in lin["metrics"]
         expected_dim = 128 if "resnet" in run_id else 4 * 128
         assert lin["metrics"]["feature_dim"] == expected_dim
+
+
+def test_report_finds_the_dino_readme_row_for_our_dino_run() -> None:
+    from densessl.config import Run
+    from densessl.report.build import load_paper_tables, published_value
+
+    tables = load_paper_tables()
+    dino = Run(method="dino", arch="vit-s16", data="imagenet")
+    assert published_value(tables, "knn_imagenet", dino, "knn_top1", False, 100) == 69.3  # vanilla recipe row
+    assert published_value(tables, "linear_imagenet", dino, "linear_top1", False, 100) == 74.0
+    assert published_value(tables, "linear_imagenet", dino, "linear_top1", False, 300) is None  # other epochs
+    released = Run(method="dino", arch="resnet50", data="imagenet", released=True)
+    assert published_value(tables, "linear_imagenet", released, "linear_top1", False) == 75.3
+    assert published_value(tables, "knn_imagenet", dino, "knn_top1", True, 100) is None  # synthetic data

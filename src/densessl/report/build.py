@@ -99,6 +99,9 @@ def published_value(tables: list[dict[str, Any]], protocol: str, run: Run, metri
     protocol_file = EVALUATIONS[protocol]["protocol_file"]
     # the paper's row names neither our epochs suffix (matched below) nor "released" (the paper's own weights)
     method, arch, data = display(dataclasses.replace(run, epochs=None, released=False))
+    # a table that names rows its own way (the DINO README: "DINO (released)", "ImageNet") maps ours onto them
+    aliases = EVALUATIONS[protocol].get("row_aliases", {}).get("released" if run.released else "trained", {})
+    method, arch, data = aliases.get((method, arch, data), (method, arch, data))
     for table in tables:
         named = table.get("id") in EVALUATIONS[protocol].get("paper_tables", ())  # e.g. the DINO README table
         if (table.get("protocol") != protocol_file and not named) or metric not in table.get("columns", []):
