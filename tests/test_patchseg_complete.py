@@ -186,3 +186,34 @@ def test_grid_point_through_the_evaluate_stage(tmp_path: Path) -> None:
     csv = (out.parent / "outputs-coco.csv").read_text().splitlines()
     assert csv[0] == csv_header().strip() and csv[1].startswith(f"coco, majority, mlp, {run_id}, 0, False, 1, ")
 
+
+
+def test_report_tells_grid_points_apart(tmp_path: Path) -> None:
+    from densessl.report.build import build_report
+
+    path = tmp_path / "c.yaml"
+    protocols = ["patchseg_coco", "patchseg_coco.majority-mlp", "knn_imagenet"]
+    path.write_text(json.dumps({"preset": "smoke", "results_dir": str(tmp_path / "results"), "random_init_seeds": [0],
+                                "runs": [{"method": "dino", "arch": "vit-tiny-p8", "data": "imagenet"}],
+                                "evaluations": protocols}))
+    cfg = load_config([path])
+
+    def write(p: Path, data: dict) -> None:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(data))
+
+    for dataset in cfg.datasets:
+        write(cfg.data_manifest(dataset), {"fingerprint": {"content_sha256": "0" * 64, "listing_sha256": None},
+                                           "provenance": {"wall_s": 1.0}})
+    for protocol, run in cfg.evaluation_jobs():
+        recall = 0.5 if protocol == "patchseg_coco" else 0.7
+        values = ({"knn_top1": 40.0 - 10 * run.is_random_init, "knn_top5": 90.0} if protocol == "knn_imagenet" else
+                  {"macro_recall": recall - 0.1 * run.is_random_init, "macro_f1_nanmean": 0.2,
+                   "macro_precision_nanmean": 0.2, "macro_f1": None, "macro_precision": None, "accuracy": 0.4})
+        write(cfg.eval_metrics(protocol, run), {"metrics": values, "provenance": {"wall_s": 1.0}})
+    report = build_report(cfg).read_text()
+    assert "COCO-Stuff (`patchseg_coco`)" in report
+    assert "COCO-Stuff: majority labels, mlp head (`patchseg_coco.majority-mlp`)" in report
+    assert "(`knn_imagenet`)" in report and "| knn_top1 |" in report
+    summary = report.split("## Summary")[1].split("\n## ")[0]
+    assert "patchseg_coco.majority-mlp macro_recall" in summary and "0.70 (+0.10)" in summary
