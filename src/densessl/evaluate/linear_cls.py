@@ -34,6 +34,7 @@ from densessl.evaluate.imagenet_features import (
     eval_sizes,
     eval_transform,
     feature_dim,
+    is_resnet,
     linear_feature,
     train_transform,
 )
@@ -255,7 +256,9 @@ def _train(backbone: nn.Module, train: LabelledImageFolder, val: LabelledImageFo
     last = next(r for r in reversed(progress["history"]) if "test_acc1" in r)
     return {"protocol": "linear_imagenet", "linear_top1": progress["best_acc"], "final_top1": last["test_acc1"],
             "final_top5": last.get("test_acc5"), "num_classes": train.num_classes, "feature_dim": dim,
-            "n_last_blocks": n_last, "avgpool_patchtokens": avgpool,
+            # None for ResNets: they read the pooled feature, as eval_linear.py's model(inp)
+            "n_last_blocks": None if is_resnet(backbone) else n_last,
+            "avgpool_patchtokens": None if is_resnet(backbone) else avgpool,
             "base_lr": base_lr, "history": progress["history"]}
 
 
