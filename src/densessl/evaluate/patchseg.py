@@ -72,9 +72,11 @@ from densessl.evaluate.patchseg_features import (  # noqa: F401
     estimate_cache_bytes,
     extract_features,
     feature_mode,
+    prune_blocks,
 )
+from densessl.evaluate.patchseg_results import CSV_COLUMNS, csv_header, csv_row  # noqa: F401
 from densessl.io import write_json
-from densessl.models.backbones import ResNetTokens, backbone_info
+from densessl.models.backbones import backbone_info
 
 DATASETS = ("coco", "ade20k")
 HEADS = ("linear", "mlp", "transformer")
@@ -148,46 +150,6 @@ def build_head(cfg: PatchSegConfig, embed_dim: int, num_heads: int, num_prefix_t
         mode = "keep_suffix"
     return TransformerHead(embed_dim, num_heads, num_classes, num_patches + num_prefix_tokens,
                            num_prefix_tokens, mode, cfg.num_layers)
-
-
-def prune_blocks(backbone: nn.Module, skip_blocks: int) -> nn.Module:
-    """Official ``modify_backbone(skip_blocks=k)``: ``prune_intermediate_layers(indices=[L - 1 - k])`` keeps
-    blocks 0..L-1-k and the final norm. Applied to the probe's own copy of the backbone."""
-    if skip_blocks == 0:
-        return backbone
-    if isinstance(backbone, ResNetTokens) or not hasattr(backbone, "prune_intermediate_layers"):
-        raise ConfigError(f"patchseg config: skip_blocks={skip_blocks} prunes transformer blocks; "
-                          f"{type(backbone).__name__} has none (use skip_blocks: 0 for ResNets)")
-    depth = len(backbone.blocks)
-    if skip_blocks >= depth:
-        raise ConfigError(f"patchseg config: skip_blocks={skip_blocks} must be < the backbone's {depth} blocks")
-    backbone.prune_intermediate_layers(indices=[depth - 1 - skip_blocks])
-    return backbone
-
-
-CSV_COLUMNS = ("dataset", "label_reduction", "output_head", "backbone", "skip_blocks", "full_finetune",
-               "num_epochs", "loss", "accuracy", "macro_accuracy", "macro_recall", "macro_precision", "macro_f1")
-
-
-def csv_header() -> str:
-    """The official ``save_results`` header line of ``results/outputs-{dataset}.csv`` (", "-separated)."""
-    return ", ".join(CSV_COLUMNS) + "\n"
-
-
-def csv_row(metrics: dict[str, Any], backbone: str) -> str:
-    """One official ``outputs-{dataset}.csv`` line for a run's best epoch.
-
-    Columns, order and the ", " separator are ``scripts/train.py``'s ``save_results``; ``full_finetune`` is
-    Python's ``True``/``False``. The official metric columns are 0-d tensors formatted by an f-string
-    (``tensor(0.9876)``); here they are the plain numbers (``repr`` of the float, ``nan`` for NaN), which
-    pandas reads as floats. ``backbone`` is the official ``--backbone`` column: our run id or timm name.
-    """
-    cfg = metrics["config"]
-    values = [metrics["dataset"], metrics["label_reduction"], metrics["output_head"], backbone,
-              cfg["skip_blocks"], bool(cfg["full_finetune"]), metrics["num_epochs"], metrics["loss"],
-              metrics["accuracy"], metrics["macro_accuracy"], metrics["macro_recall"], metrics["macro_precision"],
-              metrics["macro_f1"]]
-    return ", ".join(str(v) for v in values) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------------------

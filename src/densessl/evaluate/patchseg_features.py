@@ -18,7 +18,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from densessl.errors import ConfigError
 from densessl.evaluate.patchseg_data import PatchSegData
+from densessl.models.backbones import ResNetTokens
 
 
 def feature_mode(head: str, reduction: str, num_prefix_tokens: int) -> str:
@@ -186,3 +188,17 @@ def estimate_cache_bytes(n_items: int, mode: str, num_patches: int, num_prefix: 
     target = {"union": num_patches * num_classes, "majority": num_patches * 8}.get(reduction, num_classes)
     return n_items * (tokens * dim * torch.empty(0, dtype=dtype).element_size() + target)
 
+
+def prune_blocks(backbone: nn.Module, skip_blocks: int) -> nn.Module:
+    """Official ``modify_backbone(skip_blocks=k)``: ``prune_intermediate_layers(indices=[L - 1 - k])`` keeps
+    blocks 0..L-1-k and the final norm. Applied to the probe's own copy of the backbone."""
+    if skip_blocks == 0:
+        return backbone
+    if isinstance(backbone, ResNetTokens) or not hasattr(backbone, "prune_intermediate_layers"):
+        raise ConfigError(f"patchseg config: skip_blocks={skip_blocks} prunes transformer blocks; "
+                          f"{type(backbone).__name__} has none (use skip_blocks: 0 for ResNets)")
+    depth = len(backbone.blocks)
+    if skip_blocks >= depth:
+        raise ConfigError(f"patchseg config: skip_blocks={skip_blocks} must be < the backbone's {depth} blocks")
+    backbone.prune_intermediate_layers(indices=[depth - 1 - skip_blocks])
+    return backbone
