@@ -141,3 +141,26 @@ def test_patchseg_linear_and_inat_run_on_cuda(tmp_path: Path) -> None:
     inat = run_inat_finetune(backbone, tmp_path / "inat", smoke_cfg(InatFinetuneConfig, "inat19_finetune"),
                              device="cuda")
     assert 0.0 <= inat["top1"] <= inat["top5"] <= 100.0
+
+
+def test_imagenet_knn_linear_and_patchseg_finetune_run_on_cuda(tmp_path: Path) -> None:
+    from densessl.data.synthetic import synthesize
+    from densessl.evaluate.knn import KnnConfig, run_knn
+    from densessl.evaluate.linear_cls import LinearClsConfig, run_linear_cls
+    from densessl.evaluate.patchseg import PatchSegConfig, run_patchseg
+    from densessl.models.backbones import as_token_backbone
+
+    for name in ("imagenet", "coco"):
+        synthesize(name, tmp_path / name, "tiny", seed=0)
+    torch.manual_seed(0)
+    for arch in ("vit-tiny-p8", "resnet-tiny"):
+        backbone = as_token_backbone(create_backbone(arch))
+        knn = run_knn(backbone, tmp_path / "imagenet", KnnConfig(), device="cuda")
+        assert 0.0 <= knn["knn_top1"] <= knn["knn_top5"] <= 100.0
+        lin = run_linear_cls(backbone, tmp_path / "imagenet", LinearClsConfig(epochs=2, batch_size=8), device="cuda",
+                             state_path=tmp_path / f"{arch}.pt")
+        assert 0.0 <= lin["linear_top1"] <= 100.0
+    vit = create_backbone("vit-tiny-p8")
+    ps = run_patchseg(vit, tmp_path / "coco", PatchSegConfig(head="mlp", batch_size=4, epochs=1, warmup_steps=0,
+                                                             full_finetune=True, skip_blocks=1), device="cuda")
+    assert ps["autocast_bf16"] and 0.0 <= ps["macro_recall"] <= 1.0

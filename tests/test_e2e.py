@@ -38,7 +38,7 @@ def test_smoke_dag_end_to_end(tmp_path):
     cells = json.loads((report / "tables.json").read_text())
     keys = {"table", "method", "arch", "pretrain_data", "metric", "value", "published"}
     assert cells and all(set(c) == keys for c in cells)
-    assert {c["table"] for c in cells} == {"patchseg_coco", "linear_ade20k", "davis2017"}
+    assert {c["table"] for c in cells} == {"patchseg_coco", "linear_ade20k", "davis2017", "knn_imagenet"}
     methods = {c["method"] for c in cells}
     assert "DINO" in methods and sum(m.startswith("random init") for m in methods) == 3
     assert all(c["published"] is None for c in cells)  # synthetic data is never compared with papers

@@ -21,6 +21,7 @@ import yaml
 
 from densessl.errors import ConfigError
 from densessl.models.variants import variant_init_kwargs, variant_kwargs, variant_of
+from densessl.protocol_names import ProtocolRegistry
 
 PRESETS = ("smoke", "paper")
 METHOD_DISPLAY = {"dino": "DINO", "loca": "LOCA", "selfpatch": "SelfPatch", "gtsa": "GTSA", "clove": "CLoVE",
@@ -70,6 +71,10 @@ def validate(data: dict[str, Any], source: str, root: Path) -> None:
         hint = ""
         if err.validator == "enum":
             hint = f"; allowed values: {', '.join(map(str, err.validator_value))}"
+        elif err.validator == "anyOf":  # e.g. evaluations: a listed name or a Patch-Seg grid point
+            allowed = [str(v) for sub in err.validator_value for v in sub.get("enum", [])]
+            patterns = [f"a name matching {sub['pattern']}" for sub in err.validator_value if "pattern" in sub]
+            hint = f"; allowed values: {', '.join(allowed + patterns)}"
         elif err.validator == "additionalProperties":
             allowed = sorted(err.schema.get("properties", {}))
             hint = f"; allowed fields here: {', '.join(allowed)}"
@@ -292,11 +297,26 @@ def backbone_family(arch: str) -> str:
 
 # Evaluation protocols: the dataset each reads, the settings block that configures it and the backbone families
 # it can evaluate.
-EVALUATIONS: dict[str, dict[str, Any]] = {
+# Our (method, arch, data) display -> the DINO README table's row, for trained runs (DINO's code defaults, 100
+# epochs: the "vanilla" row) and for released weights.
+DINO_README_ROWS: dict[str, dict[tuple[str, str, str], tuple[str, str, str]]] = {
+    "trained": {("DINO", "ViT-S/16", "ImageNet-1k"): ("DINO (vanilla recipe, code defaults)", "ViT-S/16", "ImageNet")},
+    "released": {("DINO", ours, "ImageNet-1k"): ("DINO (released)", theirs, "ImageNet")
+                 for ours, theirs in (("ViT-S/16", "ViT-S/16"), ("ViT-S/8", "ViT-S/8"), ("ViT-B/16", "ViT-B/16"),
+                                      ("ViT-B/8", "ViT-B/8"), ("ResNet-50", "RN50"))},
+}
+# ``fixed``: settings the protocol's name fixes (they override its settings block). Patch-Seg grid points
+# (``patchseg_coco.majority-mlp``, ...) resolve through ProtocolRegistry (protocol_names.py).
+EVALUATIONS: ProtocolRegistry = ProtocolRegistry({
     "patchseg_coco": {"dataset": "coco", "settings": "patchseg", "protocol_file": "protocols/patchseg.md",
-                      "title": "Patch-Seg probe (frozen backbone), COCO-Stuff", "backbones": ("vit", "resnet")},
+                      "title": "Patch-Seg probe (frozen backbone), COCO-Stuff", "backbones": ("vit", "resnet"),
+                      "fixed": {"dataset": "coco"}},
+    "patchseg_coco_things": {"dataset": "coco", "settings": "patchseg", "protocol_file": "protocols/patchseg.md",
+                             "title": "Patch-Seg probe (frozen backbone), COCO things (stuff folded into unlabelled)",
+                             "backbones": ("vit", "resnet"), "fixed": {"dataset": "coco", "class_set": "things"}},
     "patchseg_ade20k": {"dataset": "ade20k", "settings": "patchseg", "protocol_file": "protocols/patchseg.md",
-                        "title": "Patch-Seg probe (frozen backbone), ADE20K", "backbones": ("vit", "resnet")},
+                        "title": "Patch-Seg probe (frozen backbone), ADE20K", "backbones": ("vit", "resnet"),
+                        "fixed": {"dataset": "ade20k"}},
     "linear_ade20k": {"dataset": "ade20k", "settings": "linear_seg",
                       "protocol_file": "protocols/segmenter_linear_ade20k.md",
                       "title": "Segmenter linear decoder, ADE20K", "backbones": ("vit", "resnet")},
@@ -306,7 +326,17 @@ EVALUATIONS: dict[str, dict[str, Any]] = {
     "davis2017": {"dataset": "davis", "settings": "davis", "protocol_file": "protocols/davis2017.md",
                   "title": "DAVIS-2017 video object segmentation (label propagation, frozen features), J&F",
                   "backbones": ("vit", "resnet")},
-}
+    # DINO's eval_knn.py / eval_linear.py; the published numbers are the DINO README's table (paper_tables id),
+    # whose rows are the code-default recipe (our trained DINO runs) and the released weights.
+    "knn_imagenet": {"dataset": "imagenet", "settings": "knn", "protocol_file": "methods/dino.md",
+                     "paper_tables": ("dino_imagenet_readme",), "row_aliases": DINO_README_ROWS,
+                     "title": "ImageNet weighted 20-NN on frozen features (DINO eval_knn.py), top-1",
+                     "backbones": ("vit", "resnet")},
+    "linear_imagenet": {"dataset": "imagenet", "settings": "linear_cls", "protocol_file": "methods/dino.md",
+                        "paper_tables": ("dino_imagenet_readme",), "row_aliases": DINO_README_ROWS,
+                        "title": "ImageNet linear classification on frozen features (DINO eval_linear.py), top-1",
+                        "backbones": ("vit", "resnet")},
+})
 
 
 def snakemake_config_files(configfiles: Iterable[str | Path], cwd: Path) -> list[str]:

@@ -28,4 +28,4 @@ wildcard_constraints:
     method="[a-z0-9-]+",
     name="[A-Za-z0-9.-]+",
     dataset="[a-z0-9]+",
-    protocol="[a-z0-9_]+",
+    protocol="[a-z0-9_.-]+",

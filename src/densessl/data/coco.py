@@ -27,6 +27,8 @@ ANNOTATION_SUFFIXES = (".png",)
 
 COCO_SPLITS = {"train": "train2017", "val": "val2017", "train2017": "train2017", "val2017": "val2017"}
 COCO_NUM_CLASSES = 183  # Patch-Seg: 0 unlabelled, 1-91 things, 92-182 stuff
+# Patch-Seg ``CocoPatchDataset(class_set=...)``: "all" 183 classes, "things" 92 (stuff folded into 0).
+COCO_CLASS_SETS = {"all": COCO_NUM_CLASSES, "things": 92}
 COCO_UNLABELLED = 255  # raw COCO-Stuff id of unlabelled pixels
 
 
@@ -131,9 +133,16 @@ class PairedSegmentationFolder:
         return image, self.transform_labels(labels)
 
 
-def coco_label_assignment(labels: np.ndarray) -> np.ndarray:
-    """Patch-Seg ``CocoLabelAssignment`` (class_set='all'): (label + 1) % 256, so 255 -> 0, id k -> k + 1."""
-    return ((labels.astype(np.int16) + 1) % 256).astype(np.uint8)
+def coco_label_assignment(labels: np.ndarray, class_set: str = "all") -> np.ndarray:
+    """Patch-Seg ``CocoLabelAssignment``: (label + 1) % 256, so 255 -> 0, id k -> k + 1; with
+    ``class_set='things'`` every id above 91 (the stuff classes 92-182) becomes 0 (iancovert/patch-seg
+    ``patchseg/transforms.py``)."""
+    if class_set not in COCO_CLASS_SETS:
+        raise DataError(f"COCO class_set {class_set!r} unknown; expected one of {sorted(COCO_CLASS_SETS)}")
+    out = ((labels.astype(np.int16) + 1) % 256).astype(np.uint8)
+    if class_set == "things":
+        out[out > 91] = 0
+    return out
 
 
 class CocoStuffPatchSegDataset(PairedSegmentationFolder):
@@ -145,7 +154,11 @@ class CocoStuffPatchSegDataset(PairedSegmentationFolder):
     num_classes = COCO_NUM_CLASSES
 
     def __init__(self, root: str | Path, split: str = "train", max_items: int | None = None,
-                 label_assignment: bool = True) -> None:
+                 label_assignment: bool = True, class_set: str = "all") -> None:
+        if class_set not in COCO_CLASS_SETS:
+            raise DataError(f"COCO class_set {class_set!r} unknown; expected one of {sorted(COCO_CLASS_SETS)}")
+        self.class_set = class_set
+        self.num_classes = COCO_CLASS_SETS[class_set]
         if split not in COCO_SPLITS:
             raise DataError(f"COCO split {split!r} unknown; expected one of {sorted(COCO_SPLITS)}")
         root = Path(root)
@@ -159,4 +172,4 @@ class CocoStuffPatchSegDataset(PairedSegmentationFolder):
                                    f"{root}; point the data root there"))
 
     def transform_labels(self, labels: np.ndarray) -> np.ndarray:
-        return coco_label_assignment(labels) if self.label_assignment else labels
+        return coco_label_assignment(labels, self.class_set) if self.label_assignment else labels

@@ -43,6 +43,26 @@ class ImageFolderImages(Dataset):
             raise DataError(f"{path}: cannot read image ({exc})") from exc
 
 
+class LabelledImageFolder(ImageFolderImages):
+    """An ImageFolder split with its labels: class index = position of the class folder in sorted order, the
+    order ``torchvision.datasets.ImageFolder`` uses and that DINO's ``eval_knn.py`` / ``eval_linear.py`` read
+    (``dataset.samples``). ``max_items`` keeps every ``k``-th image so a cut split keeps every class."""
+
+    def __init__(self, root: str | Path, split: str = "train", max_items: int | None = None):
+        super().__init__(root, split)
+        folder = Path(root) / split
+        self.classes, class_to_idx = find_classes(str(folder))
+        self.labels = [class_to_idx[p.parent.name] for p in self.paths]
+        if max_items is not None and max_items < len(self.paths):
+            keep = [round(i * len(self.paths) / max_items) for i in range(max_items)]
+            self.paths = [self.paths[i] for i in keep]
+            self.labels = [self.labels[i] for i in keep]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
 class FlatImageFolder(Dataset):
     """Every image directly inside one folder (COCO ``images/train2017``, ADE20K ``images/training``): what
     GTSA pretrains on (``--data <COCO train2017 or ADE20K train>``, reference/methods/gtsa.md §2)."""

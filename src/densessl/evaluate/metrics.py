@@ -280,3 +280,50 @@ def multiclass_metrics(cmat: np.ndarray) -> dict[str, Any]:
     valid = rows > 0
     micro = float(_div(tp.sum(), total))
     return _summarise(recall, precision, accuracy, valid, micro)
+
+
+class SizeUnionConfusion:
+    """Union decisions pooled by object size: the official ``SizeUnionMetricsHelper`` (iancovert/patch-seg
+    ``patchseg/loss.py``; its notebook ``plot-stratified-metrics.ipynb`` plots it).
+
+    For each image and class, the class's size is the fraction of the image's patches whose union target has
+    it; ``torch.bucketize`` on the inner edges of ``linspace(0, 1, num_buckets + 1)`` (float32, right=False:
+    a size equal to an edge falls in the lower bin) assigns the class a bin, and every (patch, class) decision
+    of that class in that image goes into the bin's one 2x2 matrix. A class absent from the image has size 0
+    and lands in bin 0, so bin 0 also pools the negatives (and false positives) of absent classes, as in the
+    official code. Per bin: recall, precision, F1, accuracy exactly as :func:`multilabel_metrics` per class.
+    """
+
+    def __init__(self, num_buckets: int = 10, threshold: float = 0.5) -> None:
+        self.num_buckets = num_buckets
+        self.threshold = threshold
+        self.edges = torch.linspace(0, 1, steps=num_buckets + 1)
+        self.counts = np.zeros((num_buckets, 2, 2), dtype=np.int64)
+
+    def reset(self) -> None:
+        self.counts[:] = 0
+
+    def bins(self, targets: torch.Tensor) -> torch.Tensor:
+        """(B, P, C) 0/1 targets -> (B, C) bin of each class in each image."""
+        pct = targets.float().sum(dim=1) / targets.shape[1]
+        return torch.bucketize(pct, self.edges[1:-1])
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """``logits`` (B, P, C) (or (B, g, g, C)); ``targets`` the union targets of the same shape."""
+        b, c = logits.shape[0], logits.shape[-1]
+        logits = logits.detach().float().cpu().reshape(b, -1, c)
+        targets = (targets.detach().cpu().reshape(b, -1, c) > 0.5)
+        pred = torch.sigmoid(logits) > self.threshold
+        bins = self.bins(targets).reshape(-1)  # (B*C,)
+        for cell, hit in (((1, 1), pred & targets), ((0, 1), pred & ~targets), ((1, 0), ~pred & targets),
+                          ((0, 0), ~pred & ~targets)):
+            per_class = hit.sum(dim=1).reshape(-1)  # (B*C,) decisions of each class in each image
+            self.counts[:, cell[0], cell[1]] += torch.bincount(bins, weights=per_class.double(),
+                                                               minlength=self.num_buckets).long().numpy()
+
+    def compute(self) -> dict[str, Any]:
+        """Per-bin ``recall`` / ``precision`` / ``f1`` / ``accuracy`` lists (NaN where undefined), the bin
+        ``edges`` and the raw ``counts`` ([bin][target][pred])."""
+        m = multilabel_metrics(self.counts)["per_class"]
+        return {"edges": self.edges.tolist(), "recall": m["recall"].tolist(), "precision": m["precision"].tolist(),
+                "f1": m["f1"].tolist(), "accuracy": m["accuracy"].tolist(), "counts": self.counts.tolist()}

@@ -6,6 +6,14 @@ to one label set per patch (``union`` / ``majority``) or per image (``global-uni
 (``linear`` / ``mlp`` / ``transformer``) is trained with AdamW + timm's cosine schedule (per update, linear
 warm-up from 0) and validated every epoch; the epoch with the best validation macro recall is reported.
 
+Also official, off by default as in ``scripts/train.py``: ``class_set='things'`` (``CocoPatchDataset``'s
+option, not on the official CLI: stuff folded into unlabelled, 92 classes; the ``patchseg_coco_things``
+protocol), ``skip_blocks`` (``--skip-blocks k``: timm ``prune_intermediate_layers`` keeps the first L - k
+blocks and the final norm) and ``full_finetune`` (``--full-finetune``: backbone and head trained together by
+the same AdamW, the backbone in ``train()`` mode). For union targets the validation also reports the
+size-stratified metrics of the official ``SizeUnionMetricsHelper`` (``size_stratified``, metrics.py) at the
+best epoch. ``csv_row`` gives the official ``results/outputs-{dataset}.csv`` line (the evaluate stage writes it).
+
 Two deliberate additions, neither of which changes the official numbers when left at their defaults:
 
 * ``cache_features`` (default on): the official probe has no data augmentation (``LargestCenterCrop`` +
@@ -27,9 +35,10 @@ Two deliberate additions, neither of which changes the official numbers when lef
 
 from __future__ import annotations
 
+import copy
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,24 +47,38 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from timm.layers import Mlp
-from timm.models.vision_transformer import Block
 from timm.scheduler import CosineLRScheduler
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from densessl.data.ade20k import ADE_NUM_CLASSES_WITH_OTHER, ADE20KSegmentation
-from densessl.data.coco import COCO_NUM_CLASSES, CocoStuffPatchSegDataset, PairedSegmentationFolder
-from densessl.errors import ConfigError, DataError
+from densessl.data.coco import COCO_CLASS_SETS, PairedSegmentationFolder
+from densessl.errors import ConfigError
 from densessl.evaluate.feature_stats import effective_rank
-from densessl.evaluate.metrics import MulticlassConfusion, MultilabelConfusion
+from densessl.evaluate.metrics import MulticlassConfusion, MultilabelConfusion, SizeUnionConfusion
+from densessl.evaluate.patchseg_data import (  # noqa: F401  (re-exported: the probe's public names)
+    LABEL_REDUCTIONS,
+    PatchSegData,
+    largest_center_crop_box,
+    open_patchseg_split,
+    preprocess_image,
+    preprocess_labels,
+    reduce_labels,
+)
+from densessl.evaluate.patchseg_features import (  # noqa: F401
+    FeatureSource,
+    MLPHead,
+    TransformerHead,
+    _train_mode_is_stochastic,
+    estimate_cache_bytes,
+    extract_features,
+    feature_mode,
+    prune_blocks,
+)
+from densessl.evaluate.patchseg_results import CSV_COLUMNS, csv_header, csv_row  # noqa: F401
 from densessl.io import write_json
 from densessl.models.backbones import backbone_info
 
 DATASETS = ("coco", "ade20k")
-LABEL_REDUCTIONS = ("union", "majority", "global-union")
 HEADS = ("linear", "mlp", "transformer")
 PRECISIONS = ("bf16", "fp32")
 
@@ -85,6 +108,10 @@ class PatchSegConfig:
     cache_features: bool = True  # precompute frozen-backbone tokens once (see module docstring)
     feature_cache_max_gb: float = 48.0  # stream instead when a split's tokens would exceed this
     threshold: float = 0.5  # detection threshold of the union metrics (official 0.5)
+    class_set: str = "all"  # CocoPatchDataset(class_set=...): all (183) | things (92, stuff -> 0); coco only
+    skip_blocks: int = 0  # --skip-blocks: drop the last k transformer blocks (final norm kept)
+    full_finetune: bool = False  # --full-finetune: train the backbone with the head (no feature cache)
+    size_buckets: int = 10  # SizeUnionMetricsHelper(num_buckets) of the union validation; 0 = off
 
     def validate(self) -> None:
         for name, value, allowed in (("dataset", self.dataset, DATASETS),
@@ -97,168 +124,18 @@ class PatchSegConfig:
                 raise ConfigError(f"patchseg config: {name}={getattr(self, name)} must be >= 1")
         if self.warmup_steps < 0 or self.num_workers < 0:
             raise ConfigError("patchseg config: warmup_steps and num_workers must be >= 0")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Preprocessing and label reduction
-# ----------------------------------------------------------------------------------------------------------
-
-def largest_center_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
-    """Official ``LargestCenterCrop``: the largest centred square, offsets rounded down."""
-    side = min(width, height)
-    x = (width - side) // 2
-    y = (height - side) // 2
-    return x, y, x + side, y + side
-
-
-def preprocess_image(image: Image.Image, img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """Crop, bilinear resize (PIL, as torchvision's Resize on PIL images), to [0, 1], normalise -> (3, S, S)."""
-    image = image.crop(largest_center_crop_box(image.width, image.height))
-    image = image.resize((img_size, img_size), Image.BILINEAR)
-    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
-    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return (x - m) / s
-
-
-def preprocess_labels(labels: np.ndarray, img_size: int) -> torch.Tensor:
-    """Crop and nearest-resize the label map exactly like the image -> (S, S) int64."""
-    h, w = labels.shape
-    im = Image.fromarray(labels).crop(largest_center_crop_box(w, h))
-    im = im.resize((img_size, img_size), Image.NEAREST)
-    return torch.from_numpy(np.asarray(im, dtype=np.uint8).astype(np.int64))
-
-
-def reduce_labels(labels: torch.Tensor, patch_size: int, num_classes: int, reduction: str) -> torch.Tensor:
-    """Official ``ReduceAnnotation`` on an (S, S) id map; pixels beyond the last whole patch are dropped.
-
-    * ``union``  -> (g, g, C) uint8 multi-hot of the classes in each patch; class 0 (unlabelled) stays on
-      only when it is the patch's only class.
-    * ``majority`` -> (g, g) int64: the most frequent id, ties to the smallest id.
-    * ``global-union`` -> (C,) uint8 multi-hot of every class in the (patch-grid) image, 0 included.
-    """
-    g = labels.shape[0] // patch_size
-    gw = labels.shape[1] // patch_size
-    region = labels[: g * patch_size, : gw * patch_size]
-    patches = region.reshape(g, patch_size, gw, patch_size).permute(0, 2, 1, 3).reshape(g * gw, -1)
-    counts = torch.zeros(g * gw, num_classes, dtype=torch.int64)
-    counts.scatter_add_(1, patches, torch.ones_like(patches))
-    if reduction == "union":
-        present = counts > 0
-        present[present.sum(1) > 1, 0] = False
-        return present.to(torch.uint8).reshape(g, gw, num_classes)
-    if reduction == "majority":
-        return counts.argmax(1).reshape(g, gw)  # argmax returns the first maximum: ties -> smallest id
-    if reduction == "global-union":
-        return (counts.sum(0) > 0).to(torch.uint8)
-    raise ConfigError(f"label_reduction {reduction!r} is not one of {list(LABEL_REDUCTIONS)}")
-
-
-class PatchSegData(Dataset):
-    """(normalised image, reduced target) pairs of one split; ``labels_only`` skips image decoding."""
-
-    def __init__(self, reader: PairedSegmentationFolder, num_classes: int, img_size: int, patch_size: int,
-                 mean: tuple[float, ...], std: tuple[float, ...], reduction: str) -> None:
-        self.reader = reader
-        self.num_classes = num_classes
-        self.img_size = img_size
-        self.patch_size = patch_size
-        self.mean, self.std = mean, std
-        self.reduction = reduction
-        self.labels_only = False
-
-    def __len__(self) -> int:
-        return len(self.reader)
-
-    def target(self, index: int, labels: np.ndarray) -> torch.Tensor:
-        if labels.size and int(labels.max()) >= self.num_classes:
-            raise DataError(f"{self.reader.annotation_paths[index]}: label id {int(labels.max())} out of range "
-                            f"for {self.num_classes} classes; check that the maps are the dataset's id maps")
-        return reduce_labels(preprocess_labels(labels, self.img_size), self.patch_size, self.num_classes,
-                             self.reduction)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.labels_only:
-            return torch.zeros(0), self.target(index, self.reader.load_labels(index))
-        image, labels = self.reader[index]
-        return preprocess_image(image, self.img_size, self.mean, self.std), self.target(index, labels)
+        if self.class_set not in COCO_CLASS_SETS:
+            raise ConfigError(f"patchseg config: class_set={self.class_set!r} is not one of {sorted(COCO_CLASS_SETS)}")
+        if self.class_set != "all" and self.dataset != "coco":
+            raise ConfigError(f"patchseg config: class_set={self.class_set!r} exists only for coco; use "
+                              f"class_set: all for {self.dataset}")
+        if self.skip_blocks < 0 or self.size_buckets < 0:
+            raise ConfigError("patchseg config: skip_blocks and size_buckets must be >= 0")
 
 
 def open_split(cfg: PatchSegConfig, data_root: Path, split: str) -> tuple[PairedSegmentationFolder, int]:
     limit = cfg.max_train_items if split == "train" else cfg.max_val_items
-    if cfg.dataset == "coco":
-        return CocoStuffPatchSegDataset(data_root, split, max_items=limit), COCO_NUM_CLASSES
-    return ADE20KSegmentation(data_root, split, max_items=limit), ADE_NUM_CLASSES_WITH_OTHER
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Features and heads
-# ----------------------------------------------------------------------------------------------------------
-
-def feature_mode(head: str, reduction: str, num_prefix_tokens: int) -> str:
-    """Which tokens the backbone hands to the head (official ``prepare_backbone``)."""
-    if head in ("linear", "mlp"):
-        if reduction == "global-union":
-            return "keep_prefix" if num_prefix_tokens > 0 else "mean"
-        return "keep_suffix"
-    return "keep_all"
-
-
-def extract_features(backbone: nn.Module, images: torch.Tensor, mode: str) -> torch.Tensor:
-    """``forward_features`` (tokens after the final norm) cut to ``mode`` -> (B, T, D)."""
-    tokens = backbone.forward_features(images)
-    prefix = int(getattr(backbone, "num_prefix_tokens", 0))
-    if mode == "keep_all":
-        return tokens
-    if mode == "keep_suffix":
-        return tokens[:, prefix:]
-    if mode == "keep_prefix":
-        return tokens[:, :prefix].mean(dim=1, keepdim=True)
-    if mode == "mean":
-        return tokens.mean(dim=1, keepdim=True)
-    raise ValueError(f"unknown feature mode {mode!r}")
-
-
-class MLPHead(nn.Module):
-    """Official ``MLP``: Linear - GELU - Linear per token."""
-
-    def __init__(self, in_dim: int, hidden: int, out_dim: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(in_dim, hidden)
-        self.gelu = nn.GELU()
-        self.fc2 = nn.Linear(hidden, out_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.gelu(self.fc1(x)))
-
-
-class TransformerHead(nn.Module):
-    """Official ``Transformer`` head: learned PE N(0, 0.02) over all tokens, LN, timm Blocks (qkv_bias
-    False, LayerScale 0.01, mlp_ratio 4, no dropout), LN, Linear; output patch tokens (``keep_suffix``),
-    the prefix mean (``keep_prefix``) or the token mean (``mean``)."""
-
-    def __init__(self, embed_dim: int, num_heads: int, num_classes: int, num_tokens: int,
-                 num_prefix_tokens: int, mode: str, num_layers: int) -> None:
-        super().__init__()
-        self.num_prefix_tokens = num_prefix_tokens
-        self.mode = mode
-        self.pos_embed = nn.Parameter(torch.randn(num_tokens, embed_dim) * 0.02)
-        self.norm_pre = nn.LayerNorm(embed_dim)
-        self.blocks = nn.Sequential(*[
-            Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=4, qkv_bias=False, qk_norm=False,
-                  init_values=0.01, proj_drop=0.0, attn_drop=0.0, drop_path=0.0, norm_layer=nn.LayerNorm,
-                  act_layer=nn.GELU, mlp_layer=Mlp)
-            for _ in range(num_layers)])
-        self.norm = nn.LayerNorm(embed_dim)
-        self.head = nn.Linear(embed_dim, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.head(self.norm(self.blocks(self.norm_pre(x + self.pos_embed))))
-        if self.mode == "keep_suffix":
-            return x[:, self.num_prefix_tokens:]
-        if self.mode == "keep_prefix":
-            return x[:, : self.num_prefix_tokens].mean(dim=1, keepdim=True)
-        return x.mean(dim=1, keepdim=True)
+    return open_patchseg_split(cfg.dataset, cfg.class_set, data_root, split, limit)
 
 
 def build_head(cfg: PatchSegConfig, embed_dim: int, num_heads: int, num_prefix_tokens: int, num_patches: int,
@@ -273,105 +150,6 @@ def build_head(cfg: PatchSegConfig, embed_dim: int, num_heads: int, num_prefix_t
         mode = "keep_suffix"
     return TransformerHead(embed_dim, num_heads, num_classes, num_patches + num_prefix_tokens,
                            num_prefix_tokens, mode, cfg.num_layers)
-
-
-def _train_mode_is_stochastic(module: nn.Module) -> bool:
-    """True if ``train()`` mode makes the forward random or batch-dependent (caching would not be exact)."""
-    for m in module.modules():
-        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
-            return True
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            return True
-        if float(getattr(m, "drop_prob", 0.0) or 0.0) > 0:  # timm DropPath
-            return True
-        if type(m).__name__ == "PatchDropout" and float(getattr(m, "prob", 0.0)) > 0:
-            return True
-    return False
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Batches of features: cached in memory or streamed through the backbone
-# ----------------------------------------------------------------------------------------------------------
-
-class FeatureSource:
-    """Yields (features, targets) for given index batches; the same batches in cached or streamed form."""
-
-    def __init__(self, data: PatchSegData, backbone: nn.Module, mode: str, train_mode: bool, device: torch.device,
-                 autocast: Callable[[], AbstractContextManager[Any]], batch_size: int, num_workers: int, cache: bool,
-                 cache_dtype: torch.dtype, desc: str) -> None:
-        self.data = data
-        self.backbone = backbone
-        self.mode = mode
-        self.train_mode = train_mode
-        self.device = device
-        self.autocast = autocast
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.desc = desc
-        self.features: torch.Tensor | None = None
-        self.targets: torch.Tensor | None = None
-        if cache:
-            self._fill_cache(cache_dtype)
-
-    def _forward(self, images: torch.Tensor) -> torch.Tensor:
-        self.backbone.train(self.train_mode)
-        with torch.no_grad(), self.autocast():
-            return extract_features(self.backbone, images.to(self.device, non_blocking=True), self.mode)
-
-    def _loader(self, batches: list[list[int]]) -> DataLoader:
-        return DataLoader(self.data, batch_sampler=batches, num_workers=self.num_workers,
-                          pin_memory=self.device.type == "cuda")
-
-    def _fill_cache(self, dtype: torch.dtype) -> None:
-        n = len(self.data)
-        order = list(range(n))
-        batches = [order[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
-        pos = 0
-        for images, targets in tqdm(self._loader(batches), desc=f"{self.desc} features", disable=None,
-                                    leave=False):
-            feats = self._forward(images).to("cpu", dtype)
-            if self.features is None:
-                self.features = torch.empty((n, *feats.shape[1:]), dtype=dtype)
-                self.targets = torch.empty((n, *targets.shape[1:]), dtype=targets.dtype)
-            self.features[pos:pos + len(feats)] = feats
-            self.targets[pos:pos + len(feats)] = targets
-            pos += len(feats)
-
-    @property
-    def cached(self) -> bool:
-        return self.features is not None
-
-    def iterate(self, batches: list[list[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.features is not None and self.targets is not None:
-            for b in batches:
-                idx = torch.as_tensor(b, dtype=torch.long)
-                yield (self.features[idx].to(self.device, non_blocking=True),
-                       self.targets[idx].to(self.device, non_blocking=True))
-            return
-        for images, targets in self._loader(batches):
-            yield self._forward(images), targets.to(self.device, non_blocking=True)
-
-    def all_targets(self) -> Iterator[torch.Tensor]:
-        """Every target once (for class statistics), without decoding images when streaming."""
-        if self.targets is not None:
-            yield self.targets
-            return
-        self.data.labels_only = True
-        try:
-            n = len(self.data)
-            batches = [list(range(i, min(n, i + self.batch_size))) for i in range(0, n, self.batch_size)]
-            for _, targets in self._loader(batches):
-                yield targets
-        finally:
-            self.data.labels_only = False
-
-
-def estimate_cache_bytes(n_items: int, mode: str, num_patches: int, num_prefix: int, dim: int,
-                         dtype: torch.dtype, reduction: str, num_classes: int) -> int:
-    """Host memory of a split's cached tokens plus targets (union targets are (patches x classes) bytes)."""
-    tokens = {"keep_all": num_patches + num_prefix, "keep_suffix": num_patches}.get(mode, 1)
-    target = {"union": num_patches * num_classes, "majority": num_patches * 8}.get(reduction, num_classes)
-    return n_items * (tokens * dim * torch.empty(0, dtype=dtype).element_size() + target)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -424,7 +202,7 @@ def _seed_everything(seed: int) -> None:
 
 
 def _scalar_metrics(m: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in m.items() if k != "per_class"}
+    return {k: v for k, v in m.items() if k not in ("per_class", "size_stratified")}
 
 
 def _per_class_lists(m: dict[str, Any]) -> dict[str, list[Any]]:
@@ -438,6 +216,8 @@ def evaluate_head(head: nn.Module, source: FeatureSource, cfg: PatchSegConfig, n
     head.eval()
     meter = MulticlassConfusion(num_classes) if cfg.label_reduction == "majority" else \
         MultilabelConfusion(num_classes, cfg.threshold)
+    sizes = SizeUnionConfusion(cfg.size_buckets, cfg.threshold) \
+        if cfg.label_reduction == "union" and cfg.size_buckets > 0 else None
     n = len(source.data)
     batches = [list(range(i, min(n, i + cfg.batch_size))) for i in range(0, n, cfg.batch_size)]
     total_loss, total = 0.0, 0
@@ -450,10 +230,13 @@ def evaluate_head(head: nn.Module, source: FeatureSource, cfg: PatchSegConfig, n
                 meter.update(logits[:, 0], targets)
             else:
                 meter.update(logits, targets)
+            if sizes is not None:
+                sizes.update(logits, targets)
             total_loss += loss.item() * len(feats)
             total += len(feats)
     out = meter.compute()
     out["loss"] = total_loss / max(total, 1)
+    out["size_stratified"] = None if sizes is None else sizes.compute()
     return out
 
 
@@ -473,13 +256,15 @@ def run_patchseg(backbone: nn.Module, data_root: Path, cfg: PatchSegConfig, out_
     dev = torch.device(device)
     _seed_everything(cfg.seed)
 
+    if cfg.full_finetune or cfg.skip_blocks:  # both change the module: work on a copy
+        backbone = prune_blocks(copy.deepcopy(backbone), cfg.skip_blocks)
     info = backbone_info(backbone)
-    # The caller's module is used in place (no copy: ViT-H is large); its flags are restored on exit.
+    # Otherwise the caller's module is used in place (no copy: ViT-H is large); its flags are restored on exit.
     was_training = backbone.training
     grad_flags = [p.requires_grad for p in backbone.parameters()]
     backbone.to(dev)
     for p in backbone.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(cfg.full_finetune)
     try:
         return _run(backbone, data_root, cfg, out_dir, dev, info, t0)
     finally:
@@ -514,10 +299,11 @@ def _run(backbone: nn.Module, data_root: Path, cfg: PatchSegConfig, out_dir: Pat
                               f"batch_size or raise max_train_items")
         nbytes = estimate_cache_bytes(len(data), mode, num_patches, info.num_prefix_tokens, info.embed_dim,
                                       cache_dtype, cfg.label_reduction, num_classes)
-        cache = (cfg.cache_features and nbytes <= cfg.feature_cache_max_gb * 2**30
+        cache = (cfg.cache_features and not cfg.full_finetune and nbytes <= cfg.feature_cache_max_gb * 2**30
                  and not (train_mode and _train_mode_is_stochastic(backbone)))
         sources[split] = FeatureSource(data, backbone, mode, train_mode, dev, autocast, cfg.batch_size,
-                                       cfg.num_workers, cache, cache_dtype, split)
+                                       cfg.num_workers, cache, cache_dtype, split,
+                                       grad=cfg.full_finetune and train_mode)
         cache_used[split] = sources[split].cached
 
     n_train = len(sources["train"].data)
@@ -532,7 +318,9 @@ def _run(backbone: nn.Module, data_root: Path, cfg: PatchSegConfig, out_dir: Pat
         weight = class_weights(sources["train"], cfg.label_reduction, num_classes,
                                cfg.class_balance_max_weight).to(dev)
 
-    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # official: one AdamW over backbone + head parameters with --full-finetune, the head's alone otherwise
+    params = [*backbone.parameters(), *head.parameters()] if cfg.full_finetune else list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=cfg.min_lr, t_in_epochs=False,
                                   warmup_t=cfg.warmup_steps)  # warmup_lr_init=0: warm-up from 0
     shuffle = torch.Generator().manual_seed(cfg.seed)
@@ -593,6 +381,10 @@ def _run(backbone: nn.Module, data_root: Path, cfg: PatchSegConfig, out_dir: Pat
         "best_epoch": best_epoch,
         "epochs": epochs,
         "per_class": _per_class_lists(best_full),
+        "size_stratified": best_full.get("size_stratified"),
+        "class_set": cfg.class_set,
+        "skip_blocks": cfg.skip_blocks,
+        "full_finetune": cfg.full_finetune,
         "num_classes": num_classes,
         "num_train": n_train,
         "num_val": len(sources["val"].data),

@@ -24,6 +24,7 @@ from densessl.config import DATA_DISPLAY, EVALUATIONS, METHOD_DISPLAY, Config, R
 from densessl.io import read_json, write_json, write_text
 from densessl.models.backbones import ARCH_DISPLAY
 from densessl.models.variants import VARIANT_DISPLAY
+from densessl.protocol_names import protocol_base
 from densessl.report.code_versions import summarise as summarise_code_versions
 from densessl.report.uncertainty import paired_standard_error
 
@@ -36,17 +37,22 @@ REPORTED_METRICS: dict[str, list[str]] = {
     "linear_ade20k": ["mIoU", "mAcc", "aAcc"],
     "davis2017": ["JF_mean", "J_mean", "F_mean"],
     "inat19_finetune": ["top1", "top5"],
+    "knn_imagenet": ["knn_top1", "knn_top5"],
+    "linear_imagenet": ["linear_top1", "final_top1"],
 }
+REPORTED_METRICS["patchseg_coco_things"] = REPORTED_METRICS["patchseg_coco"]
 # What a reader needs to read a protocol's columns (reference/protocols/patchseg.md "Pitfall": report both means).
 PATCHSEG_NOTE = ("macro_f1 and macro_precision are the official benchmark's plain means over valid classes: a valid "
                  "class the head never predicts has precision 0/0, which makes both NaN (shown as –). The _nanmean "
                  "columns leave such classes out. macro_recall, the headline, has no such case.")
-PROTOCOL_NOTES: dict[str, str] = {"patchseg_coco": PATCHSEG_NOTE, "patchseg_ade20k": PATCHSEG_NOTE}
+PROTOCOL_NOTES: dict[str, str] = {"patchseg_coco": PATCHSEG_NOTE, "patchseg_ade20k": PATCHSEG_NOTE,
+                                  "patchseg_coco_things": PATCHSEG_NOTE}
 NOT_APPLICABLE = "n/a"  # a protocol that cannot evaluate this backbone family (Config.applies)
 # Diagnostics shown after the metrics, without margins: not scores (evaluate/feature_stats.py says why).
 DIAGNOSTICS: dict[str, list[str]] = {
     "patchseg_coco": ["feature_effective_rank"],
     "patchseg_ade20k": ["feature_effective_rank"],
+    "patchseg_coco_things": ["feature_effective_rank"],
 }
 
 
@@ -93,8 +99,12 @@ def published_value(tables: list[dict[str, Any]], protocol: str, run: Run, metri
     protocol_file = EVALUATIONS[protocol]["protocol_file"]
     # the paper's row names neither our epochs suffix (matched below) nor "released" (the paper's own weights)
     method, arch, data = display(dataclasses.replace(run, epochs=None, released=False))
+    # a table that names rows its own way (the DINO README: "DINO (released)", "ImageNet") maps ours onto them
+    aliases = EVALUATIONS[protocol].get("row_aliases", {}).get("released" if run.released else "trained", {})
+    method, arch, data = aliases.get((method, arch, data), (method, arch, data))
     for table in tables:
-        if table.get("protocol") != protocol_file or metric not in table.get("columns", []):
+        named = table.get("id") in EVALUATIONS[protocol].get("paper_tables", ())  # e.g. the DINO README table
+        if (table.get("protocol") != protocol_file and not named) or metric not in table.get("columns", []):
             continue
         for row in table.get("rows", []):
             if (row.get("method"), row.get("arch"), row.get("pretrain_data")) != (method, arch, data):
@@ -131,8 +141,9 @@ def build_report(cfg: Config) -> Path:
     summary_columns: list[str] = []
     summary_cells: dict[str, dict[str, str]] = {}
     for protocol in cfg.evaluations:
-        metrics = REPORTED_METRICS[protocol]
-        shown = metrics + DIAGNOSTICS.get(protocol, [])
+        base = protocol_base(protocol)  # a Patch-Seg grid point reports as its base protocol
+        metrics = REPORTED_METRICS[base]
+        shown = metrics + DIAGNOSTICS.get(base, [])
         rows: list[tuple[Run, dict[str, Any]]] = []
         for run in cfg.all_runs:
             if not cfg.applies(protocol, run):
@@ -159,7 +170,7 @@ def build_report(cfg: Config) -> Path:
                 summary_cells.setdefault(run.id, {})[protocol] = _summary_cell(cfg, rows, run, values, metrics[0],
                                                                                protocol)
         title = f"{EVALUATIONS[protocol]['title']} (`{protocol}`)"
-        note = PROTOCOL_NOTES.get(protocol)
+        note = PROTOCOL_NOTES.get(base)
         sections_md.append(_md_section(title, header, body, margins, metrics, note))
         sections_html.append(_html_section(title, header, body, margins, metrics, note))
 

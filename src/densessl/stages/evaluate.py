@@ -13,7 +13,7 @@ from densessl.checkpoints.io import load_backbone
 from densessl.config import EVALUATIONS, Config
 from densessl.data.manifest import data_root
 from densessl.errors import ConfigError
-from densessl.io import read_json, sha256_file, write_json
+from densessl.io import read_json, sha256_file, write_json, write_text
 from densessl.methods.base import build_dataclass
 from densessl.models.backbones import ResNetTokens, as_token_backbone, backbone_info
 
@@ -21,7 +21,7 @@ KEEP_OUTPUTS = {"davis2017"}
 # Protocols that train for hours at paper scale: their runners take ``state_path`` and resume a preempted run
 # from it (the state lives next to metrics.json, which is the stage's only declared output, so neither
 # Snakemake nor DVC removes it between attempts; the runner deletes it once the metrics exist).
-RESUMABLE = {"linear_ade20k", "inat19_finetune"}
+RESUMABLE = {"linear_ade20k", "inat19_finetune", "linear_imagenet"}
 TRAIN_STATE_NAME = "train_state.pt"
 
 # The official DAVIS evaluator reports fractions; the papers' tables (paper_tables.yaml) print percent under
@@ -36,8 +36,23 @@ def percent_aliases(protocol: str, metrics: dict[str, Any]) -> dict[str, Any]:
     return {alias: 100.0 * float(metrics[key]) for alias, key in _DAVIS_PERCENT.items() if key in metrics}
 
 
+def write_patchseg_csv(protocol: str, metrics: dict[str, Any], backbone: str, folder: Path) -> Path | None:
+    """Patch-Seg only: the official ``results/outputs-{dataset}.csv`` (header + this run's row) next to
+    metrics.json; the report concatenates them per dataset."""
+    if EVALUATIONS[protocol]["settings"] != "patchseg":
+        return None
+    from densessl.evaluate.patchseg import csv_header, csv_row
+
+    path = folder / f"outputs-{metrics['dataset']}.csv"
+    write_text(path, csv_header() + csv_row(metrics, backbone))
+    return path
+
+
 def _protocol(protocol: str) -> tuple[type, Any]:
-    if protocol in ("patchseg_coco", "patchseg_ade20k"):
+    if protocol not in EVALUATIONS:
+        raise ConfigError(f"unknown evaluation {protocol!r}; choose one of {sorted(EVALUATIONS)} or a Patch-Seg "
+                          f"grid point such as patchseg_coco.majority-mlp")
+    if EVALUATIONS[protocol]["settings"] == "patchseg":
         from densessl.evaluate.patchseg import PatchSegConfig, run_patchseg
 
         return PatchSegConfig, run_patchseg
@@ -53,6 +68,14 @@ def _protocol(protocol: str) -> tuple[type, Any]:
         from densessl.evaluate.inat_finetune import InatFinetuneConfig, run_inat_finetune
 
         return InatFinetuneConfig, run_inat_finetune
+    if protocol == "knn_imagenet":
+        from densessl.evaluate.knn import KnnConfig, run_knn
+
+        return KnnConfig, run_knn
+    if protocol == "linear_imagenet":
+        from densessl.evaluate.linear_cls import LinearClsConfig, run_linear_cls
+
+        return LinearClsConfig, run_linear_cls
     raise ConfigError(f"unknown evaluation {protocol!r}; choose one of {sorted(EVALUATIONS)}")
 
 
@@ -65,8 +88,7 @@ def run_evaluate(cfg: Config, protocol: str, run_id: str, device: str | None = N
         raise ConfigError(f"evaluate {protocol}: the protocol takes {families} backbones, and {run.id} is a "
                           f"{run.arch}; the DAG skips this pair and the report shows n/a")
     settings = cfg.eval_settings(protocol)
-    if protocol.startswith("patchseg_"):  # one settings block, two datasets
-        settings["dataset"] = EVALUATIONS[protocol]["dataset"]
+    settings.update(EVALUATIONS[protocol].get("fixed", {}))  # one patchseg block: the name fixes dataset, grid point
     eval_cfg = build_dataclass(config_cls, settings, f"evaluate.{EVALUATIONS[protocol]['settings']}")
     backbone_path = cfg.backbone(run)
     backbone, meta = load_backbone(backbone_path)
@@ -79,6 +101,7 @@ def run_evaluate(cfg: Config, protocol: str, run_id: str, device: str | None = N
     resume = {"state_path": out.parent / TRAIN_STATE_NAME} if protocol in RESUMABLE else {}
     metrics = runner(backbone, data_root(manifest), eval_cfg, keep, device=device, **resume)
     metrics.update(percent_aliases(protocol, metrics))
+    write_patchseg_csv(protocol, metrics, run.id, out.parent)
     write_json(out, {
         "protocol": protocol, "run": run.id, "method": run.method, "arch": run.arch, "pretrain_data": run.data,
         "settings": settings, "metrics": metrics,
@@ -102,8 +125,7 @@ def run_evaluate_timm(cfg: Config, protocol: str, model_name: str, pretrained: b
     started = time.time()
     config_cls, runner = _protocol(protocol)
     settings = cfg.eval_settings(protocol)
-    if protocol.startswith("patchseg_"):
-        settings["dataset"] = EVALUATIONS[protocol]["dataset"]
+    settings.update(EVALUATIONS[protocol].get("fixed", {}))
     eval_cfg = build_dataclass(config_cls, settings, f"evaluate.{EVALUATIONS[protocol]['settings']}")
     if img_size is not None and img_size < 1:
         raise ConfigError(f"--img-size {img_size}: must be a positive number of pixels (e.g. 224)")
@@ -127,6 +149,7 @@ def run_evaluate_timm(cfg: Config, protocol: str, model_name: str, pretrained: b
     keep = Path(out).parent / "results" if protocol in KEEP_OUTPUTS else None
     metrics = runner(backbone, data_root(manifest), eval_cfg, keep, device=device)
     metrics.update(percent_aliases(protocol, metrics))
+    write_patchseg_csv(protocol, metrics, model_name, Path(out).parent)
     write_json(Path(out), {
         "protocol": protocol, "timm_model": model_name, "pretrained": pretrained, "settings": settings,
         # The backbone as built: native input size and its timm mean/std (Patch-Seg, the linear probe and iNat
