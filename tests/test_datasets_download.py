@@ -148,10 +148,11 @@ TINY_COUNTS = {
 
 
 def _override(dataset: str, archives: dict[str, bytes], **file_changes) -> dict:
-    files = [{"name": n, "size": len(b), "sha256": hashlib.sha256(b).hexdigest(), "md5": None,
-              **file_changes.get(n, {})} for n, b in archives.items()]
-    counts = [{"split": s, "expected": n} for s, n in TINY_COUNTS[dataset].items()]
-    return {dataset: {"files": files, "counts": counts}}
+    """Catalog entries for the synthetic archives: their sizes and checksums, the tiny counts."""
+    out = _override_counts(dataset, archives, TINY_COUNTS[dataset])
+    for f in out[dataset]["files"]:
+        f.update(file_changes.get(f["name"], {}))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -450,3 +451,62 @@ def test_a_count_mismatch_after_preparation_stops_before_the_marker(server, synt
 def test_status_lists_absent_files_without_a_root():
     rows = status(load_catalog(), {})
     assert all(not f["present"] and not f["verified"] for r in rows for f in r["files"])
+
+
+def _imagenet_archives(syn: Path, tmp: Path) -> dict[str, bytes]:
+    """ILSVRC 2012 as distributed: a train tar of per-class tars, a flat val tar, a devkit with meta.mat."""
+    import numpy as np
+    import scipy.io
+
+    wnids = sorted(p.name for p in (syn / "train").iterdir())
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as outer:
+        for w in wnids:
+            inner = _tar(syn / "train" / w, "", list((syn / "train" / w).iterdir()), gz=False)
+            info = tarfile.TarInfo(f"{w}.tar")
+            info.size = len(inner)
+            outer.addfile(info, io.BytesIO(inner))
+    train = buf.getvalue()
+    val_images = sorted((syn / "val").glob("*/*.JPEG"))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for i, p in enumerate(val_images):
+            tf.add(p, f"ILSVRC2012_val_{i + 1:08d}.JPEG")
+    val = buf.getvalue()
+    ids = {w: i + 1 for i, w in enumerate(wnids)}
+    dt = [("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("gloss", "O"), ("num_children", "O")]
+    synsets = np.zeros((len(wnids) + 1,), dtype=dt)
+    for w, i in ids.items():
+        synsets[i - 1] = (i, w, w, "", 0)
+    synsets[-1] = (len(wnids) + 1, "n00000000", "entity", "", 3)  # an inner node of the hierarchy: no images
+    data = tmp / "ILSVRC2012_devkit_t12" / "data"
+    data.mkdir(parents=True)
+    scipy.io.savemat(str(data / "meta.mat"), {"synsets": synsets})
+    (data / "ILSVRC2012_validation_ground_truth.txt").write_text("".join(f"{ids[p.parent.name]}\n" for p in val_images))
+    devkit = _tar(tmp, "", [data / "meta.mat", data / "ILSVRC2012_validation_ground_truth.txt"], gz=True)
+    return {"ILSVRC2012_img_train.tar": train, "ILSVRC2012_img_val.tar": val, "ILSVRC2012_devkit_t12.tar.gz": devkit}
+
+
+def test_placed_imagenet_archives_are_expanded_and_val_sorted_into_class_folders(tmp_path):
+    syn = tmp_path / "syn"
+    synthesize("imagenet", syn, "tiny", 0)
+    archives = _imagenet_archives(syn, tmp_path / "devkit-src")
+    root = tmp_path / "imagenet"
+    for name, data in archives.items():  # placed directly in the root, as users often do
+        root.mkdir(exist_ok=True)
+        (root / name).write_bytes(data)
+    override = _override_counts("imagenet", archives, {"train": 16, "val": 8})
+    ensure_dataset("imagenet", root, catalog=load_catalog(override))
+    expected = sorted(p.relative_to(syn).as_posix() for p in (syn / "train").glob("*/*.JPEG"))
+    assert sorted(p.relative_to(root).as_posix() for p in (root / "train").glob("*/*.JPEG")) == expected
+    assert not list((root / "train").glob("*.tar"))
+    # every validation image lands in the folder of its class, with the same bytes
+    for p in sorted((syn / "val").glob("*/*.JPEG")):
+        matches = [q for q in (root / "val" / p.parent.name).iterdir() if q.read_bytes() == p.read_bytes()]
+        assert len(matches) == 1
+
+
+def _override_counts(dataset: str, archives: dict[str, bytes], counts: dict[str, int]) -> dict:
+    files = [{"name": n, "size": len(b), "sha256": hashlib.sha256(b).hexdigest(), "md5": None}
+             for n, b in archives.items()]
+    return {dataset: {"files": files, "counts": [{"split": s, "expected": n} for s, n in counts.items()]}}

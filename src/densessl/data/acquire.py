@@ -181,8 +181,9 @@ def status(catalog: dict[str, DatasetSpec], roots: dict[str, str | None]) -> lis
                 entry["md5"] = f.md5
             path = _located(f, root, downloads) if root and downloads else None
             entry["present"] = path is not None
-            entry["verified"] = bool(path and _sidecar_valid(path)) or bool(
-                marker and any(r["name"] == f.name for r in marker.get("files", [])))
+            # verified = checked against the published checksum (a file without one is only ever "present")
+            entry["verified"] = f.checksum is not None and (bool(path and _sidecar_valid(path, f.checksum)) or bool(
+                marker and any(r["name"] == f.name and r["published_checksum"] for r in marker.get("files", []))))
             files.append(entry)
         out.append({"name": name, "title": ds.title, "manual": ds.manual, "homepage": ds.homepage,
                     "root": str(root) if root else None, "prepared": marker is not None,
@@ -190,13 +191,17 @@ def status(catalog: dict[str, DatasetSpec], roots: dict[str, str | None]) -> lis
     return out
 
 
-def _sidecar_valid(path: Path) -> bool:
+def _sidecar_valid(path: Path, checksum: tuple[str, str]) -> bool:
     sidecar = path.with_name(path.name + VERIFIED_SUFFIX)
     if not sidecar.is_file():
         return False
-    seen = json.loads(sidecar.read_text(encoding="utf-8"))
+    try:
+        seen = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
     st = path.stat()
-    return (seen.get("size"), seen.get("mtime_ns")) == (st.st_size, st.st_mtime_ns)
+    return (seen.get("size"), seen.get("mtime_ns"), seen.get("algorithm"), seen.get("digest")) == (
+        st.st_size, st.st_mtime_ns, checksum[0], checksum[1])
 
 
 def format_status(rows: list[dict[str, Any]]) -> str:
