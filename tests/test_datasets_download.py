@@ -510,3 +510,36 @@ def _override_counts(dataset: str, archives: dict[str, bytes], counts: dict[str,
     files = [{"name": n, "size": len(b), "sha256": hashlib.sha256(b).hexdigest(), "md5": None}
              for n, b in archives.items()]
     return {dataset: {"files": files, "counts": [{"split": s, "expected": n} for s, n in counts.items()]}}
+
+
+def test_imagenet21k_class_archives_are_expanded_into_train(tmp_path):
+    syn = tmp_path / "syn"
+    synthesize("imagenet", syn, "tiny", 0)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as outer:
+        for d in sorted((syn / "train").iterdir()):
+            inner = _tar(d, "", list(d.iterdir()), gz=False)
+            info = tarfile.TarInfo(f"winter21_whole/{d.name}.tar")
+            info.size = len(inner)
+            outer.addfile(info, io.BytesIO(inner))
+    archives = {"winter21_whole.tar.gz": buf.getvalue()}
+    root = tmp_path / "in21k"
+    (root / ".densessl-downloads").mkdir(parents=True)
+    (root / ".densessl-downloads" / "winter21_whole.tar.gz").write_bytes(archives["winter21_whole.tar.gz"])
+    classes = len(list((syn / "train").iterdir()))
+    ensure_dataset("imagenet21k", root, catalog=load_catalog(_override_counts("imagenet21k", archives,
+                                                                              {"train": classes})))
+    assert sorted(p.relative_to(root / "train").as_posix() for p in (root / "train").glob("*/*.JPEG")) == sorted(
+        p.relative_to(syn / "train").as_posix() for p in (syn / "train").glob("*/*.JPEG"))
+
+
+def test_an_extracted_copy_without_archives_is_counted_not_downloaded(server, synthetic, tmp_path):
+    import shutil
+
+    handler, base = server
+    root = tmp_path / "ade"
+    shutil.copytree(synthetic["ade20k"], root)
+    archives = _official_archives("ade20k", synthetic["ade20k"])
+    marker = ensure_dataset("ade20k", root, mirror=base, catalog=load_catalog(_override("ade20k", archives)))
+    assert marker["archives_verified"] is False and marker["counts"]["validation"] == 6
+    assert handler.requests == []

@@ -106,14 +106,13 @@ def ensure_dataset(name: str, root: str | Path, mirror: str | None = None, catal
     started = time.time()
 
     located = {f.name: _located(f, root, downloads) for f in ds.files}
-    prepared_by_hand = False
-    if ds.manual:
-        missing = [f for f in ds.files if located[f.name] is None]
-        if missing and len(missing) == len(ds.files) and ds.counts and _layout_present(ds, root):
-            prepared_by_hand = True  # an already extracted copy (common on clusters): counted, not re-verified
-            log.info(f"{name}: no archives under {downloads} but {root} holds the prepared layout; checking counts")
-        elif missing:
-            raise DataError(manual_message(ds, root, downloads, missing))
+    missing = [f for f in ds.files if located[f.name] is None]
+    # an already extracted copy without its archives (common on clusters): counted, not re-downloaded
+    prepared_by_hand = len(missing) == len(ds.files) and bool(ds.counts) and _layout_present(ds, root)
+    if prepared_by_hand:
+        log.info(f"{name}: no archives under {downloads} but {root} holds the prepared layout; checking counts")
+    elif ds.manual and missing:
+        raise DataError(manual_message(ds, root, downloads, missing))
 
     files: list[dict[str, Any]] = []
     if not prepared_by_hand:

@@ -106,7 +106,6 @@ def _extract_tar(archive: Path, target: Path, compressed: bool, interval: float)
                 members = tf.getmembers()
                 for m in members:
                     _check_tar_member(archive, root, m)
-                raw.seek(0)
             last = 0
             with tf:
                 for m in members:
