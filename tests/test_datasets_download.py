@@ -543,3 +543,29 @@ def test_an_extracted_copy_without_archives_is_counted_not_downloaded(server, sy
     marker = ensure_dataset("ade20k", root, mirror=base, catalog=load_catalog(_override("ade20k", archives)))
     assert marker["archives_verified"] is False and marker["counts"]["validation"] == 6
     assert handler.requests == []
+
+
+def test_the_data_stage_downloads_with_data_download_true(server, synthetic, tmp_path, monkeypatch):
+    """The DAG's data rule runs `densessl data`, which runs the same code as `densessl download`."""
+    from densessl.config import load_config
+    from densessl.data import acquire
+    from densessl.stages.data import run_data
+
+    handler, base = server
+    archives = _official_archives("davis", synthetic["davis"])
+    _serve(handler, "davis", archives)
+    catalog = load_catalog(_override("davis", archives))
+    monkeypatch.setattr(acquire, "load_catalog", lambda *a, **k: catalog)
+    cfg_file = tmp_path / "config.yaml"
+    root = tmp_path / "davis"
+    cfg_file.write_text(yaml.safe_dump({"preset": "paper", "results_dir": str(tmp_path / "results"),
+                                        "data": {"download": True, "mirror": base, "roots": {"davis": str(root)}}}))
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    manifest = json.loads(run_data(load_config([cfg_file]), "davis").read_text())
+    assert [p for p, _ in handler.requests] == list(handler.files)
+    assert manifest["verified_files"][0]["digest"] == hashlib.sha256(
+        archives["DAVIS-2017-trainval-480p.zip"]).hexdigest()
+    assert manifest["prepared_counts"] == {"train": 1, "val": 2, "sequences": 3}
+    from densessl.data.davis import resolve_davis_root
+
+    assert resolve_davis_root(root) == root / "DAVIS"

@@ -86,11 +86,15 @@ def verify_file(path: Path, checksum: tuple[str, str] | None, size: int | None, 
     label = label or str(path)
     stat = path.stat()
     where = f" (catalog: {source})" if source else ""
-    if size is not None and stat.st_size != size:
-        if checksum is None:  # a size is all that identifies the file: a wrong size is a wrong file
-            bad = _set_aside(path, f"size{stat.st_size}")
-            raise DataError(f"{label}: size is {stat.st_size:,} bytes, expected {size:,}{where}; the file was moved "
-                            f"aside to {bad} (not used); download or place it again")
+    if size is not None and stat.st_size != size:  # a wrong size is a wrong file, whatever its hash
+        hashes = ""
+        if checksum is not None:
+            actual = file_digest(path, checksum[0], interval=interval)
+            hashes = f"; {ALGORITHM_NAMES.get(checksum[0], checksum[0])} is {actual}, expected {checksum[1].lower()}"
+        path.with_name(path.name + VERIFIED_SUFFIX).unlink(missing_ok=True)
+        bad = _set_aside(path, f"size{stat.st_size}")
+        raise DataError(f"{label}: size is {stat.st_size:,} bytes, expected {size:,}{hashes}{where}; the file was "
+                        f"moved aside to {bad} (not used). Check the address or --mirror, then rerun to fetch it again")
     if checksum is None:
         return None
     algorithm, expected = checksum[0], checksum[1].lower()
