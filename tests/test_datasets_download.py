@@ -192,6 +192,10 @@ def test_catalog_has_every_dataset_with_addresses_sizes_and_published_checksums(
             assert {"name", "url", "size"} <= set(f) and ("sha256" in f or "md5" in f or f["size"] is None
                                                           or "no published checksum" in f["source"])
     assert {r["name"]: r["manual"] for r in rows}["cityscapes"] is True
+    assert main(["datasets"]) == 0
+    table = capsys.readouterr().out
+    assert "cityscapes — Cityscapes, fine annotations [manual download]" in table
+    assert "VOCtrainval_11-May-2012.tar" in table and "md5 6cd6e144f989b92b3379bac3b3de84fd  [absent]" in table
 
 
 # ---------------------------------------------------------------------------------------------- full flow
@@ -412,6 +416,7 @@ def test_a_manual_dataset_not_placed_names_the_files_the_folder_and_the_verify_c
     assert "1d675b47d978889d74fa0da5fadfb00e" in message and "image-net.org" in message
     assert f"python -m densessl download --dataset imagenet --root {root}" in message
     assert handler.requests == []  # nothing is fetched for a manual dataset
+    assert not root.exists()  # and nothing is written
     assert main(["download", "--dataset", "cityscapes", "--root", str(tmp_path / "cs")]) == 2
 
 

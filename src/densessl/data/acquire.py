@@ -100,9 +100,6 @@ def ensure_dataset(name: str, root: str | Path, mirror: str | None = None, catal
         log.info(f"{name}: {root} is complete (marker {marker_path})")
         return marker
     downloads = Path(downloads).resolve() if downloads else root / DOWNLOADS
-    root.mkdir(parents=True, exist_ok=True)
-    state = root / STATE
-    state.mkdir(exist_ok=True)
     started = time.time()
 
     located = {f.name: _located(f, root, downloads) for f in ds.files}
@@ -113,6 +110,8 @@ def ensure_dataset(name: str, root: str | Path, mirror: str | None = None, catal
         log.info(f"{name}: no archives under {downloads} but {root} holds the prepared layout; checking counts")
     elif ds.manual and missing:
         raise DataError(manual_message(ds, root, downloads, missing))
+    state = root / STATE
+    state.mkdir(parents=True, exist_ok=True)
 
     files: list[dict[str, Any]] = []
     if not prepared_by_hand:
@@ -214,5 +213,5 @@ def format_status(rows: list[dict[str, Any]]) -> str:
             check = (f"sha256 {f['sha256']}" if "sha256" in f else f"md5 {f['md5']}" if "md5" in f
                      else "no published checksum")
             flag = "verified" if f["verified"] else ("present" if f["present"] else "absent")
-            lines.append(f"  {f['name']:<36} {size:>10}  {check}  [{flag}]")
+            lines.append(f"  {f['name']:<34} {size:>18}  {check}  [{flag}]")
     return "\n".join(lines)
