@@ -574,3 +574,37 @@ def test_the_data_stage_downloads_with_data_download_true(server, synthetic, tmp
     from densessl.data.davis import resolve_davis_root
 
     assert resolve_davis_root(root) == root / "DAVIS"
+
+
+def _voc_tar(images: list[Path], year: str, split: str) -> bytes:
+    """A VOCdevkit/VOC<year> tar (the official archives' layout) holding ``images`` and a Main/<split> list."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        def add(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(f"VOCdevkit/VOC{year}/{name}")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+        for p in images:
+            add(f"JPEGImages/{p.name}", p.read_bytes())
+            add(f"Annotations/{p.stem}.xml", f"<annotation><filename>{p.name}</filename></annotation>".encode())
+        add(f"ImageSets/Main/{split}.txt", "".join(f"{p.stem}\n" for p in images).encode())
+    return buf.getvalue()
+
+
+def test_voc_tars_checked_by_their_published_md5_merge_into_vocdevkit(server, synthetic, tmp_path):
+    handler, base = server
+    jpgs = sorted((synthetic["coco"] / "images" / "train2017").glob("*.jpg"))
+    archives = {"VOCtrainval_06-Nov-2007.tar": _voc_tar(jpgs[:3], "2007", "trainval"),
+                "VOCtest_06-Nov-2007.tar": _voc_tar(jpgs[3:5], "2007", "test"),
+                "VOCtrainval_11-May-2012.tar": _voc_tar(jpgs[5:], "2012", "trainval")}
+    _serve(handler, "voc", archives)
+    override = {"voc": {"files": [{"name": n, "size": len(b), "md5": hashlib.md5(b).hexdigest()}
+                                  for n, b in archives.items()],
+                        "counts": [{"split": "2007-trainval", "expected": 3}, {"split": "2007-test", "expected": 2},
+                                   {"split": "2012-trainval", "expected": len(jpgs) - 5}]}}
+    catalog = load_catalog(override)
+    assert catalog["voc"].file("VOCtest_06-Nov-2007.tar").checksum[0] == "md5"
+    marker = ensure_dataset("voc", tmp_path / "voc", mirror=base, catalog=catalog)
+    assert {f["algorithm"] for f in marker["files"]} == {"md5"}
+    assert len(list((tmp_path / "voc" / "VOCdevkit" / "VOC2007" / "JPEGImages").iterdir())) == 5
