@@ -35,7 +35,8 @@ ALL = ("imagenet", "imagenet21k", "coco", "ade20k", "davis", "inat", "lvis", "ci
 # ---------------------------------------------------------------------------------------------- test server
 class _Handler(http.server.BaseHTTPRequestHandler):
     """Files by path with single-range support; ``faults[path]`` is a list of what the next requests get:
-    "cut" (headers for the whole file, half the bytes, connection closed) or an HTTP status code."""
+    "cut" (headers for the whole file, half the bytes, connection closed), "cut-ignoring-range" (the same
+    from byte 0 whatever the Range header) or an HTTP status code."""
 
     files: dict[str, bytes] = {}
     faults: dict[str, list] = {}
@@ -56,6 +57,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if isinstance(fault, int):
             self.send_error(fault)
             return
+        if fault == "cut-ignoring-range":  # a server without Range support that drops the connection
+            rng, fault = None, "cut"
         start = int(rng.split("=")[1].split("-")[0]) if rng else 0
         if start >= len(data) and rng:
             self.send_response(416)
@@ -272,6 +275,18 @@ def test_a_transfer_cut_in_the_middle_is_resumed_with_a_range_request(server, sy
     half = len(archives["ADEChallengeData2016.zip"]) // 2
     assert handler.requests == [(path, None), (path, f"bytes={half}-")]
     assert (tmp_path / "ade" / MARKER).is_file()
+
+
+def test_a_server_that_ignores_range_and_keeps_cutting_fails_after_the_retries(server, synthetic, tmp_path):
+    handler, base = server
+    archives = _official_archives("ade20k", synthetic["ade20k"])
+    _serve(handler, "ade20k", archives)
+    path = next(iter(handler.files))
+    handler.faults[path] = ["cut-ignoring-range"] * 10
+    with pytest.raises(DataError, match=r"download failed after 3 retries \(connection closed after"):
+        ensure_dataset("ade20k", tmp_path / "ade", mirror=base, catalog=load_catalog(_override("ade20k", archives)),
+                       retries=3, backoff=0.01)
+    assert len(handler.requests) == 5  # the first try grew the file; then 4 tries that did not
 
 
 def test_a_rerun_continues_an_interrupted_transfer_and_skips_finished_steps(server, synthetic, tmp_path):

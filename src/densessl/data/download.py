@@ -181,18 +181,15 @@ def _transfer(url: str, part: Path, timeout: float, interval: float, label: str)
                 f.flush()
                 os.fsync(f.fileno())
         except (http.client.HTTPException, ConnectionError, TimeoutError, OSError) as exc:
-            raise _Retryable(f"connection lost after {start + got:,} bytes ({exc.__class__.__name__})",
-                             progressed=got > 0) from exc
+            raise _Retryable(f"connection lost after {start + got:,} bytes ({exc.__class__.__name__})") from exc
         if length is not None and got < length:
-            raise _Retryable(f"connection closed after {start + got:,} of {total:,} bytes", progressed=got > 0)
+            raise _Retryable(f"connection closed after {start + got:,} of {total:,} bytes")
         progress.finish()
     return True
 
 
 class _Retryable(Exception):
-    def __init__(self, message: str, progressed: bool = False) -> None:
-        super().__init__(message)
-        self.progressed = progressed
+    """A fault worth another try (lost connection, timeout, HTTP 408/425/429/5xx)."""
 
 
 def download(url: str, dest: str | os.PathLike[str], checksum: tuple[str, str] | None = None,
@@ -211,11 +208,15 @@ def download(url: str, dest: str | os.PathLike[str], checksum: tuple[str, str] |
     part = dest.with_name(dest.name + ".part")
     failures = 0
     while True:
+        before = part.stat().st_size if part.is_file() else 0
         try:
             _transfer(url, part, timeout, interval, dest.name)
             break
         except _Retryable as exc:
-            failures = 0 if exc.progressed else failures + 1
+            # a try that grew the .part file resets the count (a server that ignores Range and cuts the
+            # connection every time never does, so it cannot loop forever)
+            grew = part.is_file() and part.stat().st_size > before
+            failures = 0 if grew else failures + 1
             if failures > retries:
                 raise DataError(f"{url}: download failed after {retries} retries ({exc}); check the address and the "
                                 f"network, then rerun (the transfer resumes from {part})") from exc
