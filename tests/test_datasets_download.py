@@ -623,3 +623,26 @@ def test_voc_tars_checked_by_their_published_md5_merge_into_vocdevkit(server, sy
     marker = ensure_dataset("voc", tmp_path / "voc", mirror=base, catalog=catalog)
     assert {f["algorithm"] for f in marker["files"]} == {"md5"}
     assert len(list((tmp_path / "voc" / "VOCdevkit" / "VOC2007" / "JPEGImages").iterdir())) == 5
+
+
+def test_lvis_json_zips_and_links_to_the_coco_images(server, tmp_path):
+    import shutil
+
+    handler, base = server
+    syn = tmp_path / "syn"
+    synthesize("lvis", syn, "tiny", 0)
+    archives = {f"{n}.zip": _zip(syn, "", [syn / n]) for n in ("lvis_v1_train.json", "lvis_v1_val.json")}
+    _serve(handler, "lvis", archives)
+    coco = tmp_path / "coco"
+    for split in ("train2017", "val2017"):
+        shutil.copytree(syn / split, coco / "images" / split)
+    override = _override_counts("lvis", archives, {"train": 8, "val": 4})
+    root = tmp_path / "lvis"
+    marker = ensure_dataset("lvis", root, mirror=base, catalog=load_catalog(override), coco_root=coco)
+    assert marker["counts"] == {"train": 8, "val": 4}
+    assert (root / "train2017").resolve() == (coco / "images" / "train2017").resolve()
+    # a COCO root missing an image the annotations name is refused
+    victim = sorted((coco / "images" / "val2017").iterdir())[0]
+    victim.unlink()
+    with pytest.raises(DataError, match=r"1 of its \d+ images are not under"):
+        ensure_dataset("lvis", root, catalog=load_catalog(override), coco_root=coco)

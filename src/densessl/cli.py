@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--downloads", type=Path, default=None,
                    help="folder for the archives (default <root>/.densessl-downloads)")
     p.add_argument("--catalog", type=Path, default=None, help="a YAML laid over the built-in catalog")
+    p.add_argument("--coco-root", type=Path, default=None,
+                   help="lvis only: a prepared COCO root; its images/{train2017,val2017} are linked into the LVIS root")
     p.add_argument("--retries", type=int, default=5, help="retries in a row per file (default 5)")
     p.add_argument("--log-interval", type=float, default=10.0, help="seconds between progress lines (default 10)")
 
@@ -157,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             from densessl.data.catalog import load_catalog
 
             marker = ensure_dataset(args.dataset, args.root, mirror=args.mirror, catalog=load_catalog(args.catalog),
-                                    downloads=args.downloads, retries=args.retries, interval=args.log_interval)
+                                    downloads=args.downloads, retries=args.retries, interval=args.log_interval,
+                                    coco_root=args.coco_root)
             print(f"{args.dataset}: complete under {marker['root']}; counts {marker['counts']}")
         elif args.stage == "datasets":
             _print_datasets(args)

@@ -28,7 +28,7 @@ from typing import Any
 from densessl.data.catalog import DatasetSpec, FileSpec, dataset_spec, load_catalog
 from densessl.data.download import VERIFIED_SUFFIX, download, identify, verify_file
 from densessl.data.extract import extract
-from densessl.data.prepare import PREPARERS
+from densessl.data.prepare import PREPARERS, link_coco_images
 from densessl.data.progress import human_bytes
 from densessl.errors import DataError
 from densessl.io import read_json, write_json
@@ -90,14 +90,18 @@ def check_counts(ds: DatasetSpec, root: Path) -> dict[str, int]:
 
 def ensure_dataset(name: str, root: str | Path, mirror: str | None = None, catalog: dict[str, DatasetSpec] | None = None,
                    downloads: str | Path | None = None, retries: int = 5, backoff: float = 2.0,
-                   interval: float = 10.0) -> dict[str, Any]:
-    """Bring dataset ``name`` to its prepared, verified layout under ``root``; return the completion marker."""
+                   interval: float = 10.0, coco_root: str | Path | None = None) -> dict[str, Any]:
+    """Bring dataset ``name`` to its prepared, verified layout under ``root``; return the completion marker.
+
+    ``coco_root`` (LVIS only): a prepared COCO root whose images the LVIS root links to."""
     ds = dataset_spec(name, catalog if catalog is not None else load_catalog())
     root = Path(root).expanduser().resolve()
     marker_path = root / MARKER
     if marker_path.is_file():
         marker = read_json(marker_path)
         log.info(f"{name}: {root} is complete (marker {marker_path})")
+        if name == "lvis" and coco_root is not None:  # links may be asked for after the fact (idempotent)
+            link_coco_images(root, Path(coco_root).expanduser().resolve())
         return marker
     downloads = Path(downloads).resolve() if downloads else root / DOWNLOADS
     started = time.time()
@@ -144,6 +148,8 @@ def ensure_dataset(name: str, root: str | Path, mirror: str | None = None, catal
         if not prep_done.is_file():
             log.info(f"{name}: preparing ({ds.prepare})")
             write_json(prep_done, {"prepare": ds.prepare, "result": PREPARERS[ds.prepare](root, interval=interval)})
+    if name == "lvis" and coco_root is not None:
+        link_coco_images(root, Path(coco_root).expanduser().resolve())
 
     counts = check_counts(ds, root)
     marker = {"dataset": name, "title": ds.title, "root": str(root), "files": files,

@@ -186,6 +186,33 @@ def prepare_imagenet21k(root: Path, interval: float = 10.0) -> dict[str, int]:
     return {"classes": expand_class_tars(train, "ImageNet-21k", interval)}
 
 
+def link_coco_images(lvis_root: Path, coco_root: Path) -> dict[str, int]:
+    """LVIS v1 annotates COCO 2017 images: link ``<lvis>/{train2017,val2017}`` to the prepared COCO root's
+    ``images/{train2017,val2017}`` (the layout mmdet's ``LVISV1Dataset`` and detectron2 read: the file is the
+    ``coco_url`` path, and LVIS val images come from COCO train2017 too), then check that every image the two
+    json files name is there."""
+    import json
+
+    for split in ("train2017", "val2017"):
+        source = coco_root / "images" / split
+        if not source.is_dir():
+            raise DataError(f"{source}: not found; prepare COCO first (python -m densessl download --dataset coco "
+                            f"--root {coco_root}) or give the COCO root that holds images/{split}")
+        link = lvis_root / split
+        if not link.exists():
+            link.symlink_to(source.resolve(), target_is_directory=True)
+    out = {}
+    for name in ("lvis_v1_train.json", "lvis_v1_val.json"):
+        images = json.loads((lvis_root / name).read_text(encoding="utf-8"))["images"]
+        rel = [im["coco_url"].split("images.cocodataset.org/", 1)[-1] for im in images]
+        missing = [r for r in rel if not (lvis_root / r).is_file()]
+        if missing:
+            raise DataError(f"{lvis_root / name}: {len(missing)} of its {len(rel)} images are not under {lvis_root} "
+                            f"(e.g. {missing[:3]}); the COCO root {coco_root} is incomplete")
+        out[name] = len(rel)
+    return out
+
+
 PREPARERS = {
     "extract": lambda root, interval=10.0: {},
     "coco": prepare_coco,

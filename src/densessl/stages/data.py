@@ -40,7 +40,8 @@ def run_data(cfg: Config, dataset: str) -> Path:
         if settings.get("download"):
             from densessl.data.acquire import ensure_dataset
 
-            ensure_dataset(dataset, root, mirror=d.get("mirror"))
+            coco = (d.get("roots") or {}).get("coco") if dataset == "lvis" else None
+            ensure_dataset(dataset, root, mirror=d.get("mirror"), coco_root=coco)
         from densessl.data.acquire import read_marker
 
         marker = read_marker(root)
