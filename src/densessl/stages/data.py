@@ -48,7 +48,8 @@ def run_data(cfg: Config, dataset: str) -> Path:
         source = {"synthetic": False,
                   "verified_files": [{k: f[k] for k in ("name", "size", "algorithm", "digest", "published_checksum")}
                                      for f in marker["files"]] if marker else None,
-                  "prepared_counts": marker["counts"] if marker else None}
+                  "prepared_counts": marker["counts"] if marker else None,
+                  "archives_verified": marker.get("archives_verified") if marker else None}
     check_layout(dataset, root)
     # A root inside the results folder is stored relative to the manifest, so results can be moved or shared.
     root = root.resolve()
