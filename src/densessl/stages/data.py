@@ -36,14 +36,12 @@ def run_data(cfg: Config, dataset: str) -> Path:
             raise ConfigError(f"data.roots.{dataset} is not set: the {cfg.preset} preset reads real data; "
                               f"add 'data: {{roots: {{{dataset}: /path/to/{dataset}}}}}' to config.yaml")
         root = Path(settings["root"]).expanduser().resolve()
+        from densessl.data.acquire import ensure_dataset, read_marker
+
         d = cfg.data.get("data", {})
         if settings.get("download"):
-            from densessl.data.acquire import ensure_dataset
-
             coco = (d.get("roots") or {}).get("coco") if dataset == "lvis" else None
             ensure_dataset(dataset, root, mirror=d.get("mirror"), coco_root=coco)
-        from densessl.data.acquire import read_marker
-
         marker = read_marker(root)
         source = {"synthetic": False,
                   "verified_files": [{k: f[k] for k in ("name", "size", "algorithm", "digest", "published_checksum")}
