@@ -218,6 +218,7 @@ def format_status(rows: list[dict[str, Any]]) -> str:
             size = human_bytes(f["size"]) if f["size"] else "size not published"
             check = (f"sha256 {f['sha256']}" if "sha256" in f else f"md5 {f['md5']}" if "md5" in f
                      else "no published checksum")
-            flag = "verified" if f["verified"] else ("present" if f["present"] else "absent")
+            flag = ("verified" if f["present"] else "verified, archive since deleted") if f["verified"] else (
+                "present" if f["present"] else "absent")
             lines.append(f"  {f['name']:<34} {size:>18}  {check}  [{flag}]")
     return "\n".join(lines)
