@@ -35,7 +35,7 @@ def test_bad_enum_names_field_and_allowed_values(tmp_path):
 
 def test_unknown_field_lists_allowed_fields(tmp_path):
     path = write(tmp_path, {"data": {"synthetc": True}})
-    with pytest.raises(ConfigError, match=r"data: .*synthetc.*allowed fields here: roots, synthetic"):
+    with pytest.raises(ConfigError, match=r"data: .*synthetc.*allowed fields here: download, mirror, roots, synthetic,"):
         load_config([path], root=REPO)
 
 

@@ -1,7 +1,8 @@
 """`python -m densessl <stage>`: the single entry point that Snakemake rules and DVC stages both call.
 
-Stages: data, pretrain, convert, evaluate, report; plus `doctor` (checks the environment) and
-`data synthesize` (write a synthetic dataset anywhere, outside the DAG).
+Stages: data, pretrain, convert, evaluate, report; plus `doctor` (checks the environment),
+`synthesize` (write a synthetic dataset anywhere, outside the DAG), `download` (fetch, verify, extract and
+prepare a real dataset) and `datasets` (the dataset catalog and what is present under the configured roots).
 """
 
 from __future__ import annotations
@@ -34,6 +35,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--size", default="smoke", choices=["tiny", "smoke"])
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("download", help="download (or verify manually placed files), extract and prepare one real "
+                                        "dataset; reruns continue where they stopped")
+    p.add_argument("--dataset", required=True, help="a name from `densessl datasets`")
+    p.add_argument("--root", required=True, type=Path, help="the dataset root to fill (data.roots.<dataset>)")
+    p.add_argument("--mirror", default=None, metavar="URL",
+                   help="scheme://host[/prefix] that serves the official paths (same checksums)")
+    p.add_argument("--downloads", type=Path, default=None,
+                   help="folder for the archives (default <root>/.densessl-downloads)")
+    p.add_argument("--catalog", type=Path, default=None, help="a YAML laid over the built-in catalog")
+    p.add_argument("--coco-root", type=Path, default=None,
+                   help="lvis only: a prepared COCO root; its images/{train2017,val2017} are linked into the LVIS root")
+    p.add_argument("--retries", type=int, default=5, help="retries in a row per file (default 5)")
+    p.add_argument("--log-interval", type=float, default=10.0, help="seconds between progress lines (default 10)")
+
+    p = sub.add_parser("datasets", help="list every dataset: files, sizes, checksums, manual or not, and what is "
+                                        "present and verified under the configured roots")
+    p.add_argument("--config", action="append", default=None, metavar="FILE",
+                   help="config file(s) whose data.roots are inspected (default: config.yaml when present)")
+    p.add_argument("--preset", choices=["smoke", "paper"], default=None)
+    p.add_argument("--catalog", type=Path, default=None, help="a YAML laid over the built-in catalog")
+    p.add_argument("--json", action="store_true", help="print JSON (a list of datasets) instead of a table")
 
     p = sub.add_parser("pretrain", help="pretrain one run (resumes from its checkpoint if present)")
     _add_common(p)
@@ -101,6 +124,22 @@ def doctor() -> None:
           f"(CUDA {'available: ' + torch.cuda.get_device_name(0) if cuda else 'not available, CPU'})")
 
 
+def _print_datasets(args: argparse.Namespace) -> None:
+    import json
+
+    from densessl.data.acquire import format_status, status
+    from densessl.data.catalog import load_catalog
+
+    roots: dict = {}
+    if args.config or Path("config.yaml").is_file():
+        from densessl.config import load_config
+
+        cfg = load_config(args.config or ["config.yaml"], preset=args.preset)
+        roots = dict((cfg.data.get("data", {}) or {}).get("roots") or {})
+    rows = status(load_catalog(args.catalog), roots)
+    print(json.dumps(rows, indent=2) if args.json else format_status(rows))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -115,6 +154,16 @@ def main(argv: list[str] | None = None) -> int:
             from densessl.stages.data import run_data
 
             print(run_data(_config(args), args.dataset))
+        elif args.stage == "download":
+            from densessl.data.acquire import ensure_dataset
+            from densessl.data.catalog import load_catalog
+
+            marker = ensure_dataset(args.dataset, args.root, mirror=args.mirror, catalog=load_catalog(args.catalog),
+                                    downloads=args.downloads, retries=args.retries, interval=args.log_interval,
+                                    coco_root=args.coco_root)
+            print(f"{args.dataset}: complete under {marker['root']}; counts {marker['counts']}")
+        elif args.stage == "datasets":
+            _print_datasets(args)
         elif args.stage == "pretrain":
             from densessl.stages.pretrain import pretrain_nproc, run_pretrain
             from densessl.train.launch import launch

@@ -255,6 +255,9 @@ class Config:
         settings: dict[str, Any] = {"synthetic": bool(d.get("synthetic", False)),
                                     "size": d.get("synthetic_size", "smoke"), "seed": int(d.get("synthetic_seed", 0)),
                                     "root": (d.get("roots") or {}).get(dataset)}
+        if not settings["synthetic"]:
+            # the mirror is left out: it changes where bytes come from, not which bytes (same checksums)
+            settings["download"] = bool(d.get("download", False))
         if settings["synthetic"]:
             from densessl.data.synthetic import DATASETS, GENERATOR_VERSION, PRESETS
 

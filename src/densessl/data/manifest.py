@@ -25,6 +25,10 @@ EXPECTED_LAYOUT: dict[str, list[str]] = {
                "ADEChallengeData2016/annotations/training", "ADEChallengeData2016/annotations/validation"],
     "davis": ["DAVIS/JPEGImages/480p", "DAVIS/Annotations/480p", "DAVIS/ImageSets/2017"],
     "inat": [],  # train2019.json / val2019.json + train_val2019/ images: checked by data/inat.py on load
+    "imagenet21k": ["train"],
+    "lvis": [],  # lvis_v1_{train,val}.json; images are COCO 2017's
+    "cityscapes": ["leftImg8bit/train", "leftImg8bit/val", "gtFine/train", "gtFine/val"],
+    "voc": ["VOCdevkit/VOC2007", "VOCdevkit/VOC2012"],
 }
 
 
@@ -42,7 +46,9 @@ def check_layout(dataset: str, root: Path) -> None:
 
 
 def fingerprint(root: Path) -> dict[str, Any]:
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".densessl"))
+    # densessl's own records (completion marker, state, downloaded archives) are not dataset content
+    files = sorted(p for p in root.rglob("*") if p.is_file()
+                   and not any(part.startswith(".densessl") for part in p.relative_to(root).parts))
     total = sum(p.stat().st_size for p in files)
     listing = hashlib.sha256()
     content = hashlib.sha256() if total <= FULL_HASH_LIMIT_BYTES else None

@@ -1,4 +1,10 @@
-"""Data stage: synthesise (smoke) or check (paper) a dataset, then write its manifest."""
+"""Data stage: synthesise (smoke) or get and check (paper) a dataset, then write its manifest.
+
+At paper scale with ``data.download: true`` the stage runs the same code as ``densessl download`` (download or
+verify, extract, prepare, count) into the configured root first. Either way, a root prepared by densessl has a
+completion marker whose verified archive checksums the manifest records, so provenance and DVC carry the real
+data's identity and not only a file listing.
+"""
 
 from __future__ import annotations
 
@@ -30,7 +36,18 @@ def run_data(cfg: Config, dataset: str) -> Path:
             raise ConfigError(f"data.roots.{dataset} is not set: the {cfg.preset} preset reads real data; "
                               f"add 'data: {{roots: {{{dataset}: /path/to/{dataset}}}}}' to config.yaml")
         root = Path(settings["root"]).expanduser().resolve()
-        source = {"synthetic": False}
+        from densessl.data.acquire import ensure_dataset, read_marker
+
+        d = cfg.data.get("data", {})
+        if settings.get("download"):
+            coco = (d.get("roots") or {}).get("coco") if dataset == "lvis" else None
+            ensure_dataset(dataset, root, mirror=d.get("mirror"), coco_root=coco)
+        marker = read_marker(root)
+        source = {"synthetic": False,
+                  "verified_files": [{k: f[k] for k in ("name", "size", "algorithm", "digest", "published_checksum")}
+                                     for f in marker["files"]] if marker else None,
+                  "prepared_counts": marker["counts"] if marker else None,
+                  "archives_verified": marker.get("archives_verified") if marker else None}
     check_layout(dataset, root)
     # A root inside the results folder is stored relative to the manifest, so results can be moved or shared.
     root = root.resolve()
