@@ -281,18 +281,15 @@ class LOCANetwork(nn.Module):
     def encode(self, images: torch.Tensor, keep: torch.Tensor | None = None, use_pe: bool = True) -> torch.Tensor:
         """Patch tokens after ``encoder_norm``; tokens not in ``keep`` are dropped after the PE, before the blocks.
 
-        The learned PE is resized bilinearly (with antialiasing, as ``jax.image.resize``) for other grids.
+        The learned PE is resized by the backbone's ``pos_resample`` rule (``'scenic'``: bilinear with
+        antialiasing, as ``jax.image.resize`` in ``ToTokenSequence``) for other grids.
         """
         bb = self.backbone
         x = bb.patch_embed(images)  # (B, H, W, D): dynamic_img_size keeps the grid
         b, h, w, d = x.shape
-        if use_pe:  # official use_pe=False ('pe_not_in_use') adds no PE at all
-            pos = bb.pos_embed.reshape(1, *self.native_grid, d)
-            if (h, w) != self.native_grid:
-                pos = F.interpolate(pos.permute(0, 3, 1, 2), size=(h, w), mode="bilinear", align_corners=False,
-                                    antialias=True).permute(0, 2, 3, 1)
-            x = x + pos
         x = x.reshape(b, h * w, d)
+        if use_pe:  # official use_pe=False ('pe_not_in_use') adds no PE at all
+            x = x + bb.resampled_pos_embed(h, w)  # the backbone's rule: 'scenic' for LOCA's variant
         if keep is not None:
             x = gather_tokens(x, keep)
         x = bb.norm_pre(x)
