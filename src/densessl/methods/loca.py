@@ -83,6 +83,9 @@ class LOCAConfig:
     blur_probs: tuple[float, float, float] = (1.0, 0.1, 0.5)  # random_blur(1.0) / (0.1) / (0.5) arguments
     blur_sigma: tuple[float, float] = (0.1, 2.0)              # ops.random_blur: sigma ~ U(0.1, 2.0)
     solarize_prob: float = 0.2            # random_solarize(0.2), query0 only
+    # "official": targets from ops.py's 14×14 id map carried through TF nearest resizes (loca_views.py);
+    # "centres": the reference patch under each query patch's exact centre.
+    position_targets: str = "official"
     # Released checkpoints hold `teacher_weights` (EMA, loca.md §4): the teacher is what the paper evaluates.
     export_weights: str = "teacher"       # teacher | student
 
@@ -368,7 +371,7 @@ class LOCA(PretrainMethod):
             focal=CropRecipe(c.focal_size, c.focal_scale, c.flip_prob, focal_blur),
             num_focal=c.num_focal_queries,
             jitter=c.color_jitter, jitter_prob=c.color_jitter_prob, grayscale_prob=c.grayscale_prob,
-            blur=c.blur, blur_sigma=c.blur_sigma,
+            blur=c.blur, blur_sigma=c.blur_sigma, position_targets=c.position_targets,
         )
 
     def _keep(self, n_tokens: int, keep: int, selection: str, batch: int, device: torch.device) -> torch.Tensor:
