@@ -76,7 +76,9 @@ def test_gtsa_learns_rotation_and_correspondence(tmp_path):
     direction; chance 1/4) and what the other view shows at the same place. The rotation accuracy of the last
     steps must be well above chance, and the crop loss — −cos between the student's predictor map and the
     teacher's projector map on corresponding RoI cells, −1 for perfect agreement — must fall from about 0
-    to below −0.5."""
+    to below −0.5 (measured: rotation accuracy 0.81, crop loss 0.03 → −0.59). Not shown at this scale: that
+    a cell is much more similar to its own counterpart than to other cells of the overlap (0.60 of cell
+    pairs ranked right after training, 0.56 at initialisation, chance 0.5), so it is not asserted."""
     method = GTSA("vit-tiny-p8", GTSA_TINY, epochs=6)
     logs = train(method, position_images(96), tmp_path, epochs=6, batch=16, lr=2e-3)
     rot_acc = float(np.mean([r["rot_acc"] for r in logs[-8:]]))
@@ -94,9 +96,9 @@ CLOVE_TINY = dict(projector_hidden_dim=64, projector_out_dim=32, attn_heads=4, g
 def test_clove_positive_pairs_become_similar(tmp_path):
     """Position colours make CLoVE's matching solvable: a student cell and the teacher cells of the other
     global view that cover the same image region (its geometric positives) show the same colours. After
-    training, the positive-pair cosine rises from about 0 (measured −0.04 at initialisation, 0.30 trained)
+    training, the positive-pair cosine rises from about 0 (measured −0.11 at initialisation, 0.28 trained)
     and a cell's positives are more similar to it than a random non-positive cell of the other view (chance
-    0.5; measured 0.48 at initialisation, 0.60 trained)."""
+    0.5; measured 0.48 at initialisation, 0.61 trained)."""
     method = CLoVE("resnet-tiny", CLOVE_TINY, epochs=6)
     logs = train(method, position_images(96, size=64), tmp_path, epochs=6, batch=16, lr=2.0)
     assert float(np.mean([r["pos_cos"] for r in logs[-6:]])) > 0.15
@@ -131,7 +133,7 @@ def test_selfpatch_patches_match_their_neighbours(tmp_path):
     position colours the neighbourhood of a patch is unique in the image, so the student patch's prediction
     should be closest to the aggregate of its own neighbourhood among all patches of the image (a hit when
     the retrieved patch is the patch itself or one of its 8 neighbours; chance 9/36 on the 6×6 grid; measured
-    0.28 at initialisation, 0.53 trained)."""
+    0.19 at initialisation, 0.51 trained)."""
     method = SelfPatch("vit-tiny-p8", SELFPATCH_TINY, epochs=5)
     train(method, position_images(96), tmp_path, epochs=5, batch=16, lr=5e-3)
     batch = batch_of(method, position_images(32, seed=5))
@@ -173,7 +175,9 @@ DINO_TINY = dict(out_dim=256, hidden_dim=64, bottleneck_dim=16, global_size=32, 
 def test_dino_teacher_stays_clear_of_collapse_and_separates_classes(tmp_path):
     """DINO fails by collapse: a uniform teacher (per-image entropy → ln K) or one prototype for every image
     (entropy of the batch-mean → 0). On 8 image classes the trained teacher must be sharp per image and spread
-    over at least several prototypes, and its prototype assignment must tell the classes apart (chance 1/8)."""
+    over at least several prototypes, and its prototype assignment must not mix the classes (chance 1/8).
+    Measured: per-image entropy 1.60 (ln 256 = 5.55), batch-mean entropy 3.83, purity 0.75 over 31 used
+    prototypes (0.84 at initialisation: purity guards against collapse, it does not show learning)."""
     images, labels = class_images(128)
     method = DINO("vit-tiny-p8", DINO_TINY, epochs=6)
     logs = train(method, images, tmp_path, epochs=6, batch=16, lr=2e-3)
