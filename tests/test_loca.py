@@ -281,6 +281,9 @@ def test_views_shapes_grids_and_no_reference_flip_by_default(random_images):
     assert out["query0_positions"].min() >= -1 and out["query0_positions"].max() < 64
     assert not out["flips"][0]  # cropflip_generatemask(..., flip=False)
     assert out["boxes"].shape == (4, 4)
+    assert method.views().position_targets == "official"  # the ops.py id-map chain by default
+    with pytest.raises(ConfigError, match="position_targets"):
+        _method(position_targets="nearest")
 
 
 def test_tf_style_photometric_ops():

@@ -30,7 +30,7 @@ from torch import nn
 
 from densessl.errors import ConfigError
 from densessl.methods.base import PretrainMethod, build_dataclass, register
-from densessl.methods.loca_views import CropRecipe, LOCAViews
+from densessl.methods.loca_views import POSITION_TARGETS, CropRecipe, LOCAViews
 from densessl.models.backbones import backbone_info, create_backbone
 from densessl.models.variants import ARCH_VARIANTS, INIT_KWARGS
 
@@ -469,5 +469,8 @@ def _validate(cfg: LOCAConfig) -> None:
         raise ConfigError(f"{where}.num_focal_queries={cfg.num_focal_queries}: must be ≥ 0")
     if cfg.export_weights not in ("teacher", "student"):
         raise ConfigError(f"{where}.export_weights: {cfg.export_weights!r}; allowed values: teacher, student")
+    if cfg.position_targets not in POSITION_TARGETS:
+        raise ConfigError(f"{where}.position_targets: {cfg.position_targets!r}; allowed values: "
+                          f"{', '.join(POSITION_TARGETS)} (official: the ops.py id-map chain)")
     if cfg.blur not in ("code", "intended"):
         raise ConfigError(f"{where}.blur: {cfg.blur!r}; allowed values: code (as shipped: no blur), intended")
