@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms as T
 from PIL import Image
 from torch.utils.data import default_collate
 
@@ -88,6 +89,33 @@ def test_cell_centres_match_the_pixels_a_real_crop_holds(flip):
     cells = torch.nn.functional.avg_pool2d(crop[None, :2], 16)[0]  # (2, 4, 4) mean normalised coordinates
     torch.testing.assert_close(cells[0].flatten(), cx[0], atol=0.01, rtol=0)
     torch.testing.assert_close(cells[1].flatten(), cy[0], atol=0.01, rtol=0)
+
+
+def test_crop_box_conventions_hand_worked():
+    # a 40×30 crop at (left 10, top 5) of a 101×51 image
+    from densessl.data.views import crop_box
+
+    # PixPro/CLoVE RandomResizedCropCoord: (j/(W-1), i/(H-1), (j+w-1)/(W-1), (i+h-1)/(H-1))
+    assert crop_box(10, 5, 40, 30, 101, 51, "pixel_index") == pytest.approx([0.1, 0.1, 0.49, 0.68])
+    # pixel edges over the size: (10/101, 5/51, 50/101, 35/51)
+    assert crop_box(10, 5, 40, 30, 101, 51, "edges") == pytest.approx([10 / 101, 5 / 51, 50 / 101, 35 / 51])
+    with pytest.raises(ConfigError, match="box_convention"):
+        crop_box(10, 5, 40, 30, 101, 51, "corners")
+
+
+def test_clove_views_record_boxes_as_the_official_code(random_images):
+    views = get_method("clove")("resnet-tiny", TINY, epochs=1).views()
+    assert views.box_convention == "pixel_index"
+    image = random_images[0]
+    torch.manual_seed(0)
+    random.seed(0)
+    out = views(image)
+    # replay the first crop's parameters with the same seeds: the box is the official one
+    torch.manual_seed(0)
+    top, left, h, w = T.RandomResizedCrop.get_params(image, scale=views.crops[0].scale, ratio=(3 / 4, 4 / 3))
+    width, height = image.size
+    expected = [left / (width - 1), top / (height - 1), (left + w - 1) / (width - 1), (top + h - 1) / (height - 1)]
+    assert out["boxes"][0].tolist() == pytest.approx(expected, abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ loss

@@ -106,7 +106,7 @@ def test_every_method_runs_through_the_dag(tmp_path):
     for variant in ("SelfPatch", "LOCA"):  # each ViT variant has its own random-init rows
         assert ("random init (seed0)", f"ViT-Tiny/8 (smoke), {variant} variant") in rows
     loca = json.loads((tmp_path / "results/smoke/pretrain/loca/vit-tiny-p8-imagenet/backbone.json").read_text())
-    assert loca["arch_kwargs"] == {"class_token": False, "gelu_tanh": True}
+    assert loca["arch_kwargs"] == {"class_token": False, "gelu_tanh": True, "pos_resample": "scenic"}
 
 
 def test_dvc_yaml_matches_the_configuration():

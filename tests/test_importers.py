@@ -416,9 +416,10 @@ def loca_heads() -> dict:
             "position_predictor": {"kernel": z((D, GRID * GRID), np.float32), "bias": z(GRID * GRID, np.float32)}}
 
 
-def flax_vit_forward(tree: dict, x_nhwc: np.ndarray) -> torch.Tensor:
+def flax_vit_forward(tree: dict, x_nhwc: np.ndarray, posemb: np.ndarray | None = None) -> torch.Tensor:
     """ViT4LOCA encoder on flax tensors: nn.Conv (NHWC), learned PE, Encoder1DBlock (MHDPA einsums,
-    tanh GELU = flax nn.gelu default), encoder_norm (flax LayerNorm eps 1e-6)."""
+    tanh GELU = flax nn.gelu default), encoder_norm (flax LayerNorm eps 1e-6). ``posemb`` (1, h, w, D)
+    replaces ``posembed_input`` for inputs of another grid."""
     def t(a):
         return torch.from_numpy(np.asarray(a, dtype=np.float32))
 
@@ -430,9 +431,10 @@ def flax_vit_forward(tree: dict, x_nhwc: np.ndarray) -> torch.Tensor:
     x = t(x_nhwc)
     b = x.shape[0]
     tok = tree["ToTokenSequence_0"]
-    patches = x.reshape(b, GRID, P, GRID, P, 3)
+    gh, gw = x.shape[1] // P, x.shape[2] // P
+    patches = x.reshape(b, gh, P, gw, P, 3)
     h = torch.einsum("bipjqc,pqcd->bijd", patches, t(tok["embedding"]["kernel"])) + t(tok["embedding"]["bias"])
-    h = (h + t(tok["posembed_input"])).reshape(b, GRID * GRID, D)
+    h = (h + t(tok["posembed_input"] if posemb is None else posemb)).reshape(b, gh * gw, D)
     for i in range(DEPTH):
         blk = tree[f"encoderblock_{i}"]
         a = blk["MultiHeadDotProductAttention_0"]
@@ -539,3 +541,40 @@ def test_imported_variant_roundtrips_through_export(tmp_path, fmt):
     loaded, _ = load_backbone(out)
     x = _image(6)
     torch.testing.assert_close(_features(loaded.eval(), x), _features(model, x), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------- non-square inputs
+
+
+def test_imported_dino_tokens_at_a_non_square_size(tmp_path):
+    """A DINO-layout file at 48×64 px (6×8 grid, native 8×8): the tokens equal DINO's forward with the
+    positional embedding resampled by an independent implementation of interpolate_pos_encoding."""
+    from test_pos_embed import dino_reference
+
+    sd = official_vit_state(5)
+    path = tmp_path / "dino.pth"
+    torch.save(sd, path)
+    x = torch.randn(2, 3, 6 * P, 8 * P, generator=torch.Generator().manual_seed(3))
+    grid = dino_reference(sd["pos_embed"][0, 1:].reshape(GRID, GRID, D).double().numpy(), 6, 8)
+    pos = torch.cat([sd["pos_embed"][:, :1], torch.from_numpy(grid).float().reshape(1, 48, D)], dim=1)
+    expected = official_vit_forward({**sd, "pos_embed": pos}, x)
+    model = import_dino(path, ARCH)
+    torch.testing.assert_close(_features(model, x), expected, atol=ATOL, rtol=1e-5)
+    model.pos_resample = "timm"  # timm's exact-size antialiased bicubic differs visibly
+    assert (_features(model, x) - expected).abs().max() > 1e-3
+
+
+def test_imported_loca_tokens_at_a_non_square_size(tmp_path):
+    """A LOCA msgpack at 40×56 px (5×7 grid, native 8×8): tokens equal the flax forward with
+    jax.image.resize(posemb, (1, 5, 7, D), 'bilinear') computed independently (antialiased triangle)."""
+    from test_pos_embed import scenic_reference
+
+    tree = loca_tree(4)
+    path = tmp_path / "loca_vtiny"
+    _write_loca(path, tree)
+    x_nhwc = np.random.default_rng(2).standard_normal((2, 5 * P, 7 * P, 3)).astype(np.float32)
+    posemb = scenic_reference(tree["ToTokenSequence_0"]["posembed_input"][0].astype(np.float64), 5, 7)[None]
+    model = import_loca(path, ARCH)
+    assert model.pos_resample == "scenic"
+    ours = _features(model, torch.from_numpy(x_nhwc).permute(0, 3, 1, 2).contiguous())
+    torch.testing.assert_close(ours, flax_vit_forward(tree, x_nhwc, posemb), atol=ATOL, rtol=1e-5)

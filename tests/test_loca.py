@@ -28,6 +28,7 @@ from densessl.methods.loca_views import (
     LOCAViews,
     PixelBox,
     _scale_hsv_saturation,
+    official_positions,
     reference_positions,
     solarize,
 )
@@ -139,6 +140,103 @@ def test_positions_outside_the_reference_are_minus_one():
     assert reference_positions(query, 4, True, ref, 4).reshape(4, 4)[0].tolist() == [-1, -1, 3, 2]
 
 
+def test_official_positions_hand_worked():
+    # Reference crop 10×10 px at (3, 2), id grid 4; query crop 7×7 px at (5, 4) shown at 8 px, grid 2.
+    # TF nearest (half-pixel): out i reads min(floor((i + 0.5)·in/out), in − 1).
+    # grid → size 8: 4·(i + 0.5) → 2, 6; size → 7 crop px: floor(2.5·0.875) = 2, floor(6.5·0.875) = 5;
+    # source x 7, 10 → reference px 4, 7 → ids floor(4.5·0.4) = 1, floor(7.5·0.4) = 3. Rows likewise
+    # (source y 6, 9 → reference px 4, 7 → 1, 3). Targets: rows (1, 3) × cols (1, 3).
+    ref = PixelBox(left=3, top=2, width=10, height=10)
+    query = PixelBox(left=5, top=4, width=7, height=7)
+    assert official_positions(query, 8, 2, False, ref, 4).tolist() == [5, 7, 13, 15]
+    assert official_positions(query, 8, 2, True, ref, 4).tolist() == [7, 5, 15, 13]  # flip_with_mask
+    # exact centres (x 6.75, 10.25 → 0.375, 0.725 of the reference) read columns 1, 2 instead
+    assert reference_positions(query, 2, False, ref, 4).tolist() == [5, 6, 9, 10]
+    # query at x = 10: source x 12, 15 → reference px 9 (id floor(9.5·0.4) = 3) and 12 (outside: −1 padding);
+    # a flipped reference id map (flipped before its resize) mirrors the id: 4 − 1 − 3 = 0
+    shifted = PixelBox(left=10, top=4, width=7, height=7)
+    assert official_positions(shifted, 8, 2, False, ref, 4, reference_flipped=True).tolist() == [4, -1, 12, -1]
+    assert official_positions(shifted, 8, 2, True, ref, 4, reference_flipped=True).tolist() == [-1, 4, -1, 12]
+
+
+def test_official_positions_query_scale_nearly_the_references():
+    # Reference 20×20 px at the origin, grid 4; query 19×19 px at (2, 0), shown at 8 px, grid 4.
+    # columns: grid → size: 1, 3, 5, 7; size → 19 px: floor((k + 0.5)·2.375) = 3, 8, 13, 17; source x (+2):
+    # 5, 10, 15, 19; ids floor((x + 0.5)·0.2) = 1, 2, 3, 3. Rows (offset 0): y 3, 8, 13, 17 → 0, 1, 2, 3.
+    ref = PixelBox(left=0, top=0, width=20, height=20)
+    query = PixelBox(left=2, top=0, width=19, height=19)
+    expected = [[r * 4 + c for c in (1, 2, 3, 3)] for r in range(4)]
+    assert official_positions(query, 8, 4, False, ref, 4).reshape(4, 4).tolist() == expected
+    flipped = [[r * 4 + c for c in (3, 3, 2, 1)] for r in range(4)]
+    assert official_positions(query, 8, 4, True, ref, 4).reshape(4, 4).tolist() == flipped
+    # exact centres (x = 2 + (j + 0.5)·4.75 → 0.875, 1.825, 2.775, 3.725 patches) read 0, 1, 2, 3
+    assert reference_positions(query, 4, False, ref, 4).reshape(4, 4)[0].tolist() == [0, 1, 2, 3]
+
+
+def _tf_nearest_2d(a: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """tf.image.resize(a, (out_h, out_w), 'nearest') on a 2-D array (half-pixel centres, float32 scale)."""
+    def src(n_in: int, n_out: int) -> np.ndarray:
+        scale = np.float32(n_in) / np.float32(n_out)
+        return np.minimum(np.floor((np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale).astype(int),
+                          n_in - 1)
+    return a[np.ix_(src(a.shape[0], out_h), src(a.shape[1], out_w))]
+
+
+def test_official_positions_equal_the_ops_chain_on_arrays():
+    """The ops.py chain on explicit arrays (id map → resize to the reference crop → pad with −1 → slice the
+    query box → resize to the crop size → resize to the grid → flip) equals the per-axis evaluation, at the
+    paper's sizes (14×14 ids, queries 224 → 14 and 96 → 6), for random boxes and flips."""
+    rng = np.random.default_rng(0)
+    height, width = 150, 200
+    for trial in range(60):
+        def box(lo: float, hi: float) -> PixelBox:
+            area = rng.uniform(lo, hi) * height * width
+            ratio = rng.uniform(0.75, 1.33)
+            w = int(min(width, round(np.sqrt(area * ratio))))
+            h = int(min(height, round(np.sqrt(area / ratio))))
+            return PixelBox(int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h)
+
+        ref = box(0.32, 1.0)
+        ref_flip = bool(trial % 3 == 0)
+        ids = np.arange(196).reshape(14, 14)
+        if ref_flip:
+            ids = ids[:, ::-1]
+        full = np.full((height, width), -1)
+        full[int(ref.top):int(ref.bottom), int(ref.left):int(ref.right)] = _tf_nearest_2d(ids, int(ref.height),
+                                                                                          int(ref.width))
+        for size, grid, lo, hi in ((224, 14, 0.32, 1.0), (96, 6, 0.05, 0.32)):
+            q = box(lo, hi)
+            flip = bool(rng.integers(0, 2))
+            sliced = full[int(q.top):int(q.bottom), int(q.left):int(q.right)]
+            expected = _tf_nearest_2d(_tf_nearest_2d(sliced, size, size), grid, grid)
+            if flip:
+                expected = expected[:, ::-1]
+            ours = official_positions(q, size, grid, flip, ref, 14, reference_flipped=ref_flip)
+            assert ours.tolist() == expected.reshape(-1).tolist(), (trial, size)
+
+
+def test_official_and_centre_targets_differ_only_by_neighbours():
+    rng = np.random.default_rng(1)
+    differ = total = 0
+    for _ in range(200):
+        ref = PixelBox(int(rng.integers(0, 60)), int(rng.integers(0, 40)), int(rng.integers(150, 240)),
+                       int(rng.integers(150, 200)))
+        q = PixelBox(int(rng.integers(0, 200)), int(rng.integers(0, 150)), int(rng.integers(30, 100)),
+                     int(rng.integers(30, 100)))
+        a = official_positions(q, 96, 6, False, ref, 14)
+        b = reference_positions(q, 6, False, ref, 14)
+        both = (a >= 0) & (b >= 0)
+        assert ((a >= 0) == (b >= 0)).float().mean() > 0.8
+        if not both.any():
+            continue
+        dr = (a[both] // 14 - b[both] // 14).abs()
+        dc = (a[both] % 14 - b[both] % 14).abs()
+        assert dr.max() <= 1 and dc.max() <= 1
+        differ += int(((dr + dc) > 0).sum())
+        total += int(both.sum())
+    assert 0 < differ / total < 0.2, differ / total
+
+
 def test_view_positions_agree_with_pixel_content():
     """Source pixel (x, y) holds colour (x, y, 0)/255; bilinear crops keep colours linear in the source
     coordinate, so each query patch's mean colour is the source coordinate of its centre. The reference patch
@@ -148,7 +246,7 @@ def test_view_positions_agree_with_pixel_content():
     image = Image.fromarray(np.stack([xs, ys, np.zeros_like(xs)], -1).astype("uint8"))
     views = LOCAViews(patch_size=8, reference=CropRecipe(64, (0.32, 1.0), 1.0, 0.0),
                       query0=CropRecipe(64, (0.32, 1.0), 1.0, 0.0), focal=CropRecipe(24, (0.05, 0.32), 1.0, 0.0),
-                      num_focal=3, jitter_prob=0.0, grayscale_prob=0.0)
+                      num_focal=3, jitter_prob=0.0, grayscale_prob=0.0, position_targets="centres")
     mean = torch.tensor(views.mean).view(3, 1, 1)
     std = torch.tensor(views.std).view(3, 1, 1)
     agree = total = 0
@@ -183,6 +281,9 @@ def test_views_shapes_grids_and_no_reference_flip_by_default(random_images):
     assert out["query0_positions"].min() >= -1 and out["query0_positions"].max() < 64
     assert not out["flips"][0]  # cropflip_generatemask(..., flip=False)
     assert out["boxes"].shape == (4, 4)
+    assert method.views().position_targets == "official"  # the ops.py id-map chain by default
+    with pytest.raises(ConfigError, match="position_targets"):
+        _method(position_targets="nearest")
 
 
 def test_tf_style_photometric_ops():

@@ -1,8 +1,17 @@
 """Multi-crop views that remember where each crop came from.
 
 Every crop records its box (in the source image's normalised coordinates) and whether it was flipped, so
-dense methods (LOCA, SelfPatch, GTSA, CLoVE) can compute exact patch correspondences between views; DINO
-simply ignores the geometry.
+dense methods can compute patch correspondences between views. Two conventions exist, and each method uses
+its official code's (``box_convention``):
+
+- ``"edges"``: pixel edges over the image size, (left/W, top/H, (left + w)/W, (top + h)/H), the box that
+  exactly covers the crop. Used by DINO and SelfPatch (which ignore the geometry) and by the default.
+- ``"pixel_index"``: PixPro's ``RandomResizedCropCoord`` (zdaxie/PixPro and sthalles/CLoVE
+  ``contrast/data/transform_coord.py``): first and last pixel *indices* over (size − 1),
+  (j/(W − 1), i/(H − 1), (j + w − 1)/(W − 1), (i + h − 1)/(H − 1)). Used by CLoVE, whose positive-pair
+  threshold is computed on these boxes. The two differ by up to about half a pixel.
+
+LOCA (methods/loca_views.py) and GTSA (methods/gtsa_views.py) build their own views with integer pixel boxes.
 """
 
 from __future__ import annotations
@@ -16,7 +25,19 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 
+from densessl.errors import ConfigError
 from densessl.models.backbones import IMAGENET_MEAN, IMAGENET_STD
+
+BOX_CONVENTIONS = ("edges", "pixel_index")
+
+
+def crop_box(left: int, top: int, w: int, h: int, width: int, height: int, convention: str) -> list[float]:
+    """Normalised (x1, y1, x2, y2) of the pixel crop [left, left + w) × [top, top + h) by ``convention``."""
+    if convention == "edges":
+        return [left / width, top / height, (left + w) / width, (top + h) / height]
+    if convention == "pixel_index":  # RandomResizedCropCoord: float(j) / (width - 1), ...
+        return [left / (width - 1), top / (height - 1), (left + w - 1) / (width - 1), (top + h - 1) / (height - 1)]
+    raise ConfigError(f"box_convention={convention!r}: choose one of {list(BOX_CONVENTIONS)}")
 
 
 @dataclass
@@ -47,8 +68,11 @@ class ColorAugmentation:
 class MultiCropViews:
     crops: list[CropSpec]
     color: ColorAugmentation = field(default_factory=ColorAugmentation)
+    box_convention: str = "edges"  # see the module docstring; CLoVE: "pixel_index"
 
     def __post_init__(self) -> None:
+        if self.box_convention not in BOX_CONVENTIONS:
+            raise ConfigError(f"box_convention={self.box_convention!r}: choose one of {list(BOX_CONVENTIONS)}")
         c = self.color
         self._jitter = T.RandomApply([T.ColorJitter(*c.jitter)], p=c.jitter_prob)
         self._gray = T.RandomGrayscale(p=c.grayscale_prob)
@@ -72,7 +96,7 @@ class MultiCropViews:
         if random.random() < spec.solarize_prob:
             crop = ImageOps.solarize(crop)
         width, height = image.size
-        box = [left / width, top / height, (left + w) / width, (top + h) / height]
+        box = crop_box(left, top, w, h, width, height, self.box_convention)
         return self._to_tensor(crop), box, flipped
 
     def __call__(self, image: Image.Image) -> dict[str, Any]:

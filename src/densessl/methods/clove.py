@@ -283,8 +283,8 @@ class CLoVE(PretrainMethod):
     def views(self) -> MultiCropViews:
         """BYOL asymmetric globals + blurred locals (contrast/data/transform.py ``get_transform('BYOL')``).
 
-        Boxes come from ``MultiCropViews`` as crop edges over image size ((left + w)/width); the official
-        ``RandomResizedCropCoord`` uses pixel indices over (size − 1), a sub-pixel difference.
+        Boxes follow the official ``RandomResizedCropCoord`` (contrast/data/transform_coord.py): pixel
+        indices over (size − 1), i.e. ``box_convention="pixel_index"`` (data/views.py).
         """
         c = self.cfg
         crops = [
@@ -298,7 +298,7 @@ class CLoVE(PretrainMethod):
                                   blur_prob=c.local_blur_prob))
         color = ColorAugmentation(jitter=c.color_jitter, jitter_prob=c.color_jitter_prob,
                                   grayscale_prob=c.grayscale_prob, blur_radius=c.blur_radius)
-        return MultiCropViews(crops, color)
+        return MultiCropViews(crops, color, box_convention="pixel_index")
 
     def loss(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
         crops: list[torch.Tensor] = batch["crops"]

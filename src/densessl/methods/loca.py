@@ -30,7 +30,7 @@ from torch import nn
 
 from densessl.errors import ConfigError
 from densessl.methods.base import PretrainMethod, build_dataclass, register
-from densessl.methods.loca_views import CropRecipe, LOCAViews
+from densessl.methods.loca_views import POSITION_TARGETS, CropRecipe, LOCAViews
 from densessl.models.backbones import backbone_info, create_backbone
 from densessl.models.variants import ARCH_VARIANTS, INIT_KWARGS
 
@@ -83,6 +83,9 @@ class LOCAConfig:
     blur_probs: tuple[float, float, float] = (1.0, 0.1, 0.5)  # random_blur(1.0) / (0.1) / (0.5) arguments
     blur_sigma: tuple[float, float] = (0.1, 2.0)              # ops.random_blur: sigma ~ U(0.1, 2.0)
     solarize_prob: float = 0.2            # random_solarize(0.2), query0 only
+    # "official": targets from ops.py's 14×14 id map carried through TF nearest resizes (loca_views.py);
+    # "centres": the reference patch under each query patch's exact centre.
+    position_targets: str = "official"
     # Released checkpoints hold `teacher_weights` (EMA, loca.md §4): the teacher is what the paper evaluates.
     export_weights: str = "teacher"       # teacher | student
 
@@ -281,18 +284,15 @@ class LOCANetwork(nn.Module):
     def encode(self, images: torch.Tensor, keep: torch.Tensor | None = None, use_pe: bool = True) -> torch.Tensor:
         """Patch tokens after ``encoder_norm``; tokens not in ``keep`` are dropped after the PE, before the blocks.
 
-        The learned PE is resized bilinearly (with antialiasing, as ``jax.image.resize``) for other grids.
+        The learned PE is resized by the backbone's ``pos_resample`` rule (``'scenic'``: bilinear with
+        antialiasing, as ``jax.image.resize`` in ``ToTokenSequence``) for other grids.
         """
         bb = self.backbone
         x = bb.patch_embed(images)  # (B, H, W, D): dynamic_img_size keeps the grid
         b, h, w, d = x.shape
-        if use_pe:  # official use_pe=False ('pe_not_in_use') adds no PE at all
-            pos = bb.pos_embed.reshape(1, *self.native_grid, d)
-            if (h, w) != self.native_grid:
-                pos = F.interpolate(pos.permute(0, 3, 1, 2), size=(h, w), mode="bilinear", align_corners=False,
-                                    antialias=True).permute(0, 2, 3, 1)
-            x = x + pos
         x = x.reshape(b, h * w, d)
+        if use_pe:  # official use_pe=False ('pe_not_in_use') adds no PE at all
+            x = x + bb.resampled_pos_embed(h, w)  # the backbone's rule: 'scenic' for LOCA's variant
         if keep is not None:
             x = gather_tokens(x, keep)
         x = bb.norm_pre(x)
@@ -371,7 +371,7 @@ class LOCA(PretrainMethod):
             focal=CropRecipe(c.focal_size, c.focal_scale, c.flip_prob, focal_blur),
             num_focal=c.num_focal_queries,
             jitter=c.color_jitter, jitter_prob=c.color_jitter_prob, grayscale_prob=c.grayscale_prob,
-            blur=c.blur, blur_sigma=c.blur_sigma,
+            blur=c.blur, blur_sigma=c.blur_sigma, position_targets=c.position_targets,
         )
 
     def _keep(self, n_tokens: int, keep: int, selection: str, batch: int, device: torch.device) -> torch.Tensor:
@@ -469,5 +469,8 @@ def _validate(cfg: LOCAConfig) -> None:
         raise ConfigError(f"{where}.num_focal_queries={cfg.num_focal_queries}: must be ≥ 0")
     if cfg.export_weights not in ("teacher", "student"):
         raise ConfigError(f"{where}.export_weights: {cfg.export_weights!r}; allowed values: teacher, student")
+    if cfg.position_targets not in POSITION_TARGETS:
+        raise ConfigError(f"{where}.position_targets: {cfg.position_targets!r}; allowed values: "
+                          f"{', '.join(POSITION_TARGETS)} (official: the ops.py id-map chain)")
     if cfg.blur not in ("code", "intended"):
         raise ConfigError(f"{where}.blur: {cfg.blur!r}; allowed values: code (as shipped: no blur), intended")

@@ -9,11 +9,18 @@ Follows the official preprocessing string of ``configs/loca_imnet1k_base16.py`` 
 - every crop: colour jitter p 0.8 (0.4, 0.4, 0.2, 0.1, TF-style, random order), grayscale p 0.2, blur (see
   ``blur`` below), ImageNet mean/std.
 
-Why positions are computed geometrically: the official code carries a 14×14 id map through the crops with
-nearest-neighbour resizes, which amounts to reading, for each query patch, the reference patch under the
-query patch's centre. Doing that directly on the crop boxes gives the same answer without pixel-level
-rounding and makes flips explicit: a query patch's target is the raster index of the reference patch that
-contains its centre, or −1 when the centre lies outside the reference crop.
+Position targets (``position_targets``):
+
+- ``"official"`` (default): the id-map chain of ``ops.py``, reproduced on the integer crop boxes. A 14×14
+  map of ids (``init_patch_matching_tracker``) is resized to the reference crop's pixel size with TF's
+  nearest-neighbour resize and padded with −1 to the full image (``cropflip_generatemask``); each query
+  slices that map at its crop box, resizes it to its crop size and then to its patch grid
+  (``inception_crop_with_mask((224, 224), ..., (14, 14))``, ``((96, 96), ..., (6, 6))``), and is flipped
+  with its image (``flip_with_mask``). TF2's nearest resize uses half-pixel centres: output ``i`` reads
+  input ``min(floor((i + 0.5) · in/out), in − 1)`` in float32 (``HalfPixelScalerForNN``).
+- ``"centres"``: the reference patch under each query patch's exact centre. It differs from the official
+  chain for about 6 % of targets, always by a neighbouring patch, because the two nearest-neighbour
+  resizes round twice.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
@@ -34,6 +42,7 @@ from densessl.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 # tf.image.sample_distorted_bounding_box default aspect_ratio_range (ops.py inception_crop_with_mask and
 # cropflip_generatemask do not override it).
 CROP_RATIO = (0.75, 1.33)
+POSITION_TARGETS = ("official", "centres")
 
 
 @dataclass(frozen=True)
@@ -56,7 +65,8 @@ class PixelBox:
 
 def reference_positions(query: PixelBox, query_grid: int, query_flipped: bool, reference: PixelBox,
                         reference_grid: int, reference_flipped: bool = False) -> torch.Tensor:
-    """Raster index on the reference patch grid of each query patch (raster order of the *shown* query), −1 outside.
+    """``position_targets="centres"``: raster index on the reference patch grid of the reference patch under
+    each query patch's exact centre (raster order of the *shown* query), −1 outside.
 
     The query patch in column ``j`` of a horizontally flipped crop shows source column ``g - 1 - j``, whose
     centre is at the fraction ``1 - (j + 0.5) / g`` of the crop width; the same mirroring applies to the
@@ -79,6 +89,43 @@ def reference_positions(query: PixelBox, query_grid: int, query_flipped: bool, r
     positions = row[:, None] * reference_grid + col[None, :]
     valid = valid_y[:, None] & valid_x[None, :]
     return torch.where(valid, positions, torch.full_like(positions, -1)).reshape(-1)
+
+
+def tf_nearest_index(in_size: int, out_size: int) -> torch.Tensor:
+    """Input index read by each output index of ``tf.image.resize(..., 'nearest')`` (TF2 ``resize_nearest_neighbor``
+    with ``half_pixel_centers=True``): ``min(floor((i + 0.5f) · (in / (float) out)), in − 1)``, in float32."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    idx = np.floor((np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale).astype(np.int64)
+    return torch.from_numpy(np.clip(idx, 0, in_size - 1))
+
+
+def official_positions(query: PixelBox, query_size: int, query_grid: int, query_flipped: bool,
+                       reference: PixelBox, reference_grid: int, reference_flipped: bool = False) -> torch.Tensor:
+    """Target of each query patch (raster order of the *shown* query) as ``ops.py`` makes it, −1 outside.
+
+    Rows and columns are separable, so the chain is evaluated per axis: query-grid index → crop-size index
+    (resize ``query_size`` → ``query_grid``) → crop-pixel index (resize crop pixels → ``query_size``) →
+    source pixel (the query box offset) → reference-crop pixel (minus the reference offset; outside → −1,
+    the padding) → reference id (resize ``reference_grid`` → reference crop pixels; mirrored when the
+    reference's id map was flipped before that resize). The query's own flip reverses the final columns.
+    """
+    def axis(q_start: float, q_len: float, r_start: float, r_len: float, mirror: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        q_start, q_len, r_start, r_len = int(q_start), int(q_len), int(r_start), int(r_len)
+        crop_px = tf_nearest_index(q_len, query_size)[tf_nearest_index(query_size, query_grid)]
+        ref_px = q_start + crop_px - r_start
+        valid = (ref_px >= 0) & (ref_px < r_len)
+        ids = tf_nearest_index(reference_grid, r_len)[ref_px.clamp(0, r_len - 1)]
+        if mirror:
+            ids = reference_grid - 1 - ids
+        return ids, valid
+
+    rows, valid_r = axis(query.top, query.height, reference.top, reference.height, False)
+    cols, valid_c = axis(query.left, query.width, reference.left, reference.width, reference_flipped)
+    positions = rows[:, None] * reference_grid + cols[None, :]
+    positions = torch.where(valid_r[:, None] & valid_c[None, :], positions, torch.full_like(positions, -1))
+    if query_flipped:
+        positions = positions.flip(1)
+    return positions.reshape(-1)
 
 
 def tf_color_jitter(image: torch.Tensor, brightness: float, contrast: float, saturation: float, hue: float
@@ -155,12 +202,16 @@ class LOCAViews:
     grayscale_prob: float = 0.2
     blur: str = "code"
     blur_sigma: tuple[float, float] = (0.1, 2.0)
+    position_targets: str = "official"  # "official" (ops.py id-map chain) | "centres" (module docstring)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self) -> None:
         if self.blur not in ("code", "intended"):
             raise ConfigError(f"pretrain.loca.method.blur: {self.blur!r}; allowed values: code, intended")
+        if self.position_targets not in POSITION_TARGETS:
+            raise ConfigError(f"pretrain.loca.method.position_targets: {self.position_targets!r}; allowed values: "
+                              f"{', '.join(POSITION_TARGETS)}")
         for name, recipe in (("reference_size", self.reference), ("query_size", self.query0),
                              ("focal_size", self.focal)):
             if recipe.size % self.patch_size:
@@ -171,6 +222,14 @@ class LOCAViews:
 
     def grid(self, recipe: CropRecipe) -> int:
         return recipe.size // self.patch_size
+
+    def positions(self, box: PixelBox, recipe: CropRecipe, flipped: bool, ref_box: PixelBox,
+                  ref_flipped: bool) -> torch.Tensor:
+        """Targets of one query by ``position_targets``."""
+        ref_grid = self.grid(self.reference)
+        if self.position_targets == "official":
+            return official_positions(box, recipe.size, self.grid(recipe), flipped, ref_box, ref_grid, ref_flipped)
+        return reference_positions(box, self.grid(recipe), flipped, ref_box, ref_grid, ref_flipped)
 
     @staticmethod
     def sample_box(image: torch.Tensor, scale: tuple[float, float]) -> PixelBox:
@@ -207,22 +266,19 @@ class LOCAViews:
         height, width = source.shape[-2:]
         ref_box = self.sample_box(source, self.reference.scale)
         reference, ref_flipped = self._crop(source, ref_box, self.reference)
-        ref_grid = self.grid(self.reference)
-
         boxes, flips = [ref_box], [ref_flipped]
         q0_box = self.sample_box(source, self.query0.scale)
         query0, q0_flipped = self._crop(source, q0_box, self.query0)
         boxes.append(q0_box)
         flips.append(q0_flipped)
-        q0_positions = reference_positions(q0_box, self.grid(self.query0), q0_flipped, ref_box, ref_grid, ref_flipped)
+        q0_positions = self.positions(q0_box, self.query0, q0_flipped, ref_box, ref_flipped)
 
         focal, focal_positions = [], []
         for _ in range(self.num_focal):
             box = self.sample_box(source, self.focal.scale)
             crop, flipped = self._crop(source, box, self.focal)
             focal.append(crop)
-            focal_positions.append(reference_positions(box, self.grid(self.focal), flipped, ref_box, ref_grid,
-                                                       ref_flipped))
+            focal_positions.append(self.positions(box, self.focal, flipped, ref_box, ref_flipped))
             boxes.append(box)
             flips.append(flipped)
 

@@ -1,4 +1,5 @@
-"""Backbones by name. Every architecture is a timm ``VisionTransformer`` built from explicit keyword
+"""Backbones by name. Every architecture is a timm ``VisionTransformer`` (:class:`ResampledViT`, which
+resamples its positional embedding as the method's official code does) built from explicit keyword
 arguments (never a hub download), so the same code builds the 2-layer smoke ViT and ViT-H/16.
 
 The architecture name plus its keyword arguments are stored with every exported checkpoint, which is all a
@@ -12,10 +13,10 @@ from functools import partial
 from typing import Any
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from densessl.errors import ConfigError
+from densessl.models.pos_embed import ResampledViT
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -69,6 +70,9 @@ def vit_kwargs(arch: str, **overrides: Any) -> dict[str, Any]:
         drop_path_rate=0.0,
         gelu_tanh=False,
         pos_embed_init="timm",  # initial values only: 'timm' N(0, 0.02) | 'flax' N(0, 1/D) (drawn after the rest)
+        # how the positional embedding is resampled at other grids (models/pos_embed.py): DINO's
+        # interpolate_pos_encoding, which DINO, SelfPatch and GTSA share; LOCA's variant sets 'scenic'
+        pos_resample="dino",
     )
     kwargs.update(overrides)
     return kwargs
@@ -91,7 +95,7 @@ def create_backbone(arch: str, **overrides: Any) -> nn.Module:
         # normalises every token ("encoder_norm", reference/methods/loca.md §4), which dense evaluation needs.
         kwargs.setdefault("fc_norm", False)
     kwargs["norm_layer"] = partial(nn.LayerNorm, eps=1e-6)
-    model = VisionTransformer(**kwargs)
+    model = ResampledViT(**kwargs)
     if pos_embed_init == "flax":  # scenic ToTokenSequence posembed_input: normal(stddev=1/sqrt(D)) (loca.md §1)
         with torch.no_grad():
             nn.init.normal_(model.pos_embed, std=1.0 / model.embed_dim**0.5)

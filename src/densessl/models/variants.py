@@ -17,8 +17,9 @@ from typing import Any
 
 # method name → keyword arguments of models.backbones.create_backbone (ViT architectures only)
 ARCH_VARIANTS: dict[str, dict[str, Any]] = {
-    # reference/methods/loca.md §4: flax ViT with no CLS token, tanh-approximated GELU, final encoder_norm kept
-    "loca": {"class_token": False, "gelu_tanh": True},
+    # scenic projects/loca/vit.py: flax ViT with no CLS token, tanh-approximated GELU, final encoder_norm kept,
+    # positional embedding resized with jax.image.resize 'bilinear' (antialiased) at other grids
+    "loca": {"class_token": False, "gelu_tanh": True, "pos_resample": "scenic"},
     # reference/methods/selfpatch.md §1: no CLS token and no final LayerNorm (the aggregation head normalises)
     "selfpatch": {"class_token": False, "final_norm": False},
 }
