@@ -306,6 +306,10 @@ EVALUATIONS: dict[str, dict[str, Any]] = {
     "davis2017": {"dataset": "davis", "settings": "davis", "protocol_file": "protocols/davis2017.md",
                   "title": "DAVIS-2017 video object segmentation (label propagation, frozen features), J&F",
                   "backbones": ("vit", "resnet")},
+    "keypointrcnn_r50_fpn_coco": {"dataset": "coco", "settings": "keypoints",
+                                  "protocol_file": "protocols/mmdet_maskrcnn.md",
+                                  "title": "COCO keypoints, Keypoint R-CNN R50-FPN (torchvision), AP^kp",
+                                  "backbones": ("resnet",)},
 }
 
 

@@ -36,6 +36,7 @@ REPORTED_METRICS: dict[str, list[str]] = {
     "linear_ade20k": ["mIoU", "mAcc", "aAcc"],
     "davis2017": ["JF_mean", "J_mean", "F_mean"],
     "inat19_finetune": ["top1", "top5"],
+    "keypointrcnn_r50_fpn_coco": ["AP_kp", "AP_kp50", "AP_kp75"],
 }
 # What a reader needs to read a protocol's columns (reference/protocols/patchseg.md "Pitfall": report both means).
 PATCHSEG_NOTE = ("macro_f1 and macro_precision are the official benchmark's plain means over valid classes: a valid "

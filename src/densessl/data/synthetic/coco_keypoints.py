@@ -62,22 +62,23 @@ def joint_directions() -> np.ndarray:
 
 
 def person_keypoints(full: np.ndarray, visible: np.ndarray) -> list[int]:
-    """COCO ``keypoints`` [x1, y1, v1, ...] (integer pixel indices) of one person from its masks."""
+    """COCO ``keypoints`` [x1, y1, v1, ...] (integer pixel indices) of one person from its masks.
+
+    A joint's pixel is the one holding the mean of its extreme pixels (a flat edge gives several); it is visible
+    when most of those pixels are. Both rules commute with a mirror image (up to a pixel at exact ties)."""
     h, w = full.shape
     ys, xs = np.nonzero(full)
-    points = [(int(round(xs.mean())), int(round(ys.mean())))]
     centres = np.stack([xs + 0.5, ys + 0.5], 1)
+    cx, cy = (int(np.floor(v)) for v in centres.mean(0))
+    out: list[int] = [cx, cy, 2 if visible[cy, cx] else 1]
     for d in joint_directions():
         reach = centres @ d
-        near = reach >= reach.max() - 0.5  # the extreme pixels (a flat edge gives several; take their middle)
-        points.append((int(round(xs[near].mean())), int(round(ys[near].mean()))))
-    out: list[int] = []
-    for k, (x, y) in enumerate(points):
-        on_border = x in (0, w - 1) or y in (0, h - 1)
-        if k > 0 and on_border:
-            out += [0, 0, 0]
+        near = reach >= reach.max() - 0.5
+        x, y = (int(np.floor(v)) for v in centres[near].mean(0))
+        if x in (0, w - 1) or y in (0, h - 1):
+            out += [0, 0, 0]  # the shape continues outside the image: not labelled
         else:
-            out += [x, y, 2 if visible[y, x] else 1]
+            out += [x, y, 2 if visible[ys[near], xs[near]].mean() >= 0.5 else 1]
     return out
 
 
