@@ -200,3 +200,11 @@ def test_stage_trains_evaluates_and_resumes_after_sigterm(tmp_path: Path, monkey
     resumed = json.loads(run_evaluate(cfg, PROTOCOL, run_id, "cpu").read_text())
     assert _outcome(resumed) == _outcome(full)
     assert not (out.parent / TRAIN_STATE_NAME).exists()
+
+
+def test_missing_keypoint_file_names_it_and_the_fix(tmp_path: Path) -> None:
+    from densessl.errors import DataError
+
+    (tmp_path / "images" / "train2017").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"person_keypoints_train2017\.json: COCO keypoint annotations not found"):
+        KeypointTargets(tmp_path, "train", True)
