@@ -208,3 +208,33 @@ def test_missing_keypoint_file_names_it_and_the_fix(tmp_path: Path) -> None:
     (tmp_path / "images" / "train2017").mkdir(parents=True)
     with pytest.raises(DataError, match=r"person_keypoints_train2017\.json: COCO keypoint annotations not found"):
         KeypointTargets(tmp_path, "train", True)
+
+
+def test_report_shows_keypoint_ap_for_the_resnet_rows_only(tmp_path: Path) -> None:
+    import yaml
+
+    from densessl.report.build import build_report
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({
+        "results_dir": str(tmp_path / "results"), "random_init_seeds": [0], "evaluations": [PROTOCOL],
+        "runs": [{"method": "dino", "arch": "vit-tiny-p8", "data": "imagenet"},
+                 {"method": "clove", "arch": "resnet-tiny", "data": "imagenet"}]}))
+    cfg = load_config([path], root=REPO)
+    for dataset in cfg.datasets:
+        manifest = cfg.data_manifest(dataset)
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        manifest.write_text(json.dumps({"fingerprint": {"content_sha256": "0" * 64, "listing_sha256": None},
+                                        "provenance": {"wall_s": 1.0}}))
+    jobs = cfg.evaluation_jobs()
+    assert {r.arch for _, r in jobs} == {"resnet-tiny"}
+    for protocol, run in jobs:
+        out = cfg.eval_metrics(protocol, run)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        values = {"AP_kp": 4.5 - run.is_random_init, "AP_kp50": 16.0, "AP_kp75": 0.5}
+        out.write_text(json.dumps({"metrics": values, "provenance": {"wall_s": 1.0}}))
+    report = build_report(cfg).read_text()
+    section = report.split(EVALUATIONS[PROTOCOL]["title"])[1].split("\n## ")[0]
+    assert "| AP_kp | AP_kp50 | AP_kp75 |" in section and "DINO" not in section
+    assert "| CLoVE | ResNet-Tiny (smoke) | ImageNet-1k | 4.50 | 16.00 | 0.50 |" in section
+    assert "| random init (seed0) | ResNet-Tiny (smoke), CLoVE init | none | 3.50 |" in section
