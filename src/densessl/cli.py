@@ -1,6 +1,6 @@
 """`python -m densessl <stage>`: the single entry point that Snakemake rules and DVC stages both call.
 
-Stages: data, pretrain, convert, evaluate, report; plus `doctor` (checks the environment),
+Stages: data, pretrain, convert, evaluate, report; plus `export` (a backbone in a toolkit's layout), `doctor` (checks the environment),
 `synthesize` (write a synthetic dataset anywhere, outside the DAG), `download` (fetch, verify, extract and
 prepare a real dataset) and `datasets` (the dataset catalog and what is present under the configured roots).
 """
@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="export a run's backbone (teacher weights) or a random init")
     _add_common(p)
     p.add_argument("--run", required=True)
+
+    p = sub.add_parser("export", help="write a run's exported backbone in a toolkit's layout (detectron2 .pkl)")
+    _add_common(p)
+    p.add_argument("--format", required=True, help="detectron2")
+    p.add_argument("--run", required=True)
+    p.add_argument("--out", required=True, type=Path)
 
     p = sub.add_parser("evaluate", help="run one evaluation protocol on one backbone")
     _add_common(p)
@@ -176,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
             from densessl.stages.convert import run_convert
 
             print(run_convert(_config(args), args.run))
+        elif args.stage == "export":
+            from densessl.checkpoints.export import run_export
+
+            print(run_export(_config(args), args.format, args.run, args.out))
         elif args.stage == "evaluate":
             from densessl.stages.evaluate import run_evaluate, run_evaluate_timm
 

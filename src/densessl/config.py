@@ -202,8 +202,9 @@ class Config:
 
     def applies(self, protocol: str, run: Run) -> bool:
         """Whether ``protocol`` can evaluate ``run``'s backbone: iNat fine-tuning is the GTSA protocol for ViTs
-        (layer-wise lr decay over the blocks, a class-token or mean-pooled head), so ResNet rows skip it; every
-        other protocol reads a patch grid and takes both families."""
+        (layer-wise lr decay over the blocks, a class-token or mean-pooled head), so ResNet rows skip it; the
+        COCO keypoint protocol is Keypoint R-CNN R50-FPN, an FPN over a ResNet's stages, so ViT rows skip it;
+        every other protocol reads a patch grid and takes both families."""
         return backbone_family(run.arch) in EVALUATIONS[protocol]["backbones"]
 
     def evaluation_jobs(self) -> list[tuple[str, Run]]:
@@ -339,6 +340,10 @@ EVALUATIONS: ProtocolRegistry = ProtocolRegistry({
                         "paper_tables": ("dino_imagenet_readme",), "row_aliases": DINO_README_ROWS,
                         "title": "ImageNet linear classification on frozen features (DINO eval_linear.py), top-1",
                         "backbones": ("vit", "resnet")},
+    "keypointrcnn_r50_fpn_coco": {"dataset": "coco", "settings": "keypoints",
+                                  "protocol_file": "protocols/mmdet_maskrcnn.md",
+                                  "title": "COCO keypoints, Keypoint R-CNN R50-FPN (torchvision), AP^kp",
+                                  "backbones": ("resnet",)},
 })
 
 

@@ -15,7 +15,7 @@ import pickle
 import random
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
@@ -82,10 +82,12 @@ class ResumableBatches:
     after the epoch is set on dataset and sampler, so worker processes see the right epoch too.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int, pin_memory: bool) -> None:
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int, pin_memory: bool,
+                 collate_fn: Callable[[list[Any]], Any] | None = None) -> None:
         self.items = SeededAugmentation(dataset, _unchanged, seed)
         self.sampler = EpochPermutationSampler(len(dataset), batch_size, seed)  # type: ignore[arg-type]
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
+        self.collate_fn = collate_fn  # None: torch's default; detection batches are lists of differently sized images
 
     @property
     def per_epoch(self) -> int:
@@ -97,7 +99,8 @@ class ResumableBatches:
         self.items.set_epoch(epoch)
         self.sampler.set_epoch(epoch, start_batch)
         return DataLoader(self.items, batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=False)
+                          num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=False,
+                          collate_fn=self.collate_fn)
 
     def from_step(self, step: int) -> Iterator[Any]:
         """Endless batches starting at global batch ``step`` (close the generator to stop its workers)."""

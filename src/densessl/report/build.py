@@ -39,6 +39,7 @@ REPORTED_METRICS: dict[str, list[str]] = {
     "inat19_finetune": ["top1", "top5"],
     "knn_imagenet": ["knn_top1", "knn_top5"],
     "linear_imagenet": ["linear_top1", "final_top1"],
+    "keypointrcnn_r50_fpn_coco": ["AP_kp", "AP_kp50", "AP_kp75"],
 }
 REPORTED_METRICS["patchseg_coco_things"] = REPORTED_METRICS["patchseg_coco"]
 # What a reader needs to read a protocol's columns (reference/protocols/patchseg.md "Pitfall": report both means).

@@ -21,7 +21,7 @@ KEEP_OUTPUTS = {"davis2017"}
 # Protocols that train for hours at paper scale: their runners take ``state_path`` and resume a preempted run
 # from it (the state lives next to metrics.json, which is the stage's only declared output, so neither
 # Snakemake nor DVC removes it between attempts; the runner deletes it once the metrics exist).
-RESUMABLE = {"linear_ade20k", "inat19_finetune", "linear_imagenet"}
+RESUMABLE = {"linear_ade20k", "inat19_finetune", "linear_imagenet", "keypointrcnn_r50_fpn_coco"}
 TRAIN_STATE_NAME = "train_state.pt"
 
 # The official DAVIS evaluator reports fractions; the papers' tables (paper_tables.yaml) print percent under
@@ -76,6 +76,11 @@ def _protocol(protocol: str) -> tuple[type, Any]:
         from densessl.evaluate.linear_cls import LinearClsConfig, run_linear_cls
 
         return LinearClsConfig, run_linear_cls
+    if protocol == "keypointrcnn_r50_fpn_coco":
+        from densessl.evaluate.transfer.keypoints import run_keypoints
+        from densessl.evaluate.transfer.keypoints_config import KeypointRCNNConfig
+
+        return KeypointRCNNConfig, run_keypoints
     raise ConfigError(f"unknown evaluation {protocol!r}; choose one of {sorted(EVALUATIONS)}")
 
 

@@ -4,6 +4,7 @@
     annotations/instances_{train2017,val2017}.json   (full COCO schema; polygons, RLE for iscrowd=1)
     annotations/{train2017,val2017}/<12-digit id>.png (COCO-Stuff ids: thing = category_id - 1, stuff 91..181,
                                                       255 = unlabelled; the layout Patch-Seg reads)
+    annotations/person_keypoints_{train2017,val2017}.json (COCO keypoints of category 1, coco_keypoints.py)
 
 Category ids are non-contiguous like real COCO. Polygons trace the visible (occlusion-aware) mask's pixel
 boundary exactly, so ``COCO.annToMask`` gives back the rasterised instance."""
@@ -19,6 +20,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from .coco_keypoints import person_annotations, person_category
 from .scenes import (
     NUM_THINGS,
     STUFF_CLASSES,
@@ -125,13 +127,13 @@ def write(
 ) -> dict[str, Any]:
     h, w = hw
     lut = stuffmap_lut()
-    n_instances = {}
+    n_instances, n_persons = {}, {}
     for split_index, (split, folder) in enumerate(SPLITS.items()):
         img_dir = root / "images" / folder
         map_dir = root / "annotations" / folder
         img_dir.mkdir(parents=True)
         map_dir.mkdir(parents=True)
-        images, anns = [], []
+        images, anns, persons = [], [], []
         for i in range(counts[split]):
             scene = render(seed, split_index, i, hw)
             img_id = image_id(split_index, i)
@@ -151,7 +153,7 @@ def write(
                 }
             )
             crowd = i % CROWD_EVERY == 1
-            anns += instance_annotations(
+            new = instance_annotations(
                 scene,
                 img_id,
                 len(anns) + 1 + 10**6 * split_index,
@@ -159,6 +161,8 @@ def write(
                 crowd,
                 polygons_only=False,
             )
+            anns += new
+            persons += person_annotations(scene, new)
             if progress:
                 progress(1)
         n_instances[split] = len(anns)
@@ -170,12 +174,17 @@ def write(
             "categories": categories(),
         }
         write_json(root / "annotations" / f"instances_{folder}.json", doc)
+        n_persons[split] = len(persons)
+        # the real keypoint files list every image of the split and annotate only persons
+        write_json(root / "annotations" / f"person_keypoints_{folder}.json",
+                   {**doc, "annotations": persons, "categories": [person_category()]})
     return {
         "layout": "COCO 2017: images/{train2017,val2017}/*.jpg, annotations/instances_*.json, "
-        "COCO-Stuff maps annotations/{train2017,val2017}/*.png",
+        "COCO-Stuff maps annotations/{train2017,val2017}/*.png, annotations/person_keypoints_*.json",
         "splits": {split: counts[split] for split in SPLITS},
         "split_names": dict(SPLITS),
         "instances": n_instances,
+        "person_keypoint_instances": n_persons,
         "image_hw": list(hw),
         "classes": {
             "things": {name: cid for name, cid in zip(THING_CLASSES, THING_CATEGORY_IDS)},
