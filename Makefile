@@ -34,6 +34,7 @@ $(STAMP): envs/requirements.lock pyproject.toml Makefile | $(BIN)/uv
 smoke: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --configfile config.yaml --config preset=smoke $(SMOKE_ARGS)
 	@echo; cat results/smoke/report/report.md; echo; echo "report: results/smoke/report/index.html"
+	$(BIN)/python -m densessl check-report --config config.yaml --preset smoke
 
 dry-run: $(STAMP)
 	$(BIN)/snakemake -n --configfile config.yaml
