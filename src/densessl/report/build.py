@@ -24,9 +24,8 @@ from densessl.config import DATA_DISPLAY, EVALUATIONS, METHOD_DISPLAY, Config, R
 from densessl.io import read_json, write_json, write_text
 from densessl.models.backbones import ARCH_DISPLAY
 from densessl.models.variants import VARIANT_DISPLAY
+from densessl.report import reference_check as refcheck
 from densessl.report.code_versions import summarise as summarise_code_versions
-from densessl.report.reference_check import (CHECK_HEADER, CHECKS_NAME, TITLE, check_rows, checks_json,
-                                             reference_checks)
 from densessl.report.uncertainty import paired_standard_error
 
 # Metrics shown per protocol (headline first), with the unit they are reported in.
@@ -156,7 +155,7 @@ def build_report(cfg: Config) -> Path:
             pub = published_value(tables, protocol, run, metrics[0], synthetic, _run_epochs(cfg, run))
             body.append([method, arch, data, *[_fmt(_metric(values, m)) for m in shown], _fmt(pub)])
         margins = baseline_margins(cfg, rows, metrics, protocol)
-        checks += reference_checks(cfg, protocol, rows, metrics[0])
+        checks += refcheck.reference_checks(cfg, protocol, rows, metrics[0])
         summary_columns.append(f"{protocol} {metrics[0]}")
         for run, values in rows:
             if not run.is_random_init:
@@ -173,10 +172,11 @@ def build_report(cfg: Config) -> Path:
                     for run_id, cells_of in summary_cells.items()]
     if checks:
         labels = {r.id: _row_label(cfg, r) for r in cfg.supervised_runs}
-        check_body = check_rows(checks, labels)
-        sections_md.insert(0, f"## {TITLE}\n\n{CHECK_NOTE}\n\n" + _md_table(CHECK_HEADER, check_body) + "\n")
-        sections_html.insert(0, f"<h2>{html.escape(TITLE)}</h2><p>{html.escape(CHECK_NOTE)}</p>"
-                             + _html_table(CHECK_HEADER, check_body))
+        check_body = refcheck.check_rows(checks, labels)
+        sections_md.insert(0, f"## {refcheck.TITLE}\n\n{CHECK_NOTE}\n\n"
+                           + _md_table(refcheck.CHECK_HEADER, check_body) + "\n")
+        sections_html.insert(0, f"<h2>{html.escape(refcheck.TITLE)}</h2><p>{html.escape(CHECK_NOTE)}</p>"
+                             + _html_table(refcheck.CHECK_HEADER, check_body))
     summary_header = ["method", "arch", *summary_columns]
     sections_md.insert(0, "## Summary: headline metric (margin over the best random-init seed)\n\n"
                        + _md_table(summary_header, summary_body) + "\n")
@@ -205,7 +205,7 @@ def build_report(cfg: Config) -> Path:
     prov["code_versions"], prov["code_version_warnings"] = versions, version_warnings
     out = cfg.report_dir
     write_json(out / "tables.json", [c.as_dict() for c in cells])
-    write_json(out / CHECKS_NAME, checks_json(checks))
+    write_json(out / refcheck.CHECKS_NAME, refcheck.checks_json(checks))
     md = _markdown(cfg, sections_md, prov, stage_times, synthetic)
     write_text(out / "report.md", md)
     write_text(out / "index.html", _html(cfg, sections_html, prov, stage_times, synthetic))
