@@ -43,14 +43,18 @@ class SupervisedConfig:
     flip_prob: float = 0.5
     label_smoothing: float = 0.1          # DeiT's 0.1
     drop_path_rate: float = 0.0           # ViT only
+    # ViT only: what the classifier reads. "token": the class token after the final norm (DeiT); "avg": the mean
+    # of the normalised patch tokens, which puts the label's gradient on every patch token directly
+    pool: str = "token"
 
 
 class SupervisedNetwork(nn.Module):
     """Backbone → pooled feature → linear classifier."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int):
+    def __init__(self, backbone: nn.Module, num_classes: int, pool: str = "token"):
         super().__init__()
         self.backbone = backbone
+        self.pool = pool
         self.is_resnet = is_resnet(backbone)
         dim = resnet_info(backbone).feature_dim if self.is_resnet else backbone.embed_dim
         self.classifier = nn.Linear(dim, num_classes)
@@ -58,6 +62,8 @@ class SupervisedNetwork(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.is_resnet:
             pooled = feature_grid(self.backbone, images).mean(dim=(2, 3))
+        elif self.pool == "avg":
+            pooled = self.backbone.forward_features(images)[:, self.backbone.num_prefix_tokens:].mean(dim=1)
         else:  # timm ViT with num_classes=0: forward_features → final norm → class token (or mean for no-CLS)
             pooled = self.backbone(images)
         return self.classifier(pooled)
@@ -93,10 +99,12 @@ class Supervised(PretrainMethod):
         self.arch = arch
         if cfg.num_classes < 2:
             raise ConfigError(f"pretrain.supervised.method.num_classes: {cfg.num_classes}; needs at least 2 classes")
+        if cfg.pool not in ("token", "avg"):
+            raise ConfigError(f"pretrain.supervised.method.pool: {cfg.pool!r}; allowed values: token, avg")
         self.arch_kwargs = variant_kwargs(cfg.variant)  # what the exported backbone is rebuilt with
         extra = {} if arch in RESNET_ARCHS else {"drop_path_rate": cfg.drop_path_rate}
         backbone = create_backbone(arch, **self.arch_kwargs, **variant_init_kwargs(cfg.variant), **extra)
-        self.student = SupervisedNetwork(backbone, cfg.num_classes)
+        self.student = SupervisedNetwork(backbone, cfg.num_classes, cfg.pool)
         self.teacher = None
 
     def check_classes(self, classes: list[str], where: str) -> None:
