@@ -96,3 +96,17 @@ def test_too_few_classes_and_unlabelled_data_are_named(tmp_path):
         run_pretrain(cfg, "supervised/vit-tiny-p8-imagenet")
     with pytest.raises(DataError, match="only imagenet has image-level labels"):
         pretraining_images("coco", tmp_path, labelled=True)
+
+
+def test_the_classifier_reads_the_pooled_feature_it_is_told_to():
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 64, 64)
+    method = get_method("supervised")("vit-tiny-p8", {"num_classes": 8, "pool": "avg"}, epochs=1)
+    backbone = method.student.backbone
+    expected = method.student.classifier(backbone.forward_features(images)[:, backbone.num_prefix_tokens:].mean(1))
+    torch.testing.assert_close(method.student(images), expected)
+    token = get_method("supervised")("vit-tiny-p8", {"num_classes": 8}, epochs=1)
+    cls = token.student.classifier(token.student.backbone.forward_features(images)[:, 0])
+    torch.testing.assert_close(token.student(images), cls)
+    with pytest.raises(ConfigError, match="pool: 'max'; allowed values: token, avg"):
+        get_method("supervised")("vit-tiny-p8", {"num_classes": 8, "pool": "max"}, epochs=1)
