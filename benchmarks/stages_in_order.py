@@ -54,7 +54,7 @@ def main() -> None:
     layer(len(cfg.datasets), [("data", "--dataset", d) for d in cfg.datasets])
     layer(args.pretrain_jobs, [("pretrain", "--run", r.id) for r in cfg.pretrain_runs])
     layer(args.eval_jobs, [("convert", "--run", r.id) for r in cfg.all_runs])
-    layer(args.eval_jobs, [("evaluate", p, "--run", r.id) for p in cfg.evaluations for r in cfg.all_runs])
+    layer(args.eval_jobs, [("evaluate", p, "--run", r.id) for p, r in cfg.evaluation_jobs()])
     stage("report")
     print(f"total {time.time() - started:.1f} s")
 

@@ -29,12 +29,13 @@ def test_inat_finetuning_skips_resnets_and_nothing_else(tmp_path):
     jobs = {(p, r.id) for p, r in cfg.evaluation_jobs()}
     resnets = {r.id for r in cfg.all_runs if r.arch.startswith("resnet")}
     vits = {r.id for r in cfg.all_runs} - resnets
-    assert resnets == {"clove/resnet-tiny-imagenet", "random-init/resnet-tiny.clove-seed0"}
+    assert resnets == {"clove/resnet-tiny-imagenet", "supervised/resnet-tiny.clove-imagenet",
+                       "random-init/resnet-tiny.clove-seed0"}
     assert {rid for p, rid in jobs if p == "inat19_finetune"} == vits
     for protocol in ("patchseg_coco", "linear_ade20k", "davis2017"):
         assert {rid for p, rid in jobs if p == protocol} == vits | resnets
     eval_stages = [name for name in dvc_stages.stages(cfg) if name.startswith("eval")]
-    assert len(eval_stages) == len(jobs) == 3 * 4 + 2
+    assert len(eval_stages) == len(jobs) == 3 * 6 + 3  # DINO, CLoVE, two references, a seed of each network
 
 
 def test_paper_preset_evaluates_clove_on_everything_but_inat():

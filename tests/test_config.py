@@ -102,8 +102,8 @@ def test_data_settings_follow_the_synthetic_generator(monkeypatch):
 def test_epoch_variants_are_separate_runs_and_repeats_are_refused(tmp_path):
     run = {"method": "clove", "arch": "resnet-tiny", "data": "imagenet"}
     cfg = load_config([write(tmp_path, {"runs": [run, {**run, "epochs": 2}]})], root=REPO)
-    assert [r.id for r in cfg.pretrain_runs] == ["clove/resnet-tiny-imagenet", "clove/resnet-tiny-imagenet-2ep"]
-    assert cfg.pretrain_settings(cfg.pretrain_runs[1])["train"]["epochs"] == 2
+    assert [r.id for r in cfg.method_runs] == ["clove/resnet-tiny-imagenet", "clove/resnet-tiny-imagenet-2ep"]
+    assert cfg.pretrain_settings(cfg.method_runs[1])["train"]["epochs"] == 2
     with pytest.raises(ConfigError, match=r"clove/resnet-tiny-imagenet'\] are listed more than once"):
         load_config([write(tmp_path, {"runs": [run, dict(run)]})], root=REPO)
 

@@ -42,7 +42,9 @@ def _trainer(run_id: str, out_dir: Path, precision: str = "bf16", device: str = 
     train_cfg = build_dataclass(TrainConfig, train, "test")
     torch.manual_seed(0)
     method = get_method(run.method)(run.arch, settings["method"], epochs=epochs)
-    return Trainer(method, _images(), train_cfg, out_dir, device=device)
+    images = _images()
+    data = [(img, i % method.cfg.num_classes) for i, img in enumerate(images)] if method.needs_labels else images
+    return Trainer(method, data, train_cfg, out_dir, device=device)
 
 
 def _losses(out_dir: Path) -> list[float]:

@@ -15,8 +15,11 @@ REDUCED = {
     "threads": 1,
     "runs": [{"method": "dino", "arch": "vit-tiny-p8", "data": "imagenet"}],  # all five: test below
     "data": {"synthetic_size": "tiny"},
+    # the ViT's supervised reference (the ResNet's runs in the test of every method below)
+    "baselines": {"supervised_reference": [{"arch": "vit-tiny-p8", "data": "imagenet"}]},
     "pretrain": {"dino": {"train": {"epochs": 1, "batch_size_per_gpu": 4, "num_workers": 0,
-                                    "checkpoint_every_steps": 2}}},
+                                    "checkpoint_every_steps": 2}},
+                 "supervised": {"train": {"epochs": 1, "batch_size_per_gpu": 4, "num_workers": 0}}},
     "evaluate": {"patchseg": {"epochs": 2, "batch_size": 4, "warmup_steps": 2},
                  "linear_seg": {"iterations": 4, "batch_size": 2}},
 }
@@ -36,16 +39,26 @@ def test_smoke_dag_end_to_end(tmp_path):
 
     report = tmp_path / "results/smoke/report"
     cells = json.loads((report / "tables.json").read_text())
-    keys = {"table", "method", "arch", "pretrain_data", "metric", "value", "published"}
+    keys = {"table", "run", "role", "method", "arch", "pretrain_data", "metric", "value", "published"}
     assert cells and all(set(c) == keys for c in cells)
     assert {c["table"] for c in cells} == {"patchseg_coco", "linear_ade20k", "davis2017", "knn_imagenet"}
     methods = {c["method"] for c in cells}
     assert "DINO" in methods and sum(m.startswith("random init") for m in methods) == 3
+    reference = {(c["table"], c["run"]) for c in cells if c["role"] == "supervised-reference"}
+    assert reference == {(t, "supervised/vit-tiny-p8-imagenet") for t in ("patchseg_coco", "linear_ade20k", "davis2017")}
+    assert {c["method"] for c in cells if c["role"] == "supervised-reference"} == {"supervised reference"}
     assert all(c["published"] is None for c in cells)  # synthetic data is never compared with papers
     assert all(c["value"] is None or isinstance(c["value"], float) for c in cells)
 
     md = (report / "report.md").read_text()
     assert "Margin over the best random-init seed" in md and "config hash" in md and "Wall time" in md
+    assert "beats best" not in md  # the methods' margins carry no pass mark
+    # one check per protocol: the reference against the best random-init seed of its network (a 4-step
+    # reference need not pass it; the full smoke report must, `make smoke` runs `densessl check-report`)
+    checks = json.loads((report / "checks.json").read_text())
+    assert sorted(c["protocol"] for c in checks) == ["davis2017", "linear_ade20k", "patchseg_coco"]
+    assert all(c["run"] == "supervised/vit-tiny-p8-imagenet" and c["seeds"] == 3 for c in checks)
+    assert "Check: the supervised reference beats the best random-init seed of its network" in md
     assert (report / "index.html").read_text().startswith("<!doctype html>")
     logs = list((tmp_path / "results/smoke/logs").rglob("*.log"))
     assert len(logs) >= 3 + 1 + 4 + 8 + 1
@@ -86,7 +99,7 @@ ALL_METHODS = {
     "random_init_seeds": [0],
     "evaluations": ["patchseg_coco"],
     "data": {"synthetic_size": "tiny"},
-    "pretrain": {m: {"train": TINY_TRAIN} for m in ("dino", "selfpatch", "loca", "gtsa", "clove")},
+    "pretrain": {m: {"train": TINY_TRAIN} for m in ("dino", "selfpatch", "loca", "gtsa", "clove", "supervised")},
     "evaluate": {"patchseg": {"epochs": 1, "batch_size": 4, "warmup_steps": 2}},
 }
 
@@ -102,6 +115,9 @@ def test_every_method_runs_through_the_dag(tmp_path):
     for method in ("DINO", "SelfPatch", "LOCA", "GTSA"):
         assert (method, "ViT-Tiny/8 (smoke)") in rows
     assert ("CLoVE", "ResNet-Tiny (smoke)") in rows
+    # the smoke preset's supervised references, each shown on the network of its random-init rows
+    assert ("supervised reference", "ViT-Tiny/8 (smoke)") in rows
+    assert ("supervised reference", "ResNet-Tiny (smoke), CLoVE init") in rows
     assert ("random init (seed0)", "ResNet-Tiny (smoke), CLoVE init") in rows  # CLoVE's zero-init residual
     for variant in ("SelfPatch", "LOCA"):  # each ViT variant has its own random-init rows
         assert ("random init (seed0)", f"ViT-Tiny/8 (smoke), {variant} variant") in rows

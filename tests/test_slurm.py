@@ -139,6 +139,7 @@ CONFIG = {
     "threads": 1,
     "runs": [{"method": "dino", "arch": "vit-tiny-p8", "data": "imagenet"}],
     "random_init_seeds": [0],
+    "baselines": {"supervised_reference": []},  # the DINO run and its random init are what this test needs
     "evaluations": ["davis2017"],
     "data": {"synthetic_size": "tiny"},
     # 16 tiny images, 4 per step: 160 steps, long enough to be interrupted, checkpointed every 2 steps

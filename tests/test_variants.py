@@ -23,10 +23,11 @@ ALL_METHODS = [
 ]
 
 
-def _cfg(tmp_path, runs=ALL_METHODS, seeds=(0, 1, 2)):
+def _cfg(tmp_path, runs=ALL_METHODS, seeds=(0, 1, 2), supervised=True):
     path = tmp_path / "c.yaml"
+    extra = {} if supervised else {"baselines": {"supervised_reference": []}}
     path.write_text(yaml.safe_dump({"preset": "smoke", "results_dir": str(tmp_path / "results"),
-                                    "runs": list(runs), "random_init_seeds": list(seeds)}))
+                                    "runs": list(runs), "random_init_seeds": list(seeds), **extra}))
     return load_config([path])
 
 
@@ -39,7 +40,7 @@ def test_every_variant_gets_its_own_seeds(tmp_path):
                       ("vit-tiny-p8", "selfpatch"): [0, 1, 2], ("resnet-tiny", "clove"): [0, 1, 2]}
     assert "random-init/vit-tiny-p8.selfpatch-seed1" in [r.id for r in cfg.all_runs]
     # a configuration of standard-ViT methods only has no variant rows
-    only_dino = _cfg(tmp_path, runs=ALL_METHODS[:1])
+    only_dino = _cfg(tmp_path, runs=ALL_METHODS[:1], supervised=False)
     assert [r.id for r in only_dino.baseline_runs] == [f"random-init/vit-tiny-p8-seed{s}" for s in range(3)]
 
 
@@ -75,10 +76,10 @@ def test_margins_compare_within_the_variant(tmp_path):
         values[f"random-init/vit-tiny-p8.selfpatch-seed{s}"] = sp
     rows = [(by_id[k], {"macro_recall": v}) for k, v in values.items()]
     margins = {line[0]: line for line in baseline_margins(cfg, rows, ["macro_recall"])}
-    assert margins["DINO"][2].startswith("+0.03 (beats best of 3 seeds, 0.22)")
+    assert margins["DINO"][2].startswith("+0.03 (best of 3 seeds 0.22)")
     # SelfPatch is measured against its own network (best 0.16), not the standard ViT's 0.22
     assert margins["SelfPatch"][1].endswith("SelfPatch variant")
-    assert margins["SelfPatch"][2].startswith("+0.02 (beats best of 3 seeds, 0.16)")
+    assert margins["SelfPatch"][2].startswith("+0.02 (best of 3 seeds 0.16)")
     assert display(by_id["random-init/vit-tiny-p8.loca-seed2"])[1] == "ViT-Tiny/8 (smoke), LOCA variant"
     # the report's summary cell: value (margin over its own network's best seed)
     sp = by_id["selfpatch/vit-tiny-p8-imagenet"]
@@ -101,7 +102,7 @@ def test_davis_margins_carry_paired_errors_and_flag_noise(tmp_path):
     rows = [(by_id[k], v) for k, v in values.items()]
     line = {row[0]: row for row in baseline_margins(cfg, rows, ["JF_mean"], "davis2017")}["DINO"]
     # sample std of the paired differences is 11, over sqrt(4) objects: 5.5
-    assert line[2] == "+0.50 ± 5.50 (beats best of 3 seeds, 39.50; within 2 standard errors)"
+    assert line[2] == "+0.50 ± 5.50 (best of 3 seeds 39.50; within 2 standard errors)"
     dino = by_id["dino/vit-tiny-p8-imagenet"]
     assert _summary_cell(cfg, rows, dino, values[dino.id], "JF_mean", "davis2017") == "40.00 (+0.50 ± 5.50)"
 

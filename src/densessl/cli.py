@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="build the report tables from every metrics.json")
     _add_common(p)
 
+    p = sub.add_parser("check-report", help="fail unless the report's supervised reference beats the best "
+                                             "random-init seed of its network on every protocol")
+    _add_common(p)
+
     p = sub.add_parser("targets", help="print the files `snakemake` would build (one per line)")
     _add_common(p)
 
@@ -144,6 +148,16 @@ def _print_datasets(args: argparse.Namespace) -> None:
         roots = dict((cfg.data.get("data", {}) or {}).get("roots") or {})
     rows = status(load_catalog(args.catalog), roots)
     print(json.dumps(rows, indent=2) if args.json else format_status(rows))
+def check_report(cfg) -> int:  # noqa: ANN001
+    """0 when every supervised-reference check of the built report passes; else 1, one line per failure."""
+    from densessl.report.reference_check import report_failures
+
+    failures, path = report_failures(cfg)
+    for line in failures:
+        print(f"check failed: {line}", file=sys.stderr)
+    if not failures:
+        print(f"{path}: the supervised reference beats the best random-init seed of its network on every protocol")
+    return 1 if failures else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             from densessl.report.build import build_report
 
             print(build_report(_config(args)))
+        elif args.stage == "check-report":
+            return check_report(_config(args))
         elif args.stage == "dvc-yaml":
             from densessl.dvc_stages import render
 

@@ -25,7 +25,7 @@ from densessl.protocol_names import ProtocolRegistry
 
 PRESETS = ("smoke", "paper")
 METHOD_DISPLAY = {"dino": "DINO", "loca": "LOCA", "selfpatch": "SelfPatch", "gtsa": "GTSA", "clove": "CLoVE",
-                  "random-init": "random init"}
+                  "random-init": "random init", "supervised": "supervised reference"}
 DATA_DISPLAY = {"imagenet": "ImageNet-1k", "coco": "COCO", "ade20k": "ADE20K", "davis": "DAVIS-2017",
                 "inat": "iNat-2019"}
 
@@ -98,14 +98,16 @@ def stable_hash(obj: Any) -> str:
 
 @dataclass(frozen=True)
 class Run:
-    """One backbone to evaluate: a pretraining run or a random-init baseline."""
+    """One backbone to evaluate: a pretraining run, a released checkpoint or a baseline (random init, or the
+    supervised reference, whose method is "supervised")."""
 
     method: str
     arch: str
     data: str           # pretraining data, or "seed<k>" for random init
     epochs: int | None = None
     released: bool = False  # backbone imported from an official release instead of our pretraining
-    variant: str | None = None  # random init only: the method's architecture variant (models/variants.py)
+    # random init and supervised reference: the architecture variant the network is drawn as (models/variants.py)
+    variant: str | None = None
 
     @property
     def name(self) -> str:
@@ -122,6 +124,19 @@ class Run:
     @property
     def is_random_init(self) -> bool:
         return self.method == "random-init"
+
+    @property
+    def is_supervised(self) -> bool:
+        return self.method == "supervised"
+
+    @property
+    def role(self) -> str:
+        """What the row is for the report: pretrained | released | random-init | supervised-reference."""
+        if self.is_random_init:
+            return "random-init"
+        if self.is_supervised:
+            return "supervised-reference"
+        return "released" if self.released else "pretrained"
 
     @property
     def seed(self) -> int:
@@ -153,8 +168,20 @@ class Config:
         return Path(self.data.get("results_dir", "results")) / self.preset
 
     @property
-    def pretrain_runs(self) -> list[Run]:
+    def method_runs(self) -> list[Run]:
+        """The self-supervised pretraining runs of ``runs``: the rows the papers' tables are about."""
         return [Run(r["method"], r["arch"], r["data"], r.get("epochs")) for r in self.data.get("runs", [])]
+
+    @property
+    def supervised_runs(self) -> list[Run]:
+        """``baselines.supervised_reference``: the compared networks trained with labels (methods/supervised.py)."""
+        entries = (self.data.get("baselines") or {}).get("supervised_reference") or []
+        return [Run("supervised", r["arch"], r["data"], r.get("epochs"), variant=r.get("variant")) for r in entries]
+
+    @property
+    def pretrain_runs(self) -> list[Run]:
+        """Every run the pretrain stage trains: the methods' runs and the supervised references."""
+        return self.method_runs + self.supervised_runs
 
     @property
     def released_runs(self) -> list[Run]:
@@ -173,18 +200,54 @@ class Config:
     def variant_of(self, run: Run) -> str | None:
         """The architecture variant ``run``'s backbone has: random-init rows carry it, pretraining runs take
         their method's, released runs their checkpoint format's (models/variants.py)."""
-        if run.is_random_init:
+        if run.is_random_init or run.is_supervised:
             return run.variant
         key = self.released_spec(run)["format"] if run.released else run.method
         return variant_of(key, run.arch)
 
     @property
-    def baseline_runs(self) -> list[Run]:
-        """Random-init rows: the seeds for every (architecture, variant) a pretrained or released run has, so each
-        method is compared with the very network it trains (e.g. SelfPatch's ViT has no final LayerNorm)."""
-        shapes = sorted({(r.arch, self.variant_of(r) or "") for r in self.pretrain_runs + self.released_runs})
+    def random_init_seeds(self) -> list[int]:
+        return [int(s) for s in self.data.get("random_init_seeds", [])]
+
+    def baseline_selection(self, protocol: str) -> dict[str, Any]:
+        """``baselines.protocols.<protocol>``: which runs ``protocol`` evaluates. ``methods`` (the compared runs'
+        methods, trained or released; absent = all), ``random_init_seeds`` (absent = the top-level list) and
+        ``supervised_reference`` (absent = true)."""
+        return dict(((self.data.get("baselines") or {}).get("protocols") or {}).get(protocol) or {})
+
+    def _random_init_rows(self, compared: list[Run], seeds: list[int]) -> list[Run]:
+        """Random-init rows for every (architecture, variant) of ``compared``, so each row is compared with the
+        very network it trains (e.g. SelfPatch's ViT has no final LayerNorm)."""
+        shapes = sorted({(r.arch, self.variant_of(r) or "") for r in compared})
         return [Run("random-init", arch, f"seed{s}", variant=variant or None) for arch, variant in shapes
-                for s in self.data.get("random_init_seeds", [])]
+                for s in seeds]
+
+    def protocol_runs(self, protocol: str) -> list[Run]:
+        """The rows ``protocol`` evaluates (and the report shows): the selected methods' runs, the supervised
+        references and the random-init seeds of their networks, less the backbone families the protocol does not
+        apply to. A protocol that selects nothing evaluates every run with the top-level seeds."""
+        sel = self.baseline_selection(protocol)
+        methods = sel.get("methods")
+        compared = [r for r in self.method_runs + self.released_runs if methods is None or r.method in methods]
+        supervised = self.supervised_runs if sel.get("supervised_reference", True) else []
+        seeds = [int(s) for s in sel["random_init_seeds"]] if "random_init_seeds" in sel else self.random_init_seeds
+        rows = compared + supervised
+        rows = rows + self._random_init_rows([r for r in rows if self.applies(protocol, r)], seeds)
+        return [r for r in rows if self.applies(protocol, r)]
+
+    @property
+    def baseline_runs(self) -> list[Run]:
+        """Random-init rows some protocol evaluates; with no protocol configured, the top-level seeds for every
+        network of the compared runs (so ``convert`` can still export them)."""
+        if not self.evaluations:
+            return self._random_init_rows(self.method_runs + self.released_runs + self.supervised_runs,
+                                          self.random_init_seeds)
+        seen: dict[str, Run] = {}
+        for protocol in self.evaluations:
+            for r in self.protocol_runs(protocol):
+                if r.is_random_init:
+                    seen.setdefault(r.id, r)
+        return sorted(seen.values(), key=lambda r: (r.arch, r.variant or "", r.seed))
 
     @property
     def all_runs(self) -> list[Run]:
@@ -208,9 +271,9 @@ class Config:
         return backbone_family(run.arch) in EVALUATIONS[protocol]["backbones"]
 
     def evaluation_jobs(self) -> list[tuple[str, Run]]:
-        """Every (protocol, run) the DAG evaluates and the report shows: the configured protocols × all runs,
-        less the pairs a protocol does not apply to (the report marks those "n/a")."""
-        return [(p, r) for p in self.evaluations for r in self.all_runs if self.applies(p, r)]
+        """Every (protocol, run) the DAG evaluates and the report shows: each configured protocol × the rows it
+        selects (``protocol_runs``); the pairs a protocol does not apply to are left out (the report says "n/a")."""
+        return [(p, r) for p in self.evaluations for r in self.protocol_runs(p)]
 
     @property
     def datasets(self) -> list[str]:
@@ -228,6 +291,8 @@ class Config:
         settings = deep_merge(settings, per_arch.get(run.arch, {}))
         if run.epochs is not None:
             settings["train"]["epochs"] = run.epochs
+        if run.is_supervised:  # the reference is drawn as the network it is compared with
+            settings["method"]["variant"] = run.variant
         return settings
 
     def eval_settings(self, protocol: str) -> dict[str, Any]:
@@ -288,7 +353,7 @@ class Config:
         return self.results / "report"
 
     def report_outputs(self) -> list[Path]:
-        return [self.report_dir / name for name in ("report.md", "index.html", "tables.json")]
+        return [self.report_dir / name for name in ("report.md", "index.html", "tables.json", "checks.json")]
 
     def all_targets(self) -> list[Path]:
         return self.report_outputs()
@@ -391,9 +456,28 @@ def load_config(config_files: Iterable[str | Path] = ("config.yaml",), preset: s
     where = f"{preset_path} merged with {', '.join(map(str, config_files))}"
     validate(merged, where, root)
     cfg = Config(merged, root)
+    _check_baselines(cfg, where)
     ids = [r.id for r in cfg.pretrain_runs + cfg.released_runs]
     repeated = sorted({i for i in ids if ids.count(i) > 1})
     if repeated:
         raise ConfigError(f"{where}: runs {repeated} are listed more than once (a run is method, arch, data and "
                           f"its epochs); remove the repeat, or give each copy its own 'epochs'")
     return cfg
+
+
+def _check_baselines(cfg: Config, where: str) -> None:
+    """What the schema cannot say: ``baselines.protocols`` names protocols (the registry below), and a supervised
+    reference's variant belongs to its architecture's family."""
+    from densessl.models.variants import VARIANT_FAMILY
+
+    for run in cfg.supervised_runs:
+        if run.variant is not None and VARIANT_FAMILY.get(run.variant) != backbone_family(run.arch):
+            raise ConfigError(f"{where}: baselines.supervised_reference {run.arch}: variant {run.variant!r} is not a "
+                              f"{backbone_family(run.arch)} variant; use one of "
+                              f"{sorted(v for v, f in VARIANT_FAMILY.items() if f == backbone_family(run.arch))} "
+                              f"or leave it out")
+    selections = (cfg.data.get("baselines") or {}).get("protocols") or {}
+    for protocol in selections:
+        if protocol not in EVALUATIONS:
+            raise ConfigError(f"{where}: baselines.protocols.{protocol}: not a protocol; allowed: "
+                              f"{', '.join(EVALUATIONS)}")

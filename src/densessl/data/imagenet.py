@@ -1,5 +1,6 @@
 """ImageNet in ImageFolder layout (``<root>/<split>/<wnid>/*.JPEG``), as DINO reads it
-(``torchvision.datasets.ImageFolder``; reference/datasets.md). Pretraining ignores the labels."""
+(``torchvision.datasets.ImageFolder``). Self-supervised pretraining ignores the labels; the supervised reference
+reads them (:class:`LabelledImageFolder`)."""
 
 from __future__ import annotations
 
@@ -25,9 +26,12 @@ class ImageFolderImages(Dataset):
             samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS)
         except FileNotFoundError as exc:
             raise DataError(f"{folder}: {exc}") from exc
-        self.paths = [Path(p) for p, _ in sorted(samples)]
+        self.classes = sorted(class_to_idx, key=class_to_idx.get)
+        ordered = sorted(samples)
+        self.paths = [Path(p) for p, _ in ordered]
+        self.labels = [int(label) for _, label in ordered]
         if max_items is not None:
-            self.paths = self.paths[:max_items]
+            self.paths, self.labels = self.paths[:max_items], self.labels[:max_items]
         if not self.paths:
             raise DataError(f"{folder}: no images found (extensions {IMG_EXTENSIONS})")
 
@@ -63,6 +67,13 @@ class LabelledImageFolder(ImageFolderImages):
         return len(self.classes)
 
 
+class ImageLabelPairs(LabelledImageFolder):
+    """(image, ImageFolder class index) pairs: what the supervised reference trains on."""
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:  # type: ignore[override]
+        return super().__getitem__(index), self.labels[index]
+
+
 class FlatImageFolder(Dataset):
     """Every image directly inside one folder (COCO ``images/train2017``, ADE20K ``images/training``): what
     GTSA pretrains on (``--data <COCO train2017 or ADE20K train>``, reference/methods/gtsa.md §2)."""
@@ -83,9 +94,16 @@ class FlatImageFolder(Dataset):
     __getitem__ = ImageFolderImages.__getitem__
 
 
-def pretraining_images(dataset: str, root: str | Path, max_items: int | None = None) -> Dataset:
-    """The unlabelled training images of ``dataset`` in its real layout."""
+def pretraining_images(dataset: str, root: str | Path, max_items: int | None = None,
+                       labelled: bool = False) -> Dataset:
+    """The training images of ``dataset`` in its real layout; ``labelled``: (image, class index) pairs, which
+    only ImageNet has (the supervised reference)."""
     root = Path(root)
+    if labelled:
+        if dataset != "imagenet":
+            raise DataError(f"supervised training on {dataset!r}: only imagenet has image-level labels; set "
+                            f"data: imagenet for the supervised reference")
+        return ImageLabelPairs(root, "train", max_items=max_items)
     if dataset == "imagenet":
         return ImageFolderImages(root, "train", max_items=max_items)
     if dataset == "coco":
