@@ -32,11 +32,11 @@ $(STAMP): envs/requirements.lock pyproject.toml Makefile | $(BIN)/uv
 	touch $(STAMP)
 
 smoke: $(STAMP)
-	$(BIN)/snakemake --cores $(CORES) --configfile config.yaml --config preset=smoke $(SMOKE_ARGS)
+	$(BIN)/snakemake --cores $(CORES) --config preset=smoke $(SMOKE_ARGS)
 	@echo; cat results/smoke/report/report.md; echo; echo "report: results/smoke/report/index.html"
 
 dry-run: $(STAMP)
-	$(BIN)/snakemake -n --configfile config.yaml
+	$(BIN)/snakemake -n
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
