@@ -50,17 +50,37 @@ def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
             tmp_path.unlink()
 
 
-def save_torch(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save`` atomically through a Python file object.
+def torch_save_to(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` through a Python file object, synced to disk; a failing write raises its ``OSError``.
 
     Given a path, torch's C++ writer reports a full disk as "enforce fail ... unexpected pos"; through a file
-    object the failing write raises ``OSError(ENOSPC)`` naming the file, which the CLI turns into one line."""
+    object the write raises ``OSError(ENOSPC)``, but torch's zip writer then fails again while closing and
+    raises that RuntimeError instead, with the ``OSError`` as its context: this re-raises the ``OSError``,
+    which names the errno and which the CLI turns into one line with the file name."""
     import torch
 
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except RuntimeError as exc:
+        context = exc.__context__
+        if isinstance(context, OSError):
+            if context.filename is None:
+                context.filename = os.fspath(path)
+            raise context from None
+        raise
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = os.fspath(path)
+        raise
+
+
+def save_torch(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` atomically (:func:`torch_save_to` into a temporary file renamed onto ``path``)."""
+    with atomic_path(path) as tmp:
+        torch_save_to(obj, tmp)
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from densessl.io import atomic_path
+from densessl.io import save_torch
 from densessl.train.sampling import EpochPermutationSampler, SeededAugmentation
 from densessl.train.signals import StopSignals, ignore_stop_signals
 from densessl.train.trainer import Preempted
@@ -143,8 +143,7 @@ class TrainState:
         return saved
 
     def save(self, state: dict[str, Any]) -> None:
-        with atomic_path(self.path) as tmp:
-            torch.save({**state, "identity": self.identity}, tmp)
+        save_torch({**state, "identity": self.identity}, self.path)
 
     def preempt(self, state: dict[str, Any], signum: int, where: str) -> NoReturn:
         """Save, then raise ``Preempted`` (the CLI turns it into ``REQUEUE_EXIT_CODE`` for the launcher)."""

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from densessl.errors import CheckpointError
-from densessl.io import atomic_path
+from densessl.io import atomic_path, torch_save_to
 
 CHECKPOINT_NAME = "checkpoint.pt"
 PREVIOUS_NAME = "checkpoint.previous.pt"
@@ -89,20 +89,11 @@ def weights_finite(state: dict[str, Any]) -> bool:
     return True
 
 
-def _write(state: dict[str, Any], tmp: Path) -> None:
-    # through a Python file object: a full disk raises OSError(ENOSPC) naming the file (torch's own path
-    # writer reports "enforce fail ... unexpected pos")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def save(state: dict[str, Any], out_dir: Path) -> Path:
     """Write ``state`` as the newest checkpoint, keeping the one before it as ``checkpoint.previous.pt``."""
     path = out_dir / CHECKPOINT_NAME
     with atomic_path(path) as tmp:
-        _write(state, tmp)
+        torch_save_to(state, tmp)
         if path.exists():
             os.replace(path, out_dir / PREVIOUS_NAME)
     return path
@@ -111,7 +102,7 @@ def save(state: dict[str, Any], out_dir: Path) -> Path:
 def save_diverged(state: dict[str, Any], out_dir: Path) -> Path:
     path = out_dir / DIVERGED_NAME
     with atomic_path(path) as tmp:
-        _write(state, tmp)
+        torch_save_to(state, tmp)
     return path
 
 
@@ -121,7 +112,9 @@ def read_verified(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+        size = path.stat().st_size
+        detail = (str(exc).splitlines() or [f"cut short at {size} bytes" if size else "empty file"])[0]
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {detail})") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a densessl training checkpoint (format "
                               f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r})")

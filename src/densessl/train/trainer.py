@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from densessl.errors import CheckpointError, ConfigError, DenseSSLError
-from densessl.io import atomic_path
+from densessl.io import save_torch
 from densessl.methods.base import PretrainMethod
 from densessl.train import checkpointing
 from densessl.train.checkpointing import CHECKPOINT_NAME, DIVERGED_NAME
@@ -296,8 +296,7 @@ class Trainer:
             if path == self.out_dir / CHECKPOINT_NAME:
                 checkpointing.save(state, self.out_dir)
             else:
-                with atomic_path(path) as tmp, open(tmp, "wb") as f:
-                    torch.save(state, f)
+                save_torch(state, path)
             self.last_checkpoint_step = self.step
             self.run_log.flush()
         return path
@@ -439,7 +438,8 @@ class Trainer:
     def fit(self, max_steps: int | None = None) -> dict[str, Any]:
         """Train to the end (or ``max_steps`` more steps, used by tests); resume from the checkpoint if any."""
         resumed = self._resume()
-        self.run_log.attempt({"event": "start", "step": self.step, "resumed": resumed})
+        self.run_log.attempt({"event": "start", "step": self.step, "resumed": resumed,
+                             "restart": self.resume == "restart"})
         previous = {s: signal.signal(s, self._handle_signal) for s in STOP_SIGNALS}
         steps_done, start = 0, time.time()
         last_loss = math.nan
