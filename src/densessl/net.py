@@ -58,7 +58,7 @@ def fetch_to_part(url: str, part: Path, stall_timeout: float = 60.0, progress: b
                                                                    desc=part.name, disable=not progress) as bar:
                 while True:
                     try:
-                        block = response.read(CHUNK)
+                        block = response.read1(CHUNK)  # what has arrived: a stall keeps it
                     except TimeoutError as exc:
                         raise DataError(f"{url}: the transfer stalled (no data for {stall_timeout:g} s) after "
                                         f"{got} bytes; {resume_hint(got)}") from exc
