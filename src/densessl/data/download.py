@@ -41,7 +41,7 @@ def fetch(url: str, dest: str | Path, sha256: str, timeout: float = 60.0, progre
     actual = sha256_of(part)
     if actual != sha256:
         part.unlink()
-        raise DataError(f"{url}: SHA-256 of the complete download is {actual}, expected {sha256}; the file was "
+        raise DataError(f"{url}: SHA-256 of the download is {actual} (complete), expected {sha256}; the file was "
                         f"removed. Check the checksum in config.yaml or the address")
     os.replace(part, dest)
     return dest
