@@ -313,6 +313,17 @@ class Trainer:
 
     def load_checkpoint(self, path: Path, state: dict[str, Any] | None = None) -> None:
         state = state if state is not None else checkpointing.read_verified(path)
+        self._check_compatible(path, state)
+        self._student().load_state_dict(state["student"])
+        if self.method.teacher is not None:
+            self.method.teacher.load_state_dict(state["teacher"])
+        self.method.load_extra_state({k: v.to(self.device) for k, v in state["extra"].items()})
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+        self.last_checkpoint_step = self.step
+
+    def _check_compatible(self, path: Path, state: dict[str, Any]) -> None:
+        """What no flag can bridge: another method, process count or optimiser state layout."""
         if state.get("method") != self.method.name:
             raise CheckpointError(f"{path}: checkpoint of method {state.get('method')!r}, but this run trains "
                                   f"{self.method.name!r}; re-run with --restart or choose another output directory")
@@ -326,13 +337,6 @@ class Trainer:
             raise CheckpointError(f"{path}: optimiser state of {saved_optimizer!r}, but this run uses "
                                   f"{self.optimizer_name!r}; set train.optimizer: {saved_optimizer} or re-run with "
                                   f"--restart")
-        self._student().load_state_dict(state["student"])
-        if self.method.teacher is not None:
-            self.method.teacher.load_state_dict(state["teacher"])
-        self.method.load_extra_state({k: v.to(self.device) for k, v in state["extra"].items()})
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
-        self.last_checkpoint_step = self.step
 
     def _resume(self) -> bool:
         """Load the newest usable checkpoint of this run if there is one (see ``resume``); True if resumed."""
@@ -345,6 +349,7 @@ class Trainer:
             found = checkpointing.load_latest(self.out_dir)
         if found is not None:
             state, path = found
+            self._check_compatible(path, state)
             changes = checkpointing.settings_changes(state.get("settings"), self.settings)
             if changes and self.resume != "anyway":
                 raise CheckpointError(
