@@ -33,7 +33,6 @@ a barrier.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import signal
@@ -54,9 +53,17 @@ from densessl.io import save_torch
 from densessl.methods.base import PretrainMethod
 from densessl.train import checkpointing
 from densessl.train.checkpointing import CHECKPOINT_NAME, DIVERGED_NAME
+from densessl.train.distributed import (
+    broadcast_state,
+    init_distributed,
+    out_of_sync,
+    pick_device,
+    sync_batchnorm,
+)
 from densessl.train.launch import REQUEUE_EXIT_CODE, write_requeue_marker
 from densessl.train.optim import (
     CLIP_MODES,
+    OPTIMIZERS,
     _method_param_groups,
     build_optimizer,
     clip_gradients,
@@ -70,10 +77,10 @@ from densessl.train.sampling import EpochPermutationSampler, SeededAugmentation
 from densessl.train.schedules import cosine_schedule
 from densessl.train.signals import STOP_SIGNALS, ignore_stop_signals
 
-__all__ = ["CHECKPOINT_NAME", "REQUEUE_EXIT_CODE", "NonFiniteLossError", "Preempted", "TrainConfig", "Trainer",
-           "build_optimizer", "clip_gradients", "clip_gradients_global_norm", "clip_gradients_per_parameter", "param_groups", "resolve_optimizer_name"]
+__all__ = ["CHECKPOINT_NAME", "CLIP_MODES", "OPTIMIZERS", "REQUEUE_EXIT_CODE", "NonFiniteLossError", "Preempted",
+           "TrainConfig", "Trainer", "build_optimizer", "clip_gradients", "clip_gradients_global_norm",
+           "clip_gradients_per_parameter", "param_groups", "pick_device", "resolve_optimizer_name"]
 
-log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(DenseSSLError):
@@ -120,30 +127,6 @@ class TrainConfig:
     nproc_per_node: int | None = None
 
 
-def pick_device(device: str | None, world: int, local_rank: int, cuda_available: bool) -> torch.device:
-    """The device this rank trains on; always with an index on CUDA.
-
-    ``torch.cuda.set_device`` rejects a bare ``cuda`` (found on an H100: ``--device cuda`` failed before the
-    first step), and under torchrun a bare ``cuda`` must still mean this rank's own GPU, not GPU 0."""
-    wanted = torch.device(device) if device else torch.device("cuda" if cuda_available else "cpu")
-    if wanted.type == "cuda" and wanted.index is None:
-        return torch.device("cuda", local_rank if world > 1 else 0)
-    return wanted
-
-
-def _init_distributed(device: str | None) -> tuple[int, int, torch.device]:
-    """Join the torchrun process group if there is one; pick this rank's device (cuda:LOCAL_RANK)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    chosen = pick_device(device, world, int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.is_available())
-    if chosen.type == "cuda":
-        torch.cuda.set_device(chosen)  # before init_process_group: NCCL binds to the current device
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if chosen.type == "cuda" else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), chosen
-    return 0, 1, chosen
-
-
 def _step_seed(seed: int, rank: int, step: int) -> int:
     """A distinct RNG seed per (run seed, rank, step): dropout/drop-path of step t never depend on resume."""
     return ((seed * 1_000_003 + step) * 65_537 + rank) % (2**63 - 1)
@@ -160,7 +143,7 @@ class Trainer:
         self.resume = resume
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.rank, self.world, self.device = _init_distributed(device)
+        self.rank, self.world, self.device = init_distributed(device)
         if cfg.nproc_per_node is not None:
             per_node = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
             if per_node != cfg.nproc_per_node:
@@ -176,8 +159,8 @@ class Trainer:
         self.method = method.to(self.device)
         if cfg.channels_last:
             self.method.to(memory_format=torch.channels_last)
-        self._sync_batchnorm()
-        self._broadcast_method_state()
+        sync_batchnorm(self.method, self.world, self.device, self.rank, cfg.batch_size_per_gpu)
+        broadcast_state(self.method, self.world)
         self.dataset = SeededAugmentation(dataset, method.views(), cfg.seed)
         self.sampler = EpochPermutationSampler(len(dataset), cfg.batch_size_per_gpu, cfg.seed, self.rank, self.world)
         if self.sampler.batches_per_epoch == 0:
@@ -203,42 +186,6 @@ class Trainer:
         self.last_checkpoint_step: int | None = None
 
     # ----------------------------------------------------------------------------------------- setup
-    def _sync_batchnorm(self) -> None:
-        """BatchNorm → SyncBatchNorm across GPUs (main_dino.py: ``if utils.has_batchnorms(student)``).
-
-        Only on CUDA: SyncBatchNorm rejects CPU tensors ("SyncBatchNorm expected input tensor to be on GPU"),
-        so CPU/gloo runs keep plain BatchNorm and each process normalises over its own ``batch_size_per_gpu``
-        images; DDP's buffer broadcast still keeps the student's running statistics equal to rank 0's.
-        """
-        policy = getattr(self.method, "sync_batchnorm", None)
-        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.method.modules())
-        if self.world == 1 or not has_bn or policy is False:
-            return
-        if self.device.type != "cuda":
-            if self.rank == 0:
-                log.warning("%s has BatchNorm layers; SyncBatchNorm needs CUDA, so on %s each of the %d processes "
-                            "normalises over its own %d images (plain BatchNorm)", self.method.name,
-                            self.device.type, self.world, self.cfg.batch_size_per_gpu)
-            return
-        # convert_sync_batchnorm replaces BN children in place (parameters and buffers are reused), so the
-        # method's references to its student/teacher wrappers stay valid.
-        converted = nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
-        assert converted is self.method
-
-    def _broadcast_method_state(self) -> None:
-        """Start every rank from rank 0's student, teacher and buffers (DDP would only sync the student)."""
-        if self.world == 1:
-            return
-        for tensor in self.method.state_dict().values():
-            if not isinstance(tensor, torch.Tensor):
-                continue
-            if tensor.is_contiguous():
-                dist.broadcast(tensor, src=0)
-            else:
-                buffer = tensor.contiguous()
-                dist.broadcast(buffer, src=0)
-                tensor.copy_(buffer)
-
     def _wrap_student(self) -> None:
         if self.world == 1:
             return
@@ -390,13 +337,8 @@ class Trainer:
         named = [(f"student.{n}", p) for n, p in self._student().named_parameters()]
         if self.method.teacher is not None:
             named += [(f"teacher.{n}", p) for n, p in self.method.teacher.named_parameters()]
-        sums = torch.stack([p.detach().double().sum() for _, p in named])
-        high, low = sums.clone(), sums.clone()
-        dist.all_reduce(high, op=dist.ReduceOp.MAX)
-        dist.all_reduce(low, op=dist.ReduceOp.MIN)
-        differ = ((high - low).abs() > 1e-6 * (1 + high.abs())).nonzero().flatten().tolist()
-        if differ:
-            names = [named[i][0] for i in differ[:5]]
+        names = out_of_sync(named, self.world)
+        if names:
             raise DenseSSLError(f"after step {step} the {self.world} processes hold different weights for {names}: "
                                 f"{self.method.name}.loss must run the student as self.student(...) (the DDP "
                                 f"wrapper averages gradients only then), update parameters only through the "
