@@ -239,3 +239,16 @@ def test_empty_imagenet_train_fails_at_the_data_stage(tmp_path: Path, capsys, mo
     line = _one_line_error(capsys)
     assert f"{tmp_path / 'imagenet' / 'train'}: no images" in line, line
     assert not (tmp_path / "results" / "smoke" / "data" / "imagenet" / "manifest.json").exists()
+
+
+def test_torn_backbone_file_is_one_line(project: Path, capsys) -> None:
+    """An exported backbone cut short (copy interrupted, disk trouble): evaluate names it and says what to do."""
+    from densessl.checkpoints.io import save_backbone
+    from densessl.models.backbones import create_backbone
+
+    path = run_dir(project) / "backbone.safetensors"
+    save_backbone(path, create_backbone("vit-tiny-p8"), "vit-tiny-p8", {}, {})
+    path.write_bytes(path.read_bytes()[:1000])
+    assert cli(project / "config.yaml", "evaluate", "patchseg_coco", "--run", RUN) == 2
+    line = _one_line_error(capsys)
+    assert f"{path}: torn or corrupt backbone file" in line and "re-run the convert stage" in line, line
