@@ -87,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _config(args: argparse.Namespace):  # noqa: ANN202
     from densessl.config import load_config
 
-    cfg = load_config(args.config or ["config.yaml"], preset=args.preset)
+    # Every run's and protocol's settings are checked where a whole DAG is planned (the Snakefile, dvc-yaml,
+    # targets); a single stage builds and checks only its own settings, and skips importing every protocol.
+    cfg = load_config(args.config or ["config.yaml"], preset=args.preset,
+                      check_settings=args.stage in ("dvc-yaml", "targets"))
     import torch
 
     torch.set_num_threads(args.threads or cfg.threads)
