@@ -34,12 +34,12 @@ $(STAMP): envs/requirements.lock pyproject.toml Makefile | $(BIN)/uv
 # After the DAG: `densessl check-report` fails unless the supervised reference beats the best random-init seed of
 # its network on every protocol (docs/learning_signal.md); the methods' own margins are reported, not checked.
 smoke: $(STAMP)
-	$(BIN)/snakemake --cores $(CORES) --configfile config.yaml --config preset=smoke $(SMOKE_ARGS)
+	$(BIN)/snakemake --cores $(CORES) --config preset=smoke $(SMOKE_ARGS)
 	@echo; cat results/smoke/report/report.md; echo; echo "report: results/smoke/report/index.html"
 	$(BIN)/python -m densessl check-report --config config.yaml --preset smoke
 
 dry-run: $(STAMP)
-	$(BIN)/snakemake -n --configfile config.yaml
+	$(BIN)/snakemake -n
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -3,7 +3,12 @@
 import sys
 from pathlib import Path
 
-from densessl.config import load_config, snakemake_config_files
+from densessl.config import check_snakemake_overrides, load_config, load_yaml, snakemake_config_files
+
+# Before `configfile:` reads it: a YAML error is reported with its line (Snakemake's parser names none), and
+# `--config` keys other than preset, which nothing would read, are refused.
+load_yaml(Path("config.yaml").resolve())
+check_snakemake_overrides(dict(workflow.config_settings.config))
 
 configfile: "config.yaml"
 

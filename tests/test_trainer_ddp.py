@@ -54,20 +54,20 @@ def _weights(trainer) -> dict[str, torch.Tensor]:
 
 
 def _worker(out: Path) -> int:
-    import densessl.train.trainer as trainer_module
+    import densessl.train.checkpointing as checkpointing_module
     from densessl.train.launch import REQUEUE_EXIT_CODE
     from densessl.train.trainer import Preempted
 
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     writes: list[str] = []
-    real_atomic_path = trainer_module.atomic_path
+    real_atomic_path = checkpointing_module.atomic_path
 
     def counting_atomic_path(path, *args, **kwargs):  # records every file this rank writes
         writes.append(Path(path).name)
         return real_atomic_path(path, *args, **kwargs)
 
-    trainer_module.atomic_path = counting_atomic_path
+    checkpointing_module.atomic_path = counting_atomic_path
     report: dict = {"rank": rank}
 
     a = _trainer(out / "A")

@@ -8,7 +8,9 @@ prepare a real dataset) and `datasets` (the dataset catalog and what is present 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -61,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pretrain one run (resumes from its checkpoint if present)")
     _add_common(p)
     p.add_argument("--run", required=True, help="run id, e.g. dino/vit-tiny-p8-imagenet")
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--resume-anyway", dest="resume", action="store_const", const="anyway",
+                        help="continue a checkpoint written with other settings, under the new settings")
+    resume.add_argument("--restart", dest="resume", action="store_const", const="restart",
+                        help="delete the run's checkpoints and metrics and train from step 0")
+    p.set_defaults(resume=None)
 
     p = sub.add_parser("convert", help="export a run's backbone (teacher weights) or a random init")
     _add_common(p)
@@ -112,11 +120,30 @@ def build_parser() -> argparse.ArgumentParser:
 def _config(args: argparse.Namespace):  # noqa: ANN202
     from densessl.config import load_config
 
-    cfg = load_config(args.config or ["config.yaml"], preset=args.preset)
+    # Every run's and protocol's settings are checked where a whole DAG is planned (the Snakefile, dvc-yaml,
+    # targets); a single stage builds and checks only its own settings, and skips importing every protocol.
+    cfg = load_config(args.config or ["config.yaml"], preset=args.preset,
+                      check_settings=args.stage in ("dvc-yaml", "targets"))
     import torch
 
     torch.set_num_threads(args.threads or cfg.threads)
     return cfg
+
+
+def _resume_mode(flag: str | None) -> str:
+    """--resume-anyway / --restart, else $DENSESSL_RESUME (how a Snakemake-run stage is told), else "auto"."""
+    from densessl.train.checkpointing import RESUME_ENV, RESUME_MODES
+
+    mode = flag or os.environ.get(RESUME_ENV) or "auto"
+    if mode not in RESUME_MODES:
+        raise DenseSSLError(f"{RESUME_ENV}={mode!r}: allowed values: {', '.join(RESUME_MODES)}")
+    return mode
+
+
+def _lock(directory: Path, what: str = "run"):  # noqa: ANN202
+    from densessl.runlock import run_lock
+
+    return run_lock(directory, what)
 
 
 def doctor() -> None:
@@ -186,12 +213,16 @@ def main(argv: list[str] | None = None) -> int:
             _print_datasets(args)
         elif args.stage == "pretrain":
             from densessl.stages.pretrain import pretrain_nproc, run_pretrain
-            from densessl.train.launch import launch
+            from densessl.train.launch import launch, under_torchrun
 
             cfg = _config(args)
+            mode = _resume_mode(args.resume)
             stage_argv = list(argv) if argv is not None else sys.argv[1:]
-            # one process per GPU under torchrun when the run has several; in-process otherwise
-            return launch(stage_argv, pretrain_nproc(cfg, args.run), lambda: print(run_pretrain(cfg, args.run)))
+            # one process per GPU under torchrun when the run has several; in-process otherwise. The launcher
+            # holds the run's lock; torchrun's workers run under it.
+            with contextlib.nullcontext() if under_torchrun() else _lock(cfg.pretrain_dir(cfg.run(args.run))):
+                return launch(stage_argv, pretrain_nproc(cfg, args.run),
+                              lambda: print(run_pretrain(cfg, args.run, mode)))
         elif args.stage == "convert":
             from densessl.stages.convert import run_convert
 
@@ -212,7 +243,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise DenseSSLError("evaluate --img-size applies to --timm-model only; a --run's backbone keeps "
                                     "the size it was trained at")
             else:
-                print(run_evaluate(_config(args), args.protocol, args.run, args.device))
+                cfg = _config(args)
+                run = cfg.run(args.run)
+                with _lock(cfg.eval_metrics(args.protocol, run).parent, "evaluation"):
+                    print(run_evaluate(cfg, args.protocol, args.run, args.device))
         elif args.stage == "report":
             from densessl.report.build import build_report
 
@@ -233,6 +267,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(target)
     except DenseSSLError as exc:
         print(f"densessl {args.stage}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # permissions, a full disk, a path under a file: the user's to fix, not a bug
+        from densessl.errors import describe_os_error
+
+        print(f"densessl {args.stage}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
     except Exception as exc:
         from densessl.train.trainer import REQUEUE_EXIT_CODE, Preempted

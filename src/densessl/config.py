@@ -49,7 +49,12 @@ def load_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        context = getattr(exc, "context", None)
+        raise ConfigError(f"{where}: not valid YAML: {problem}{f' ({context})' if context else ''}; fix that "
+                          f"line (indentation with spaces only, a space after each ':')") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
@@ -430,9 +435,24 @@ def snakemake_config_files(configfiles: Iterable[str | Path], cwd: Path) -> list
     return out
 
 
+SNAKEMAKE_CONFIG_KEYS = frozenset({"preset"})
+
+
+def check_snakemake_overrides(overrides: dict[str, Any]) -> None:
+    """``snakemake --config KEY=VALUE`` takes only ``preset``: other settings belong in a config file, where
+    they are validated and hashed into the rule params; silently ignoring them would run something else."""
+    unsupported = sorted(set(overrides) - SNAKEMAKE_CONFIG_KEYS)
+    if unsupported:
+        raise ConfigError(f"snakemake --config: unsupported key(s) {unsupported}; only "
+                          f"{sorted(SNAKEMAKE_CONFIG_KEYS)} is read there. Put other settings in a YAML file and "
+                          f"pass it with --configfile config.yaml <file>")
+
+
 def load_config(config_files: Iterable[str | Path] = ("config.yaml",), preset: str | None = None,
-                overrides: dict[str, Any] | None = None, root: Path | None = None) -> Config:
-    """Merge preset ← config files ← overrides, validating each user layer and the result."""
+                overrides: dict[str, Any] | None = None, root: Path | None = None,
+                check_settings: bool = True) -> Config:
+    """Merge preset ← config files ← overrides, validating each user layer and the result; with
+    ``check_settings`` also every run's and protocol's settings (``densessl.settings_check``)."""
     user: dict[str, Any] = {}
     root = root or find_project_root()
     for f in config_files:
@@ -462,6 +482,10 @@ def load_config(config_files: Iterable[str | Path] = ("config.yaml",), preset: s
     if repeated:
         raise ConfigError(f"{where}: runs {repeated} are listed more than once (a run is method, arch, data and "
                           f"its epochs); remove the repeat, or give each copy its own 'epochs'")
+    if check_settings:
+        from densessl.settings_check import check_stage_settings
+
+        check_stage_settings(cfg)
     return cfg
 
 

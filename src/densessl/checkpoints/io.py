@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -36,7 +37,11 @@ def save_backbone(path: str | Path, model: nn.Module, arch: str, arch_kwargs: di
     # identical weights produce different bytes (and different DVC/Snakemake hashes).
     header = {"densessl": json.dumps({"format": FORMAT, "arch": arch, "arch_kwargs": arch_kwargs}, sort_keys=True)}
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=header)
+        try:
+            save_file(state, str(tmp), metadata=header)
+        except SafetensorError as exc:  # its I/O errors (a full disk) are not OSErrors
+            raise CheckpointError(f"{tmp}: could not write the backbone ({exc}); free space on that disk or "
+                                  f"fix its permissions, then re-run") from exc
     write_json(sidecar_path(path), {"format": FORMAT, "arch": arch, "arch_kwargs": arch_kwargs, **metadata})
 
 
@@ -51,7 +56,11 @@ def load_backbone(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     model = create_backbone(meta["arch"], **meta["arch_kwargs"])
     if is_resnet(model):
         model.fc = nn.Identity()
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except SafetensorError as exc:
+        raise CheckpointError(f"{path}: torn or corrupt backbone file ({exc}); delete it and re-run the convert "
+                              f"stage (Snakemake reruns it once the file is gone)") from exc
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatch

@@ -174,7 +174,9 @@ def _transfer(url: str, part: Path, timeout: float, interval: float, label: str)
         got = 0
         try:
             with open(part, "ab" if resumed else "wb") as f:
-                while block := response.read(CHUNK):
+                # read1: whatever has arrived (up to CHUNK); read(CHUNK) would drop the bytes of a block that
+                # times out half-way, so a stalled transfer would keep nothing to resume from
+                while block := response.read1(CHUNK):
                     f.write(block)
                     got += len(block)
                     progress.update(len(block))

@@ -43,6 +43,25 @@ def check_layout(dataset: str, root: Path) -> None:
     if missing:
         raise DataError(f"{root}: not a {dataset} layout; missing folder(s) {missing} "
                         f"(see reference/datasets.md for the expected layout)")
+    if dataset == "imagenet" and not _has_class_image(root / "train"):
+        raise DataError(f"{root / 'train'}: no images in '<class>/' subfolders (expected "
+                        f"train/<wnid>/*.JPEG, as torchvision's ImageFolder reads it); extract the ImageNet train "
+                        f"archive there or point data.roots.imagenet at the folder that holds train/")
+
+
+def _has_class_image(folder: Path) -> bool:
+    """Whether some class subfolder of ``folder`` holds an image: stops at the first one, so a real ImageNet
+    (1.28 M files) is not listed here; the fingerprint below counts everything."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    with os.scandir(folder) as classes:
+        for entry in classes:
+            if not entry.is_dir() or entry.name.startswith("."):
+                continue
+            with os.scandir(entry.path) as files:
+                if any(f.is_file() and f.name.lower().endswith(IMG_EXTENSIONS) for f in files):
+                    return True
+    return False
 
 
 def fingerprint(root: Path) -> dict[str, Any]:

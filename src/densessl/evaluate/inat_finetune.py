@@ -65,6 +65,7 @@ from densessl.evaluate.linear_seg import set_drop_path
 from densessl.evaluate.resume import ResumableBatches, StopSignals, TrainState, open_train_state, seed_step
 from densessl.io import write_json
 from densessl.models.backbones import backbone_info
+from densessl.train.signals import ignore_stop_signals
 
 REF = "reference/protocols/inat19_finetune.md"
 POOLS = ("mean_patch", "cls")
@@ -581,8 +582,9 @@ def run_inat_finetune(backbone: nn.Module, data_root: Path, cfg: InatFinetuneCon
     val_data = TransformedINat(val_reader, eval_transform(cfg, info.mean, info.std))
     pin = dev.type == "cuda"
     batches = ResumableBatches(train_data, micro, cfg.seed, cfg.num_workers, pin)
+    # workers ignore stop signals: validation runs inside the loop's StopSignals, which saves the state
     val_loader = DataLoader(val_data, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers,
-                            pin_memory=pin)
+                            pin_memory=pin, worker_init_fn=ignore_stop_signals)
     loop = _FinetuneLoop(model, optimizer, build_mixup(cfg, num_classes), build_criterion(cfg), batches,
                          val_loader, cfg, dev, autocast, state)
     progress = loop.run(out_dir)

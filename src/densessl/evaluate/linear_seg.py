@@ -51,6 +51,7 @@ from densessl.evaluate.metrics import IoUAccumulator, reduce_zero_label_map
 from densessl.evaluate.resume import ResumableBatches, StopSignals, TrainState, open_train_state, seed_step
 from densessl.io import write_json
 from densessl.models.backbones import ResNetTokens, backbone_info
+from densessl.train.signals import ignore_stop_signals
 
 IGNORE_INDEX = 255
 REF = "reference/protocols/segmenter_linear_ade20k.md"
@@ -410,7 +411,8 @@ def evaluate_linear_seg(model: LinearSegmenter, data: ADE20KVal, cfg: LinearSegC
     model.eval()
     acc = IoUAccumulator(cfg.num_classes, IGNORE_INDEX, cfg.reduce_zero_label)
     acc_ms = IoUAccumulator(cfg.num_classes, IGNORE_INDEX, cfg.reduce_zero_label)
-    loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=cfg.num_workers)
+    loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=cfg.num_workers,
+                        worker_init_fn=ignore_stop_signals)  # the stop signals are the training loop's to handle
 
     def logits_at(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         with autocast():

@@ -13,12 +13,9 @@ import json
 import logging
 import pickle
 import random
-import signal
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
-from types import FrameType
 from typing import Any, NoReturn
 
 import numpy as np
@@ -26,9 +23,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from densessl.io import atomic_path
+from densessl.io import save_torch
 from densessl.train.sampling import EpochPermutationSampler, SeededAugmentation
+from densessl.train.signals import StopSignals, ignore_stop_signals
 from densessl.train.trainer import Preempted
+
+__all__ = ["ResumableBatches", "StopSignals", "TrainState", "open_train_state", "seed_step"]
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,9 @@ class ResumableBatches:
 
     Replaces ``DataLoader(shuffle=True, generator=...)``, whose order after a restart would depend on how many
     batches the killed run had drawn. Each epoch gets a fresh DataLoader (``persistent_workers`` off), created
-    after the epoch is set on dataset and sampler, so worker processes see the right epoch too.
+    after the epoch is set on dataset and sampler, so worker processes see the right epoch too. Workers ignore
+    the stop signals (``densessl.train.signals``): a signal to the whole process group reaches the loop's
+    :class:`StopSignals`, which saves the state, instead of killing the workers first.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int, pin_memory: bool,
@@ -100,7 +102,7 @@ class ResumableBatches:
         self.sampler.set_epoch(epoch, start_batch)
         return DataLoader(self.items, batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
                           num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=False,
-                          collate_fn=self.collate_fn)
+                          collate_fn=self.collate_fn, worker_init_fn=ignore_stop_signals)
 
     def from_step(self, step: int) -> Iterator[Any]:
         """Endless batches starting at global batch ``step`` (close the generator to stop its workers)."""
@@ -108,33 +110,6 @@ class ResumableBatches:
         while True:
             yield from self.epoch(epoch, start)
             epoch, start = epoch + 1, 0
-
-
-class StopSignals:
-    """While active, SIGTERM/SIGUSR1 (SLURM preemption or time limit) only record the signal, so the loop can
-    save its state at the next step boundary and raise ``Preempted``; the previous handlers are restored on
-    exit. Inactive (no state to save, or not the main thread, where handlers cannot be installed) it does
-    nothing and ``received`` stays None."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self, active: bool = True) -> None:
-        self.active = active and threading.current_thread() is threading.main_thread()
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _record(self, signum: int, _frame: FrameType | None) -> None:
-        self.received = signum
-
-    def __enter__(self) -> StopSignals:
-        if self.active:
-            self._previous = {s: signal.signal(s, self._record) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, signal.SIG_DFL if handler is None else handler)
-        self._previous = {}
 
 
 class TrainState:
@@ -170,8 +145,7 @@ class TrainState:
         return saved
 
     def save(self, state: dict[str, Any]) -> None:
-        with atomic_path(self.path) as tmp:
-            torch.save({**state, "identity": self.identity}, tmp)
+        save_torch({**state, "identity": self.identity}, self.path)
 
     def preempt(self, state: dict[str, Any], signum: int, where: str) -> NoReturn:
         """Save, then raise ``Preempted`` (the CLI turns it into ``REQUEUE_EXIT_CODE`` for the launcher)."""

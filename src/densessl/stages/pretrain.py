@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -15,10 +16,25 @@ from densessl.data.manifest import data_root
 from densessl.io import atomic_path, read_json, write_json
 from densessl.methods import get_method
 from densessl.methods.base import build_dataclass
-from densessl.train.trainer import CHECKPOINT_NAME, TrainConfig, Trainer
+from densessl.train.checkpointing import CHECKPOINT_NAME
+from densessl.train.run_log import last_attempt
+from densessl.train.trainer import TrainConfig, Trainer
 
 
-def run_pretrain(cfg: Config, run_id: str) -> Path:
+def resume_mode(requested: str, out_dir: Path, final: Path) -> str:
+    """``requested`` ("auto", "anyway", "restart"), except that a finished run whose ``final.pt`` is gone
+    starts over: Snakemake deletes a job's outputs before running it, so this is what ``snakemake --forcerun``
+    (or deleting final.pt) on a finished run looks like, and resuming would only relabel the old weights."""
+    last = last_attempt(out_dir)
+    if requested == "auto" and last is not None and last.get("event") == "finished" and not final.exists():
+        print(f"{out_dir}: the run had finished but {final.name} is gone (snakemake --forcerun, or deleted): "
+              f"training again from the start", file=sys.stderr, flush=True)
+        return "restart"
+    return requested
+
+
+def run_pretrain(cfg: Config, run_id: str, resume: str = "auto") -> Path:
+    """Train ``run_id``; ``resume`` as ``Trainer``: "auto" (continue the same settings), "anyway", "restart"."""
     started = time.time()
     run = cfg.run(run_id)
     settings = cfg.pretrain_settings(run)
@@ -31,9 +47,9 @@ def run_pretrain(cfg: Config, run_id: str) -> Path:
     if method.needs_labels:
         method.check_classes(dataset.classes, str(manifest))
     out_dir = cfg.pretrain_dir(run)
-    trainer = Trainer(method, dataset, train_cfg, out_dir)
-    summary = trainer.fit()
     final = cfg.final_checkpoint(run)
+    trainer = Trainer(method, dataset, train_cfg, out_dir, resume=resume_mode(resume, out_dir, final))
+    summary = trainer.fit()
     if trainer.rank == 0:
         with atomic_path(final) as tmp:
             shutil.copyfile(out_dir / CHECKPOINT_NAME, tmp)

@@ -10,8 +10,9 @@ and waits for it; each worker then takes the in-process path, where the trainer 
 ``LOCAL_RANK`` from torchrun's environment and joins the process group. With ``nproc == 1`` (every CPU run,
 smoke scale) or inside a worker, ``run_in_process()`` runs here.
 
-Exit codes. The trainer turns SIGTERM/SIGUSR1 into "finish the step, checkpoint, exit ``REQUEUE_EXIT_CODE``"
-(trainer.py). torchrun does not pass a worker's exit code through: any failed worker makes it exit 1
+Exit codes. The trainer turns SIGTERM/SIGINT/SIGUSR1, sent to it alone or to its whole process group, into
+"finish the step, checkpoint, exit ``REQUEUE_EXIT_CODE``" (trainer.py; DataLoader workers ignore these
+signals, signals.py). torchrun does not pass a worker's exit code through: any failed worker makes it exit 1
 (measured with torch 2.14). So the launcher sets ``DENSESSL_REQUEUE_MARKER`` to a file in a private temporary
 folder; rank 0 of a preempted run writes it after the checkpoint; when torchrun ends and the file exists the
 launcher exits ``REQUEUE_EXIT_CODE``, otherwise with torchrun's own code.

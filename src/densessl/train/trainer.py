@@ -2,10 +2,13 @@
 
 What it guarantees: per-iteration schedules as DINO's ``cosine_scheduler``; the official update order
 (backward → per-parameter clipping → cancel frozen grads → step → teacher EMA, reference/methods/dino.md §1);
-atomic checkpoints every N steps and at every epoch end; resume that continues the exact same run (data order
-and augmentations are functions of (seed, epoch, index); the RNG is re-seeded from (seed, rank, step) before
-every step, so no RNG state has to survive); SIGTERM/SIGUSR1 → checkpoint and exit with ``REQUEUE_EXIT_CODE``;
-a non-finite loss stops the run with the step named; metrics as JSONL and TensorBoard scalars.
+atomic checkpoints every N steps and at every epoch end, the previous one kept (``checkpointing``); resume
+that continues the exact same run (data order and augmentations are functions of (seed, epoch, index); the RNG
+is re-seeded from (seed, rank, step) before every step, so no RNG state has to survive) and refuses a
+checkpoint of other settings; SIGTERM/SIGINT/SIGUSR1, to this process or its whole group (DataLoader workers
+ignore them, ``signals``) → checkpoint and exit with ``REQUEUE_EXIT_CODE``; a non-finite loss stops the run
+with the step named and the diverged state kept apart from the last finite checkpoint; metrics as JSONL and
+TensorBoard scalars (``run_log``).
 
 Hooks a method class may define (all optional; ``PretrainMethod`` documents the required ones):
 
@@ -30,16 +33,14 @@ a barrier.
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -47,21 +48,40 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from densessl.errors import ConfigError, DenseSSLError
-from densessl.io import atomic_path
+from densessl.errors import CheckpointError, ConfigError, DenseSSLError
+from densessl.io import save_torch
 from densessl.methods.base import PretrainMethod
+from densessl.train import checkpointing
+from densessl.train.checkpointing import CHECKPOINT_NAME, DIVERGED_NAME
+from densessl.train.distributed import (
+    broadcast_state,
+    init_distributed,
+    out_of_sync,
+    pick_device,
+    sync_batchnorm,
+)
 from densessl.train.launch import REQUEUE_EXIT_CODE, write_requeue_marker
+from densessl.train.optim import (
+    CLIP_MODES,
+    OPTIMIZERS,
+    _method_param_groups,
+    build_optimizer,
+    clip_gradients,
+    clip_gradients_global_norm,
+    clip_gradients_per_parameter,
+    param_groups,
+    resolve_optimizer_name,
+)
+from densessl.train.run_log import TENSORBOARD_DIR, RunLog
 from densessl.train.sampling import EpochPermutationSampler, SeededAugmentation
 from densessl.train.schedules import cosine_schedule
+from densessl.train.signals import STOP_SIGNALS, ignore_stop_signals
+from densessl.train.train_config import TrainConfig
 
-__all__ = ["CHECKPOINT_NAME", "REQUEUE_EXIT_CODE", "NonFiniteLossError", "Preempted", "TrainConfig", "Trainer",
-           "build_optimizer", "clip_gradients", "clip_gradients_global_norm", "clip_gradients_per_parameter", "param_groups", "resolve_optimizer_name"]
+__all__ = ["CHECKPOINT_NAME", "CLIP_MODES", "OPTIMIZERS", "REQUEUE_EXIT_CODE", "NonFiniteLossError", "Preempted",
+           "TrainConfig", "Trainer", "build_optimizer", "clip_gradients", "clip_gradients_global_norm",
+           "clip_gradients_per_parameter", "param_groups", "pick_device", "resolve_optimizer_name"]
 
-CHECKPOINT_NAME = "checkpoint.pt"
-TENSORBOARD_DIR = "tensorboard"
-OPTIMIZERS = ("adamw", "sgd", "lars")
-CLIP_MODES = ("per_parameter", "global_norm")
-log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(DenseSSLError):
@@ -72,164 +92,6 @@ class Preempted(Exception):
     """Raised after the checkpoint is written when SIGTERM/SIGUSR1 arrived."""
 
 
-@dataclass
-class TrainConfig:
-    epochs: int = 100                   # DINO --epochs
-    batch_size_per_gpu: int = 64        # DINO --batch_size_per_gpu
-    lr: float = 0.0005                  # DINO --lr, at total batch 256 (linear scaling)
-    min_lr: float = 1e-6                # DINO --min_lr
-    warmup_epochs: float = 10           # DINO --warmup_epochs
-    weight_decay: float = 0.04          # DINO --weight_decay
-    weight_decay_end: float = 0.4       # DINO --weight_decay_end
-    momentum_teacher: float = 0.996     # DINO --momentum_teacher (cosine → 1)
-    clip_grad: float = 3.0              # DINO --clip_grad (per parameter; 0 disables)
-    # how clip_grad is applied: "per_parameter" (DINO utils.clip_gradients; SelfPatch and GTSA inherit it) or
-    # "global_norm" over all student gradients together (LOCA: jax.example_libraries.optimizers.clip_grads,
-    # max_grad_norm 1.0 in configs/loca_imnet1k_base16.py, loca.md §2)
-    clip_mode: str = "per_parameter"
-    # adamw | sgd | lars; null = the method's ``optimizer_name`` (CLoVE: lars), else adamw (DINO --optimizer)
-    optimizer: str | None = None
-    precision: str = "bf16"             # bf16 autocast on CUDA; CPU always runs fp32
-    # channels-last weights and images for convolutional backbones (not in the official code; the same
-    # arithmetic in another memory layout, tests/test_clove.py). CLoVE ResNet-50 on an H100, bf16, batch 64:
-    # 376 vs 360 img/s in two separate runs of benchmarks/train_step.py, within their run-to-run spread (the
-    # plain loop read 294 and 341), so off until an interleaved measurement shows a gain.
-    channels_last: bool = False
-    seed: int = 0                       # DINO --seed
-    num_workers: int = 10               # DINO --num_workers
-    checkpoint_every_steps: int = 1000  # plus one at every epoch end
-    log_every_steps: int = 10
-    max_train_images: int | None = None  # use the first N images (smoke runs)
-    tensorboard: bool = True            # scalars of every logged metric in <out_dir>/tensorboard (rank 0)
-    # processes (GPUs) on this node, read by densessl.train.launch; null = one per GPU of the job
-    # (SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES), 1 without GPU. The paper batch is this × batch_size_per_gpu.
-    warmup_start_factor: float = 0.0    # warm-up starts at peak lr × this (DINO 0; CLoVE 0.01, --warmup-multiplier 100)
-    min_lr_factor: float | None = None  # set: final lr = peak lr × this, overriding min_lr (CLoVE 0.01, main_pretrain.py)
-    nproc_per_node: int | None = None
-
-
-def pick_device(device: str | None, world: int, local_rank: int, cuda_available: bool) -> torch.device:
-    """The device this rank trains on; always with an index on CUDA.
-
-    ``torch.cuda.set_device`` rejects a bare ``cuda`` (found on an H100: ``--device cuda`` failed before the
-    first step), and under torchrun a bare ``cuda`` must still mean this rank's own GPU, not GPU 0."""
-    wanted = torch.device(device) if device else torch.device("cuda" if cuda_available else "cpu")
-    if wanted.type == "cuda" and wanted.index is None:
-        return torch.device("cuda", local_rank if world > 1 else 0)
-    return wanted
-
-
-def _init_distributed(device: str | None) -> tuple[int, int, torch.device]:
-    """Join the torchrun process group if there is one; pick this rank's device (cuda:LOCAL_RANK)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    chosen = pick_device(device, world, int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.is_available())
-    if chosen.type == "cuda":
-        torch.cuda.set_device(chosen)  # before init_process_group: NCCL binds to the current device
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if chosen.type == "cuda" else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), chosen
-    return 0, 1, chosen
-
-
-def param_groups(module: nn.Module) -> list[dict[str, Any]]:
-    """DINO ``utils.get_params_groups``: no weight decay on biases and norm parameters (ndim ≤ 1)."""
-    regularized, not_regularized = [], []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        (not_regularized if name.endswith(".bias") or p.ndim == 1 else regularized).append(p)
-    return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
-
-
-def _method_param_groups(method: PretrainMethod, student: nn.Module) -> list[dict[str, Any]]:
-    """The method's ``param_groups()`` if it has one, else DINO's; checked to cover exactly the student.
-
-    A trainable parameter outside the student would never be averaged across GPUs by DDP, and one left out of
-    every group would never move: both are errors rather than silent non-training.
-    """
-    hook = getattr(method, "param_groups", None)
-    groups = [dict(g) for g in hook()] if callable(hook) else param_groups(student)
-    student_params = {id(p): name for name, p in student.named_parameters()}
-    trainable = {id(p): name for name, p in student.named_parameters() if p.requires_grad}
-    seen: set[int] = set()
-    for i, group in enumerate(groups):
-        if "params" not in group:
-            raise DenseSSLError(f"{type(method).__name__}.param_groups(): group {i} has no 'params' key")
-        group["params"] = list(group["params"])
-        for p in group["params"]:
-            if id(p) not in student_params:
-                raise DenseSSLError(f"{type(method).__name__}.param_groups(): group {i} holds a parameter of shape "
-                                    f"{tuple(p.shape)} that is not a parameter of method.student; "
-                                    f"DDP averages only the student's gradients, so move it into the student")
-            seen.add(id(p))
-    missing = [name for key, name in trainable.items() if key not in seen]
-    if missing:
-        raise DenseSSLError(f"{type(method).__name__}.param_groups() leaves out trainable student parameters "
-                            f"{missing[:5]}{' …' if len(missing) > 5 else ''}; add them to a group or set "
-                            f"requires_grad=False")
-    for group in groups:
-        group.setdefault("wd_schedule", group.get("weight_decay") != 0.0)
-        group.setdefault("lr_scale", 1.0)
-    return groups
-
-
-def clip_gradients_per_parameter(module: nn.Module, clip: float) -> None:
-    """DINO ``utils.clip_gradients``: each parameter's gradient norm is clipped separately, not globally.
-
-    The official loop tests ``clip_coef < 1`` in Python, one device sync per parameter; multiplying by
-    ``min(clip_coef, 1)`` instead gives bit-identical gradients (x · 1.0 = x) without leaving the device.
-    """
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    if not grads:
-        return
-    norms = torch.stack(torch._foreach_norm(grads, 2.0))
-    coefs = torch.clamp(clip / (norms.float() + 1e-6), max=1.0)
-    torch._foreach_mul_(grads, [c.to(g.dtype) for g, c in zip(grads, coefs.unbind(), strict=True)])
-
-
-def clip_gradients_global_norm(module: nn.Module, clip: float) -> None:
-    """LOCA's ``clip_grads``: scale every gradient by ``clip / ‖g‖`` when the norm ‖g‖ over all of them exceeds
-    ``clip``. Under DDP the gradients are already averaged, so every rank computes the same norm. torch's
-    ``clip_grad_norm_`` divides by ‖g‖ + 1e-6 where jax divides by ‖g‖: a relative difference below 1e-6."""
-    grads = [p for p in module.parameters() if p.grad is not None]
-    if grads:
-        torch.nn.utils.clip_grad_norm_(grads, clip, norm_type=2.0)
-
-
-def clip_gradients(module: nn.Module, clip: float, mode: str) -> None:
-    """Clip the student's gradients the way its method's official code does (``TrainConfig.clip_mode``)."""
-    if mode == "global_norm":
-        clip_gradients_global_norm(module, clip)
-    else:
-        clip_gradients_per_parameter(module, clip)
-
-
-def resolve_optimizer_name(configured: str | None, method: PretrainMethod | type[PretrainMethod]) -> str:
-    """``train.optimizer`` if set, else the method's ``optimizer_name``, else DINO's adamw."""
-    name = configured if configured is not None else getattr(method, "optimizer_name", None) or "adamw"
-    if name not in OPTIMIZERS:
-        source = "train.optimizer" if configured is not None else f"{getattr(method, 'name', method)}.optimizer_name"
-        raise ConfigError(f"{source}: {name!r} is not supported; use one of {list(OPTIMIZERS)}")
-    return name
-
-
-def build_optimizer(name: str, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    """lr and weight decay are set by the schedules before every step; only the fixed settings live here."""
-    if name == "adamw":
-        return torch.optim.AdamW(groups)  # DINO: torch.optim.AdamW(params_groups), torch defaults
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=0, momentum=0.9)  # DINO: SGD(params_groups, lr=0, momentum=0.9)
-    if name == "lars":
-        try:
-            from densessl.train.lars import LARS
-        except ImportError as exc:
-            raise ConfigError(f"train.optimizer: 'lars' needs densessl.train.lars.LARS, which cannot be imported "
-                              f"({exc}); use 'adamw' or 'sgd', or install a densessl version that has it") from exc
-        return LARS(groups)
-    raise ConfigError(f"train.optimizer: {name!r} is not supported; use one of {list(OPTIMIZERS)}")
-
-
 def _step_seed(seed: int, rank: int, step: int) -> int:
     """A distinct RNG seed per (run seed, rank, step): dropout/drop-path of step t never depend on resume."""
     return ((seed * 1_000_003 + step) * 65_537 + rank) % (2**63 - 1)
@@ -237,11 +99,16 @@ def _step_seed(seed: int, rank: int, step: int) -> int:
 
 class Trainer:
     def __init__(self, method: PretrainMethod, dataset: Any, cfg: TrainConfig, out_dir: str | Path,
-                 device: str | None = None):
+                 device: str | None = None, resume: str = "auto"):
+        """``resume``: "auto" continues a checkpoint of the same settings and refuses one of others, "anyway"
+        continues it with the new settings, "restart" deletes the run's state and trains from step 0."""
+        if resume not in checkpointing.RESUME_MODES:
+            raise ConfigError(f"resume={resume!r}; allowed values: {', '.join(checkpointing.RESUME_MODES)}")
         self.cfg = cfg
+        self.resume = resume
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.rank, self.world, self.device = _init_distributed(device)
+        self.rank, self.world, self.device = init_distributed(device)
         if cfg.nproc_per_node is not None:
             per_node = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
             if per_node != cfg.nproc_per_node:
@@ -257,8 +124,8 @@ class Trainer:
         self.method = method.to(self.device)
         if cfg.channels_last:
             self.method.to(memory_format=torch.channels_last)
-        self._sync_batchnorm()
-        self._broadcast_method_state()
+        sync_batchnorm(self.method, self.world, self.device, self.rank, cfg.batch_size_per_gpu)
+        broadcast_state(self.method, self.world)
         self.dataset = SeededAugmentation(dataset, method.views(), cfg.seed)
         self.sampler = EpochPermutationSampler(len(dataset), cfg.batch_size_per_gpu, cfg.seed, self.rank, self.world)
         if self.sampler.batches_per_epoch == 0:
@@ -279,45 +146,11 @@ class Trainer:
         self.batch_in_epoch = 0
         self._stop_signal: int | None = None
         self._ddp: nn.parallel.DistributedDataParallel | None = None
-        self._writer: Any = None
+        self.run_log = RunLog(self.out_dir, self.rank, cfg.tensorboard)
+        self.settings = checkpointing.run_settings(method.name, getattr(method, "cfg", None), cfg, len(dataset))
+        self.last_checkpoint_step: int | None = None
 
     # ----------------------------------------------------------------------------------------- setup
-    def _sync_batchnorm(self) -> None:
-        """BatchNorm → SyncBatchNorm across GPUs (main_dino.py: ``if utils.has_batchnorms(student)``).
-
-        Only on CUDA: SyncBatchNorm rejects CPU tensors ("SyncBatchNorm expected input tensor to be on GPU"),
-        so CPU/gloo runs keep plain BatchNorm and each process normalises over its own ``batch_size_per_gpu``
-        images; DDP's buffer broadcast still keeps the student's running statistics equal to rank 0's.
-        """
-        policy = getattr(self.method, "sync_batchnorm", None)
-        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.method.modules())
-        if self.world == 1 or not has_bn or policy is False:
-            return
-        if self.device.type != "cuda":
-            if self.rank == 0:
-                log.warning("%s has BatchNorm layers; SyncBatchNorm needs CUDA, so on %s each of the %d processes "
-                            "normalises over its own %d images (plain BatchNorm)", self.method.name,
-                            self.device.type, self.world, self.cfg.batch_size_per_gpu)
-            return
-        # convert_sync_batchnorm replaces BN children in place (parameters and buffers are reused), so the
-        # method's references to its student/teacher wrappers stay valid.
-        converted = nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
-        assert converted is self.method
-
-    def _broadcast_method_state(self) -> None:
-        """Start every rank from rank 0's student, teacher and buffers (DDP would only sync the student)."""
-        if self.world == 1:
-            return
-        for tensor in self.method.state_dict().values():
-            if not isinstance(tensor, torch.Tensor):
-                continue
-            if tensor.is_contiguous():
-                dist.broadcast(tensor, src=0)
-            else:
-                buffer = tensor.contiguous()
-                dist.broadcast(buffer, src=0)
-                tensor.copy_(buffer)
-
     def _wrap_student(self) -> None:
         if self.world == 1:
             return
@@ -359,90 +192,90 @@ class Trainer:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "train_config": asdict(self.cfg),
+            "settings": self.settings,
+            "settings_hash": checkpointing.settings_hash(self.settings),
         }
 
     def save_checkpoint(self, path: Path | None = None) -> Path:
-        """Rank 0 writes atomically; the other ranks return at once (no collective here)."""
+        """Rank 0 writes atomically, keeping the previous checkpoint; the other ranks return at once (no
+        collective here). Non-finite weights are never written as a checkpoint: they go to
+        ``checkpoint.diverged.pt`` and the run stops, so the last finite checkpoint stays the one resumed."""
         path = path or self.out_dir / CHECKPOINT_NAME
         if self.rank == 0:
-            with atomic_path(path) as tmp:
-                torch.save(self.state_dict(), tmp)
-            if self._writer is not None:
-                self._writer.flush()
+            state = self.state_dict()
+            if not checkpointing.weights_finite(state):
+                self._diverged(f"weights are non-finite after step {self.step - 1} (epoch {self.epoch})", state)
+            if path == self.out_dir / CHECKPOINT_NAME:
+                checkpointing.save(state, self.out_dir)
+            else:
+                save_torch(state, path)
+            self.last_checkpoint_step = self.step
+            self.run_log.flush()
         return path
 
-    def load_checkpoint(self, path: Path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("method") != self.method.name:
-            raise DenseSSLError(f"{path}: checkpoint of method {state.get('method')!r}, but this run trains "
-                                f"{self.method.name!r}; delete the file or choose another output directory")
-        saved_world = int(state.get("world_size", self.world))
-        if saved_world != self.world:
-            raise DenseSSLError(f"{path}: written by a run on {saved_world} process(es), resumed on {self.world}; "
-                                f"the data shards and lr scaling would change mid-run. Resume with "
-                                f"train.nproc_per_node={saved_world}, or delete the checkpoint to start over")
-        saved_optimizer = state.get("optimizer_name", self.optimizer_name)
-        if saved_optimizer != self.optimizer_name:
-            raise DenseSSLError(f"{path}: optimiser state of {saved_optimizer!r}, but this run uses "
-                                f"{self.optimizer_name!r}; set train.optimizer: {saved_optimizer} or delete the checkpoint")
+    def _diverged(self, what: str, state: dict[str, Any] | None = None) -> NoReturn:
+        """Keep the diverged state apart and stop with a message that says how to continue."""
+        if self.rank == 0:
+            checkpointing.save_diverged(state if state is not None else self.state_dict(), self.out_dir)
+        kept = (f"the last finite checkpoint (step {self.last_checkpoint_step}) stays in {CHECKPOINT_NAME}"
+                if self.last_checkpoint_step is not None else "no finite checkpoint was written yet")
+        raise NonFiniteLossError(f"{what}; the diverged state is in {self.out_dir / DIVERGED_NAME}, {kept}. Lower "
+                                 f"train.lr or disable bf16 (train.precision: fp32), then re-run with "
+                                 f"--resume-anyway to continue from the finite checkpoint, or --restart")
+
+    def load_checkpoint(self, path: Path, state: dict[str, Any] | None = None) -> None:
+        state = state if state is not None else checkpointing.read_verified(path)
+        self._check_compatible(path, state)
         self._student().load_state_dict(state["student"])
         if self.method.teacher is not None:
             self.method.teacher.load_state_dict(state["teacher"])
         self.method.load_extra_state({k: v.to(self.device) for k, v in state["extra"].items()})
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
-        self._truncate_metrics()
+        self.last_checkpoint_step = self.step
 
-    # ----------------------------------------------------------------------------------------- logging
-    def _truncate_metrics(self) -> None:
-        """Drop JSONL records of steps after the checkpoint: they are recomputed (identically) on resume."""
-        path = self.out_dir / "metrics.jsonl"
-        if self.rank != 0 or not path.exists():
-            return
-        lines = path.read_text(encoding="utf-8").splitlines()
-        keep = [line for line in lines if line.strip() and json.loads(line).get("step", -1) < self.step]
-        if len(keep) != len(lines):
-            with atomic_path(path) as tmp:
-                tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    def _check_compatible(self, path: Path, state: dict[str, Any]) -> None:
+        """What no flag can bridge: another method, process count or optimiser state layout."""
+        if state.get("method") != self.method.name:
+            raise CheckpointError(f"{path}: checkpoint of method {state.get('method')!r}, but this run trains "
+                                  f"{self.method.name!r}; re-run with --restart or choose another output directory")
+        saved_world = int(state.get("world_size", self.world))
+        if saved_world != self.world:
+            raise CheckpointError(f"{path}: written by a run on {saved_world} process(es), resumed on {self.world}; "
+                                  f"the data shards and lr scaling would change mid-run. Resume with "
+                                  f"train.nproc_per_node={saved_world}, or re-run with --restart to start over")
+        saved_optimizer = state.get("optimizer_name", self.optimizer_name)
+        if saved_optimizer != self.optimizer_name:
+            raise CheckpointError(f"{path}: optimiser state of {saved_optimizer!r}, but this run uses "
+                                  f"{self.optimizer_name!r}; set train.optimizer: {saved_optimizer} or re-run with "
+                                  f"--restart")
 
-    def _open_tensorboard(self) -> None:
-        if self.rank != 0 or not self.cfg.tensorboard:
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as exc:
-            raise ConfigError(f"train.tensorboard: true needs the tensorboard package ({exc}); install it "
-                              f"(pip install tensorboard) or set train.tensorboard: false") from exc
-        # purge_step hides events a killed run logged after its last checkpoint (they are logged again)
-        self._writer = SummaryWriter(log_dir=str(self.out_dir / TENSORBOARD_DIR),
-                                     purge_step=self.step if self.step > 0 else None)
-
-    def _close_tensorboard(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
-            self._writer.close()
-            self._writer = None
-
-    def _record_attempt(self, record: dict[str, Any]) -> None:
-        """Append one line to ``attempts.jsonl``: when each attempt of the run started (resumed or not) and how
-        it ended. Why a file of its own: the stage log belongs to Snakemake, which deletes it before re-running
-        a failed (e.g. preempted, exit 3) job, so a requeued run's history would otherwise be lost."""
-        if self.rank != 0:
-            return
-        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **record,
-                  "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
-        with open(self.out_dir / "attempts.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def _log(self, record: dict[str, Any]) -> None:
-        if self.rank != 0:
-            return
-        with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        if self._writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._writer.add_scalar(f"train/{key}", value, global_step=record["step"])
+    def _resume(self) -> bool:
+        """Load the newest usable checkpoint of this run if there is one (see ``resume``); True if resumed."""
+        if self.resume == "restart":
+            if self.rank == 0:
+                checkpointing.remove_run_state(self.out_dir, TENSORBOARD_DIR)
+            self._barrier()
+            found = None
+        else:
+            found = checkpointing.load_latest(self.out_dir)
+        if found is not None:
+            state, path = found
+            self._check_compatible(path, state)
+            changes = checkpointing.settings_changes(state.get("settings"), self.settings)
+            if changes and self.resume != "anyway":
+                raise CheckpointError(
+                    f"{path}: checkpoint of other settings ({'; '.join(changes)}); re-run with --resume-anyway to "
+                    f"continue its step {int(state['epoch']) * self.iters_per_epoch + int(state['batch_in_epoch'])} "
+                    f"with the new settings, or with --restart to train from the start (under Snakemake: "
+                    f"DENSESSL_RESUME=anyway or DENSESSL_RESUME=restart in the environment)")
+            self.load_checkpoint(path, state)
+            if self.rank == 0:
+                note = f" with changed settings ({'; '.join(changes)})" if changes else ""
+                print(f"resuming from {path} at step {self.step} of {self.total_steps} (epoch {self.epoch}){note}",
+                      file=sys.stderr, flush=True)
+        self.run_log.truncate_metrics(self.step)
+        return found is not None
 
     # ----------------------------------------------------------------------------------------- collectives
     def _barrier(self) -> None:
@@ -469,13 +302,8 @@ class Trainer:
         named = [(f"student.{n}", p) for n, p in self._student().named_parameters()]
         if self.method.teacher is not None:
             named += [(f"teacher.{n}", p) for n, p in self.method.teacher.named_parameters()]
-        sums = torch.stack([p.detach().double().sum() for _, p in named])
-        high, low = sums.clone(), sums.clone()
-        dist.all_reduce(high, op=dist.ReduceOp.MAX)
-        dist.all_reduce(low, op=dist.ReduceOp.MIN)
-        differ = ((high - low).abs() > 1e-6 * (1 + high.abs())).nonzero().flatten().tolist()
-        if differ:
-            names = [named[i][0] for i in differ[:5]]
+        names = out_of_sync(named, self.world)
+        if names:
             raise DenseSSLError(f"after step {step} the {self.world} processes hold different weights for {names}: "
                                 f"{self.method.name}.loss must run the student as self.student(...) (the DDP "
                                 f"wrapper averages gradients only then), update parameters only through the "
@@ -491,7 +319,7 @@ class Trainer:
         self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
         return DataLoader(self.dataset, batch_size=self.cfg.batch_size_per_gpu, sampler=self.sampler,
                           num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda",
-                          drop_last=True, persistent_workers=False)
+                          drop_last=True, persistent_workers=False, worker_init_fn=ignore_stop_signals)
 
     def train_step(self, batch: Any, it: int) -> tuple[float, dict[str, float], bool]:
         """One optimisation step at global iteration ``it``: (mean loss over ranks, method logs, stop now?).
@@ -509,8 +337,7 @@ class Trainer:
         local, mean, finite, stop = self._agree(loss)
         if not finite:
             where = f"loss is {local}" if not math.isfinite(local) else "loss is non-finite on another rank"
-            raise NonFiniteLossError(f"{where} at step {it} (epoch {self.epoch}); lower train.lr or disable bf16 "
-                                     f"(train.precision: fp32)")
+            self._diverged(f"{where} at step {it} (epoch {self.epoch})")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.clip_grad > 0:
@@ -522,20 +349,15 @@ class Trainer:
 
     def fit(self, max_steps: int | None = None) -> dict[str, Any]:
         """Train to the end (or ``max_steps`` more steps, used by tests); resume from the checkpoint if any."""
-        checkpoint = self.out_dir / CHECKPOINT_NAME
-        resumed = checkpoint.exists()
-        if resumed:
-            self.load_checkpoint(checkpoint)
-            if self.rank == 0:
-                print(f"resuming from {checkpoint} at step {self.step} of {self.total_steps} (epoch {self.epoch})",
-                      file=sys.stderr, flush=True)
-        self._record_attempt({"event": "start", "step": self.step, "resumed": resumed})
-        previous = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        resumed = self._resume()
+        self.run_log.attempt({"event": "start", "step": self.step, "resumed": resumed,
+                             "restart": self.resume == "restart"})
+        previous = {s: signal.signal(s, self._handle_signal) for s in STOP_SIGNALS}
         steps_done, start = 0, time.time()
         last_loss = math.nan
         try:
             self._wrap_student()
-            self._open_tensorboard()
+            self.run_log.open_tensorboard(self.step)
             progress = tqdm(total=self.total_steps, initial=self.step, desc=f"pretrain {self.method.name}",
                             disable=None if self.rank == 0 else True, unit="step")
             clock, steps_since_log = time.perf_counter(), 0
@@ -551,7 +373,7 @@ class Trainer:
                         self.check_replicas_in_sync(it)
                     if it % self.cfg.log_every_steps == 0 or self.step == self.total_steps:
                         now = time.perf_counter()
-                        self._log({"step": it, "epoch": self.epoch, "loss": last_loss,
+                        self.run_log.metrics({"step": it, "epoch": self.epoch, "loss": last_loss,
                                    "lr": float(self.lr_schedule[it]), "wd": float(self.wd_schedule[it]),
                                    "momentum": float(self.momentum_schedule[it]), **logs,
                                    "images_per_s": steps_since_log * self.total_batch / max(now - clock, 1e-9)})
@@ -563,7 +385,7 @@ class Trainer:
                         message = f"signal {self._stop_signal or 'on another rank'} at step {self.step}; checkpoint saved"
                         if self.rank == 0:
                             write_requeue_marker(message)
-                        self._record_attempt({"event": "preempted", "step": self.step,
+                        self.run_log.attempt({"event": "preempted", "step": self.step,
                                               "signal": signal.Signals(self._stop_signal).name
                                               if self._stop_signal else "on another rank"})
                         raise Preempted(message)
@@ -574,7 +396,7 @@ class Trainer:
                         self.check_replicas_in_sync(it)
                         self.save_checkpoint()
                         self._barrier()
-                        self._record_attempt({"event": "paused", "step": self.step})
+                        self.run_log.attempt({"event": "paused", "step": self.step})
                         return {"stopped_at_step": self.step, "last_loss": last_loss}
                 self.epoch += 1
                 self.batch_in_epoch = 0
@@ -582,15 +404,15 @@ class Trainer:
                 self.save_checkpoint()
             progress.close()
             self._barrier()
-            self._record_attempt({"event": "finished", "step": self.step, "steps_this_run": steps_done})
+            self.run_log.attempt({"event": "finished", "step": self.step, "steps_this_run": steps_done})
         except Exception as exc:
             if not isinstance(exc, Preempted):  # recorded above, with its signal
-                self._record_attempt({"event": "failed", "step": self.step, "error": f"{type(exc).__name__}: {exc}"})
+                self.run_log.attempt({"event": "failed", "step": self.step, "error": f"{type(exc).__name__}: {exc}"})
             raise
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-            self._close_tensorboard()
+            self.run_log.close()
             self._unwrap_student()
         return {"steps": self.total_steps, "last_loss": last_loss, "wall_s": time.time() - start,
                 "steps_this_run": steps_done}

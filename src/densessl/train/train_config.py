@@ -1,0 +1,41 @@
+"""The ``pretrain.<method>.train`` settings: what the shared trainer reads, with DINO's defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100                   # DINO --epochs
+    batch_size_per_gpu: int = 64        # DINO --batch_size_per_gpu
+    lr: float = 0.0005                  # DINO --lr, at total batch 256 (linear scaling)
+    min_lr: float = 1e-6                # DINO --min_lr
+    warmup_epochs: float = 10           # DINO --warmup_epochs
+    weight_decay: float = 0.04          # DINO --weight_decay
+    weight_decay_end: float = 0.4       # DINO --weight_decay_end
+    momentum_teacher: float = 0.996     # DINO --momentum_teacher (cosine → 1)
+    clip_grad: float = 3.0              # DINO --clip_grad (per parameter; 0 disables)
+    # how clip_grad is applied: "per_parameter" (DINO utils.clip_gradients; SelfPatch and GTSA inherit it) or
+    # "global_norm" over all student gradients together (LOCA: jax.example_libraries.optimizers.clip_grads,
+    # max_grad_norm 1.0 in configs/loca_imnet1k_base16.py, loca.md §2)
+    clip_mode: str = "per_parameter"
+    # adamw | sgd | lars; null = the method's ``optimizer_name`` (CLoVE: lars), else adamw (DINO --optimizer)
+    optimizer: str | None = None
+    precision: str = "bf16"             # bf16 autocast on CUDA; CPU always runs fp32
+    # channels-last weights and images for convolutional backbones (not in the official code; the same
+    # arithmetic in another memory layout, tests/test_clove.py). CLoVE ResNet-50 on an H100, bf16, batch 64:
+    # 376 vs 360 img/s in two separate runs of benchmarks/train_step.py, within their run-to-run spread (the
+    # plain loop read 294 and 341), so off until an interleaved measurement shows a gain.
+    channels_last: bool = False
+    seed: int = 0                       # DINO --seed
+    num_workers: int = 10               # DINO --num_workers
+    checkpoint_every_steps: int = 1000  # plus one at every epoch end
+    log_every_steps: int = 10
+    max_train_images: int | None = None  # use the first N images (smoke runs)
+    tensorboard: bool = True            # scalars of every logged metric in <out_dir>/tensorboard (rank 0)
+    # processes (GPUs) on this node, read by densessl.train.launch; null = one per GPU of the job
+    # (SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES), 1 without GPU. The paper batch is this × batch_size_per_gpu.
+    warmup_start_factor: float = 0.0    # warm-up starts at peak lr × this (DINO 0; CLoVE 0.01, --warmup-multiplier 100)
+    min_lr_factor: float | None = None  # set: final lr = peak lr × this, overriding min_lr (CLoVE 0.01, main_pretrain.py)
+    nproc_per_node: int | None = None
