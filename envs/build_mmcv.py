@@ -129,8 +129,10 @@ def current_target() -> Target:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME
 
+    # torch guesses CUDA_HOME (e.g. /usr/local) even where no toolkit is installed: only a real nvcc counts
+    cuda_home = CUDA_HOME if CUDA_HOME and (Path(CUDA_HOME) / "bin" / "nvcc").is_file() else None
     device = choose_device(
-        torch.version.cuda, torch.cuda.is_available(), CUDA_HOME, os.environ.get("DENSESSL_MMCV_CUDA")
+        torch.version.cuda, torch.cuda.is_available(), cuda_home, os.environ.get("DENSESSL_MMCV_CUDA")
     )
     tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
     return Target(MMCV_VERSION, torch.__version__, tag, device)

@@ -306,6 +306,15 @@ EVALUATIONS: dict[str, dict[str, Any]] = {
     "davis2017": {"dataset": "davis", "settings": "davis", "protocol_file": "protocols/davis2017.md",
                   "title": "DAVIS-2017 video object segmentation (label propagation, frozen features), J&F",
                   "backbones": ("vit", "resnet")},
+    # Toolkit protocols (evaluate/transfer): "toolkit" names the OpenMMLab package whose runner trains them; the
+    # evaluate stage gives them a work_dir next to metrics.json for the toolkit's logs and checkpoints.
+    "semfpn_ade20k": {"dataset": "ade20k", "settings": "semfpn", "protocol_file": "protocols/mmseg_semfpn_upernet.md",
+                      "title": "Semantic FPN 40k (mmsegmentation, fine-tuned ViT), ADE20K", "backbones": ("vit",),
+                      "toolkit": "mmseg"},
+    "upernet_ade20k": {"dataset": "ade20k", "settings": "upernet",
+                       "protocol_file": "protocols/mmseg_semfpn_upernet.md",
+                       "title": "UperNet 160k (mmsegmentation, fine-tuned ViT), ADE20K", "backbones": ("vit",),
+                       "toolkit": "mmseg"},
 }
 
 
