@@ -18,7 +18,13 @@ from torch import nn
 
 from densessl.data.ade20k import resolve_ade_root
 from densessl.errors import ConfigError, DataError
-from densessl.evaluate.transfer.mmengine_run import ToolkitRun, require, safetensors_uri, train_and_test, world_size
+from densessl.evaluate.transfer.mmengine_run import (
+    ToolkitRun,
+    require,
+    safetensors_uri,
+    train_and_test,
+    world_size,
+)
 from densessl.evaluate.transfer.mmseg_config import MMSegSettings, build_mmseg_config
 from densessl.evaluate.transfer.mmseg_export import export_mmseg_vit
 from densessl.models.backbones import backbone_info
