@@ -21,6 +21,7 @@ from densessl.errors import ConfigError, DataError
 from densessl.evaluate.transfer.mmengine_run import (
     ToolkitRun,
     require,
+    require_mmcv_ops,
     safetensors_uri,
     train_and_test,
     world_size,
@@ -71,6 +72,7 @@ def run_mmseg_ade20k(backbone: nn.Module, data_root: Path, cfg: MMSegSettings, o
     """Train the configured decoder on ``backbone`` and return mmseg's test metrics on the validation split."""
     cfg.validate()
     base = check_layout(data_root)
+    require_mmcv_ops()
     require("mmseg", "mmsegmentation")
     register_metric()
     work_dir = Path(work_dir)
