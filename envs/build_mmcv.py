@@ -6,7 +6,8 @@ published against torch 2.14: torch's headers require C++20 while mmcv 2.1.0's `
 sha256 matches, rewrite those flags to ``-std=c++20``, build a wheel without build isolation against the torch
 that is installed (CPU ops on a machine without CUDA, CUDA ops where torch sees CUDA and nvcc exists), keep the
 wheel in a cache keyed by (mmcv version, torch version, python tag, CPU/CUDA) so the 14-minute compile happens
-once per machine, and install it. The build needs a setuptools that still ships ``pkg_resources`` (< 81,
+once per machine, and install it. The build tree lives in the cache folder until its wheel exists, so an
+interrupted compile continues where it stopped on the next run. The build needs a setuptools that still ships ``pkg_resources`` (< 81,
 because mmcv's ``setup.py`` imports it); the lock pins one.
 
 Usage: ``python envs/build_mmcv.py`` (what ``make env`` runs after the lock install);
@@ -26,7 +27,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,8 +85,9 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_sha256(path: Path, expected: str = SDIST_SHA256) -> None:
-    """Refuse (and delete) a download whose hash differs from the pinned one."""
+def verify_sha256(path: Path, expected: str | None = None) -> None:
+    """Refuse (and delete) a download whose hash differs from the pinned one (``SDIST_SHA256`` by default)."""
+    expected = expected or SDIST_SHA256
     actual = sha256_of(path)
     if actual != expected:
         path.unlink(missing_ok=True)
@@ -172,40 +173,63 @@ def check_toolchain() -> None:
         raise BuildError("no C++ compiler (c++) on PATH; install g++ (Debian/Ubuntu: apt-get install g++)")
 
 
-def build_wheel(target: Target, out_dir: Path) -> Path:
-    """Unpack, patch and compile the sdist into ``out_dir``; return the wheel path."""
+SOURCE_MARKER = ".densessl-patched"
+
+
+def prepare_source(build_root: Path) -> Path:
+    """The patched source tree in ``build_root``: reused when an earlier build left it there (a killed
+    build then continues: ninja skips the objects it finished), else fetched, verified, unpacked and patched.
+
+    The tree is only trusted when its marker names the pinned sdist hash, written after the patch."""
+    src = build_root / f"mmcv-{MMCV_VERSION}"
+    marker = build_root / SOURCE_MARKER
+    if marker.is_file() and marker.read_text().strip() == SDIST_SHA256 and (src / "setup.py").is_file():
+        print(f"build_mmcv: continuing the build in {src}", flush=True)
+        return src
+    if build_root.exists():
+        shutil.rmtree(build_root)
+    build_root.mkdir(parents=True)
+    sdist = fetch_sdist(build_root)
+    with tarfile.open(sdist) as tar:
+        tar.extractall(build_root, filter="data")
+    sdist.unlink()
+    setup_py = src / "setup.py"
+    patched, count = patch_std_flags(setup_py.read_text())
+    setup_py.write_text(patched)
+    marker.write_text(SDIST_SHA256 + "\n")
+    print(f"build_mmcv: patched {count} C++ standard flags to -std={CXX_STD}", flush=True)
+    return src
+
+
+def build_wheel(target: Target, out_dir: Path, build_root: Path) -> Path:
+    """Compile the patched sdist in ``build_root`` into a wheel in ``out_dir``; return the wheel path."""
     check_toolchain()
-    with tempfile.TemporaryDirectory(prefix="densessl-mmcv-") as tmp:
-        tmp_path = Path(tmp)
-        sdist = fetch_sdist(tmp_path)
-        with tarfile.open(sdist) as tar:
-            tar.extractall(tmp_path, filter="data")
-        src = tmp_path / f"mmcv-{MMCV_VERSION}"
-        setup_py = src / "setup.py"
-        patched, count = patch_std_flags(setup_py.read_text())
-        setup_py.write_text(patched)
-        print(f"build_mmcv: patched {count} C++ standard flags to -std={CXX_STD}", flush=True)
-        env = dict(os.environ)
-        env["MMCV_WITH_OPS"] = "1"
-        env.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
-        env["FORCE_CUDA"] = "1" if target.device.startswith("cuda") else "0"
-        if not target.device.startswith("cuda"):
-            env["CUDA_VISIBLE_DEVICES"] = ""  # setup.py asks torch.cuda.is_available() itself
-        print(f"build_mmcv: compiling {target.key} with MAX_JOBS={env['MAX_JOBS']} (about 14 min on 2 cores)",
-              flush=True)
-        cmd = [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-index",
-               "-w", str(tmp_path / "dist"), str(src)]
-        if subprocess.run(cmd, env=env).returncode != 0:
-            raise BuildError("mmcv compile failed (compiler output above); fix the toolchain and rerun make env")
-        wheels = list((tmp_path / "dist").glob("mmcv-*.whl"))
-        if len(wheels) != 1:
-            raise BuildError(f"mmcv build produced {len(wheels)} wheels in {tmp_path / 'dist'}, expected 1")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        final = out_dir / wheels[0].name
-        staging = out_dir / f".{wheels[0].name}.partial"
-        shutil.copyfile(wheels[0], staging)
-        os.replace(staging, final)  # a killed build never leaves a wheel that a later run would trust
-        return final
+    src = prepare_source(build_root)
+    dist = build_root / "dist"
+    shutil.rmtree(dist, ignore_errors=True)
+    env = dict(os.environ)
+    env["MMCV_WITH_OPS"] = "1"
+    env.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
+    env["FORCE_CUDA"] = "1" if target.device.startswith("cuda") else "0"
+    if not target.device.startswith("cuda"):
+        env["CUDA_VISIBLE_DEVICES"] = ""  # setup.py asks torch.cuda.is_available() itself
+    print(f"build_mmcv: compiling {target.key} with MAX_JOBS={env['MAX_JOBS']} (about 14 min on 2 idle cores)",
+          flush=True)
+    # pip builds a local folder in place, so the objects of an interrupted attempt stay in src/build
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-index",
+           "-w", str(dist), str(src)]
+    if subprocess.run(cmd, env=env).returncode != 0:
+        raise BuildError("mmcv compile failed (compiler output above); fix the toolchain and rerun make env")
+    wheels = list(dist.glob("mmcv-*.whl"))
+    if len(wheels) != 1:
+        raise BuildError(f"mmcv build produced {len(wheels)} wheels in {dist}, expected 1")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / wheels[0].name
+    staging = out_dir / f".{wheels[0].name}.partial"
+    shutil.copyfile(wheels[0], staging)
+    os.replace(staging, final)  # a killed copy never leaves a wheel that a later run would trust
+    shutil.rmtree(build_root)   # the objects (hundreds of MB) are no longer needed once the wheel is cached
+    return final
 
 
 def install_wheel(wheel: Path) -> None:
@@ -257,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         root = cache_root()
         wheel = None if args.rebuild else cached_wheel(root, target)
         if wheel is None:
-            wheel = build_wheel(target, root / target.key)
+            wheel = build_wheel(target, root / target.key, root / "build" / target.key)
             print(f"build_mmcv: cached {wheel}")
         else:
             print(f"build_mmcv: using cached {wheel}")

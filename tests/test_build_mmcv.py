@@ -124,6 +124,36 @@ def test_fetch_refuses_a_local_sdist_with_another_hash(bm, tmp_path: Path, monke
         bm.fetch_sdist(dest)
 
 
+def _fake_sdist(tmp_path: Path, bm) -> tuple[Path, str]:  # noqa: ANN001
+    import io
+    import tarfile
+
+    path = tmp_path / "fake-mmcv.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        data = SETUP_EXCERPT.encode()
+        info = tarfile.TarInfo(f"mmcv-{bm.MMCV_VERSION}/setup.py")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_source_is_patched_once_and_an_interrupted_build_continues(bm, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    sdist, digest = _fake_sdist(tmp_path, bm)
+    monkeypatch.setattr(bm, "SDIST_SHA256", digest)
+    monkeypatch.setenv("DENSESSL_MMCV_SDIST", str(sdist))
+    root = tmp_path / "build"
+    src = bm.prepare_source(root)
+    assert "-std=c++20" in (src / "setup.py").read_text() and "c++17" not in (src / "setup.py").read_text()
+    (src / "build").mkdir()
+    (src / "build" / "done.o").write_bytes(b"object")  # what a killed compile leaves behind
+    assert bm.prepare_source(root) == src and (src / "build" / "done.o").is_file()
+    monkeypatch.setattr(bm, "SDIST_SHA256", "0" * 64)  # another pinned sdist: the old tree is not reused
+    with pytest.raises(bm.BuildError, match="does not match the pinned"):
+        bm.prepare_source(root)
+    assert not (src / "build" / "done.o").exists()
+
+
 def test_main_reports_build_errors_in_one_line(bm, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                                                tmp_path: Path) -> None:  # noqa: ANN001
     monkeypatch.setattr(bm, "installed_version", lambda: None)
