@@ -133,3 +133,15 @@ def test_bad_settings_give_one_line() -> None:
         build_dataclass(MMSegSettings, {"lr_mult": 1}, "evaluate.semfpn")
     with pytest.raises(ConfigError, match="four block outputs"):
         ViTSpec(128, 2, 4, 4.0, 8, 64, True, True, False).out_indices()
+
+
+def test_report_takes_each_decoder_its_own_published_table() -> None:
+    """Semantic FPN and UperNet share a protocol file; each protocol reads only its own tables."""
+    from densessl.config import Run
+    from densessl.report.build import REPORTED_METRICS, load_paper_tables, published_value
+
+    tables = load_paper_tables()
+    dino = Run("dino", "vit-s16", "imagenet")
+    assert published_value(tables, "semfpn_ade20k", dino, "mIoU", synthetic=False) == 38.3
+    assert published_value(tables, "upernet_ade20k", dino, "mIoU", synthetic=False) == 42.3
+    assert REPORTED_METRICS["semfpn_ade20k"][0] == REPORTED_METRICS["upernet_ade20k"][0] == "mIoU"

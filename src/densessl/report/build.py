@@ -36,6 +36,8 @@ REPORTED_METRICS: dict[str, list[str]] = {
     "linear_ade20k": ["mIoU", "mAcc", "aAcc"],
     "davis2017": ["JF_mean", "J_mean", "F_mean"],
     "inat19_finetune": ["top1", "top5"],
+    "semfpn_ade20k": ["mIoU", "mAcc", "aAcc"],
+    "upernet_ade20k": ["mIoU", "mAcc", "aAcc"],
 }
 # What a reader needs to read a protocol's columns (reference/protocols/patchseg.md "Pitfall": report both means).
 PATCHSEG_NOTE = ("macro_f1 and macro_precision are the official benchmark's plain means over valid classes: a valid "
@@ -91,10 +93,14 @@ def published_value(tables: list[dict[str, Any]], protocol: str, run: Run, metri
     if synthetic:
         return None
     protocol_file = EVALUATIONS[protocol]["protocol_file"]
+    # protocols sharing a protocol file (Semantic FPN and UperNet) name their tables
+    wanted = EVALUATIONS[protocol].get("tables")
     # the paper's row names neither our epochs suffix (matched below) nor "released" (the paper's own weights)
     method, arch, data = display(dataclasses.replace(run, epochs=None, released=False))
     for table in tables:
         if table.get("protocol") != protocol_file or metric not in table.get("columns", []):
+            continue
+        if wanted is not None and table.get("id") not in wanted:
             continue
         for row in table.get("rows", []):
             if (row.get("method"), row.get("arch"), row.get("pretrain_data")) != (method, arch, data):
