@@ -41,7 +41,7 @@ def _common_published(c: dict[str, Any]) -> None:
     bb = c["model"]["backbone"]
     assert bb["img_size"] == (512, 512) and bb["patch_size"] == 16 and bb["embed_dims"] == 384
     assert bb["num_layers"] == 12 and bb["num_heads"] == 6 and bb["mlp_ratio"] == 4.0
-    assert bb["out_indices"] == (2, 5, 8, 11) and bb["qkv_bias"] and bb["with_cls_token"]
+    assert bb["out_indices"] == (2, 5, 8, 11) and bb["qkv_bias"] and bb["with_cls_token"] and bb["patch_bias"]
     assert bb["norm_cfg"] == dict(type="LN", eps=1e-6) and bb["interpolate_mode"] == "bicubic"
     assert bb["drop_path_rate"] == 0.1 and bb["final_norm"] is False
     assert bb["init_cfg"] == dict(type="Pretrained", checkpoint="safetensors:///w.safetensors")

@@ -174,6 +174,7 @@ def world_size() -> int:
 
 
 def _preemption_hook(signals: StopSignals) -> Any:
+    from mmengine.dist import is_main_process
     from mmengine.hooks import Hook
 
     class PreemptionHook(Hook):
@@ -190,7 +191,8 @@ def _preemption_hook(signals: StopSignals) -> Any:
             # resumed from it restarts the unfinished epoch's data pass (mmengine resumes epochs, not iterations).
             runner.save_checkpoint(runner.work_dir, name, by_epoch=False)
             path = Path(runner.work_dir) / name
-            (Path(runner.work_dir) / "last_checkpoint").write_text(str(path))  # what resume=True reads
+            if is_main_process():  # save_checkpoint writes on rank 0 only; so does the pointer to it
+                (Path(runner.work_dir) / "last_checkpoint").write_text(str(path))  # what resume=True reads
             raise Preempted(f"signal {signals.received} at iteration {runner.iter + 1}; "
                             f"toolkit checkpoint saved to {path}")
 

@@ -105,7 +105,10 @@ def _backbone(spec: ViTSpec, s: MMSegSettings, weights_uri: str) -> dict[str, An
     return dict(
         type="VisionTransformer", img_size=(s.crop_size, s.crop_size), patch_size=spec.patch_size, in_channels=3,
         embed_dims=spec.embed_dims, num_layers=spec.num_layers, num_heads=spec.num_heads,
-        mlp_ratio=spec.mlp_ratio, out_indices=spec.out_indices(), qkv_bias=True, drop_rate=0.0,
+        mlp_ratio=spec.mlp_ratio, out_indices=spec.out_indices(), qkv_bias=True,
+        # mmseg 1.x builds the patch projection without bias unless asked (patch_bias=False by default); the
+        # official mmseg 0.x runs had one (0.x's PatchEmbed always has a bias), and so do our ViTs
+        patch_bias=True, drop_rate=0.0,
         attn_drop_rate=0.0, drop_path_rate=s.drop_path, with_cls_token=spec.class_token,
         norm_cfg=dict(type="LN", eps=1e-6), act_cfg=act, norm_eval=False, interpolate_mode="bicubic",
         final_norm=s.final_norm, init_cfg=dict(type="Pretrained", checkpoint=weights_uri))

@@ -70,6 +70,10 @@ class MMSegViT:
     dropped: list[str] = field(default_factory=list)
 
 
+def _int_if_whole(value: float) -> float:
+    return int(value) if float(value).is_integer() else value
+
+
 def vit_spec(backbone: nn.Module) -> ViTSpec:
     """Read the architecture of a timm ``VisionTransformer``; a ResNet or other model is refused in one line."""
     from timm.models.vision_transformer import VisionTransformer
@@ -89,7 +93,8 @@ def vit_spec(backbone: nn.Module) -> ViTSpec:
         embed_dims=backbone.embed_dim,
         num_layers=len(backbone.blocks),
         num_heads=block.attn.num_heads,
-        mlp_ratio=block.mlp.fc1.out_features / backbone.embed_dim,
+        # mmseg multiplies it into the FFN width, which must be an int: 4, not 4.0
+        mlp_ratio=_int_if_whole(block.mlp.fc1.out_features / backbone.embed_dim),
         patch_size=int(patch[0]),
         img_size=int(img[0]),
         class_token=backbone.cls_token is not None,
