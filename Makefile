@@ -24,9 +24,13 @@ $(BIN)/uv: | $(BIN)/python
 # compileall: every stage is its own Python process, and with PYTHONDONTWRITEBYTECODE set (as on our CI
 # machines) each one would recompile torch and timm from source: 9.4 s → 3.6 s per process (measured). A few
 # packages ship non-Python-3.11 test fixtures that compileall reports and skips, hence `|| true`.
-$(STAMP): envs/requirements.lock pyproject.toml Makefile | $(BIN)/uv
+# envs/build_mmcv.py: mmcv has no wheel for our torch on PyPI; the script compiles the hash-pinned sdist once per
+# machine (about 15 minutes on 2 cores), keeps the wheel in $${DENSESSL_WHEEL_CACHE:-~/.cache/densessl/wheels}
+# and installs it (seconds when cached). It runs after the lock install, which brings mmcv's build requirements.
+$(STAMP): envs/requirements.lock pyproject.toml Makefile envs/build_mmcv.py | $(BIN)/uv
 	$(BIN)/uv pip install --python $(BIN)/python --require-hashes -r envs/requirements.lock
 	$(BIN)/uv pip install --python $(BIN)/python --no-deps -e .
+	$(BIN)/python envs/build_mmcv.py
 	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib src > $(VENV)/compileall.log 2>&1 || true
 	$(BIN)/python -m densessl doctor
 	touch $(STAMP)

@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", default="patchseg_coco", help="whose data: patchseg_coco | patchseg_ade20k")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    sub.add_parser("doctor", help="check that torch and torchvision's compiled ops work")
+    sub.add_parser("doctor", help="check that torch's, torchvision's and mmcv's compiled ops work")
     return parser
 
 
@@ -159,6 +159,9 @@ def doctor() -> None:
     cuda = torch.cuda.is_available()
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}: nms and roi_align OK "
           f"(CUDA {'available: ' + torch.cuda.get_device_name(0) if cuda else 'not available, CPU'})")
+    from densessl.evaluate.transfer.mmengine_run import check_mmcv_ops
+
+    print(check_mmcv_ops())  # the mmseg/mmdet protocols: a broken mmcv build fails here, with the fix
 
 
 def _print_datasets(args: argparse.Namespace) -> None:

@@ -414,6 +414,16 @@ EVALUATIONS: ProtocolRegistry = ProtocolRegistry({
                                   "protocol_file": "protocols/mmdet_maskrcnn.md",
                                   "title": "COCO keypoints, Keypoint R-CNN R50-FPN (torchvision), AP^kp",
                                   "backbones": ("resnet",)},
+    # Toolkit protocols (evaluate/transfer): "toolkit" names the OpenMMLab package whose runner trains them; the
+    # evaluate stage gives them a work_dir next to metrics.json for the toolkit's logs and checkpoints. "tables":
+    # the paper tables (report/paper_tables.yaml ids) of a protocol whose protocol file is shared with another.
+    "semfpn_ade20k": {"dataset": "ade20k", "settings": "semfpn", "protocol_file": "protocols/mmseg_semfpn_upernet.md",
+                      "title": "Semantic FPN 40k (mmsegmentation, fine-tuned ViT), ADE20K", "backbones": ("vit",),
+                      "toolkit": "mmseg", "tables": ("selfpatch_ade20k_semfpn", "gtsa_ade20k_semfpn")},
+    "upernet_ade20k": {"dataset": "ade20k", "settings": "upernet",
+                       "protocol_file": "protocols/mmseg_semfpn_upernet.md",
+                       "title": "UperNet 160k (mmsegmentation, fine-tuned ViT), ADE20K", "backbones": ("vit",),
+                       "toolkit": "mmseg", "tables": ("selfpatch_ade20k_upernet",)},
 })
 
 

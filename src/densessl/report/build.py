@@ -41,6 +41,8 @@ REPORTED_METRICS: dict[str, list[str]] = {
     "knn_imagenet": ["knn_top1", "knn_top5"],
     "linear_imagenet": ["linear_top1", "final_top1"],
     "keypointrcnn_r50_fpn_coco": ["AP_kp", "AP_kp50", "AP_kp75"],
+    "semfpn_ade20k": ["mIoU", "mAcc", "aAcc"],
+    "upernet_ade20k": ["mIoU", "mAcc", "aAcc"],
 }
 REPORTED_METRICS["patchseg_coco_things"] = REPORTED_METRICS["patchseg_coco"]
 # What a reader needs to read a protocol's columns (reference/protocols/patchseg.md "Pitfall": report both means).
@@ -101,6 +103,8 @@ def published_value(tables: list[dict[str, Any]], protocol: str, run: Run, metri
     if synthetic:
         return None
     protocol_file = EVALUATIONS[protocol]["protocol_file"]
+    # protocols sharing a protocol file (Semantic FPN and UperNet) name their tables
+    wanted = EVALUATIONS[protocol].get("tables")
     # the paper's row names neither our epochs suffix (matched below) nor "released" (the paper's own weights)
     method, arch, data = display(dataclasses.replace(run, epochs=None, released=False))
     # a table that names rows its own way (the DINO README: "DINO (released)", "ImageNet") maps ours onto them
@@ -109,6 +113,8 @@ def published_value(tables: list[dict[str, Any]], protocol: str, run: Run, metri
     for table in tables:
         named = table.get("id") in EVALUATIONS[protocol].get("paper_tables", ())  # e.g. the DINO README table
         if (table.get("protocol") != protocol_file and not named) or metric not in table.get("columns", []):
+            continue
+        if wanted is not None and table.get("id") not in wanted:
             continue
         for row in table.get("rows", []):
             if (row.get("method"), row.get("arch"), row.get("pretrain_data")) != (method, arch, data):

@@ -81,7 +81,32 @@ def _protocol(protocol: str) -> tuple[type, Any]:
         from densessl.evaluate.transfer.keypoints_config import KeypointRCNNConfig
 
         return KeypointRCNNConfig, run_keypoints
+    if protocol in ("semfpn_ade20k", "upernet_ade20k"):
+        from densessl.evaluate.transfer.mmseg_ade20k import MMSegSettings, run_mmseg_ade20k
+
+        return MMSegSettings, run_mmseg_ade20k
     raise ConfigError(f"unknown evaluation {protocol!r}; choose one of {sorted(EVALUATIONS)}")
+
+
+# mmseg decoder of each mmseg protocol (one settings class, two decoders, as patchseg's two datasets)
+MMSEG_DECODER = {"semfpn_ade20k": "semfpn", "upernet_ade20k": "upernet"}
+TOOLKIT_WORK_DIR = "work_dir"
+
+
+def _protocol_settings(cfg: Config, protocol: str) -> dict[str, Any]:
+    """The protocol's settings block plus the fields its name fixes (Patch-Seg's dataset, the mmseg decoder)."""
+    settings = cfg.eval_settings(protocol)
+    settings.update(EVALUATIONS[protocol].get("fixed", {}))  # one patchseg block: the name fixes dataset, grid point
+    if protocol in MMSEG_DECODER:
+        settings["decoder"] = MMSEG_DECODER[protocol]
+    return settings
+
+
+def _toolkit_kwargs(protocol: str, out: Path) -> dict[str, Any]:
+    """Toolkit protocols (mmengine runner) keep logs and checkpoints in a work_dir next to metrics.json: the
+    stage's only declared output, so neither Snakemake nor DVC removes the folder between attempts, and a
+    re-run resumes from its newest checkpoint."""
+    return {"work_dir": out.parent / TOOLKIT_WORK_DIR} if EVALUATIONS[protocol].get("toolkit") else {}
 
 
 def run_evaluate(cfg: Config, protocol: str, run_id: str, device: str | None = None) -> Path:
@@ -92,8 +117,7 @@ def run_evaluate(cfg: Config, protocol: str, run_id: str, device: str | None = N
         families = " and ".join(EVALUATIONS[protocol]["backbones"])
         raise ConfigError(f"evaluate {protocol}: the protocol takes {families} backbones, and {run.id} is a "
                           f"{run.arch}; the DAG skips this pair and the report shows n/a")
-    settings = cfg.eval_settings(protocol)
-    settings.update(EVALUATIONS[protocol].get("fixed", {}))  # one patchseg block: the name fixes dataset, grid point
+    settings = _protocol_settings(cfg, protocol)
     eval_cfg = build_dataclass(config_cls, settings, f"evaluate.{EVALUATIONS[protocol]['settings']}")
     backbone_path = cfg.backbone(run)
     backbone, meta = load_backbone(backbone_path)
@@ -104,6 +128,7 @@ def run_evaluate(cfg: Config, protocol: str, run_id: str, device: str | None = N
     # Protocols with per-frame outputs (DAVIS palette PNGs + official CSVs) keep them next to metrics.json.
     keep = out.parent / "results" if protocol in KEEP_OUTPUTS else None
     resume = {"state_path": out.parent / TRAIN_STATE_NAME} if protocol in RESUMABLE else {}
+    resume.update(_toolkit_kwargs(protocol, out))
     metrics = runner(backbone, data_root(manifest), eval_cfg, keep, device=device, **resume)
     metrics.update(percent_aliases(protocol, metrics))
     write_patchseg_csv(protocol, metrics, run.id, out.parent)
@@ -152,7 +177,8 @@ def run_evaluate_timm(cfg: Config, protocol: str, model_name: str, pretrained: b
     manifest = cfg.data_manifest(EVALUATIONS[protocol]["dataset"])
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     keep = Path(out).parent / "results" if protocol in KEEP_OUTPUTS else None
-    metrics = runner(backbone, data_root(manifest), eval_cfg, keep, device=device)
+    metrics = runner(backbone, data_root(manifest), eval_cfg, keep, device=device,
+                     **_toolkit_kwargs(protocol, Path(out)))
     metrics.update(percent_aliases(protocol, metrics))
     write_patchseg_csv(protocol, metrics, model_name, Path(out).parent)
     write_json(Path(out), {
