@@ -1,0 +1,1 @@
+"""Transfer protocols run through external toolkits (mmsegmentation, mmdetection, torchvision detection)."""

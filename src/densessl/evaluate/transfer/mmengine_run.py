@@ -1,0 +1,195 @@
+"""The mmengine glue every OpenMMLab protocol shares (mmsegmentation, mmdetection).
+
+A protocol module generates the toolkit's config as a plain dict (model, data, optimiser, schedule,
+evaluators: everything the toolkit's own config files would hold) and hands it to :func:`train_and_test`,
+which adds what belongs to the run rather than to the protocol and drives the toolkit's own ``Runner``:
+
+* ``work_dir`` (the folder next to ``metrics.json``; the toolkit writes its logs, the resolved config,
+  its scalars JSON and its checkpoints there), seed, launcher (one process per GPU under torchrun, none on
+  CPU), torch threads;
+* resume: a re-run continues from the newest mmengine checkpoint in ``work_dir`` (mmengine's own
+  ``resume=True``, found through the ``last_checkpoint`` file its ``CheckpointHook`` writes);
+* preemption: SIGTERM/SIGUSR1 during training → checkpoint at the end of the current iteration, then
+  :class:`densessl.train.trainer.Preempted`, which the CLI turns into exit code 3 (requeue), as
+  ``evaluate/resume.py`` does for our own fine-tunings;
+* the metrics: ``Runner.test()`` returns what the toolkit's evaluator computed (never re-implemented).
+
+Weights. Our backbones go in as safetensors through a ``safetensors://`` scheme registered with mmengine's
+``CheckpointLoader``, so the toolkit's own ``init_cfg=dict(type='Pretrained', checkpoint=...)`` path loads
+them (with the toolkit's own position-embedding resizing). mmengine's checkpoints for resuming are pickles
+(they hold the message hub and scheduler states); ``torch.load`` reads them with ``weights_only=True`` plus the
+explicit allow-list :data:`RESUME_SAFE_GLOBALS`, never as an unchecked pickle.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from densessl.errors import ConfigError
+from densessl.evaluate.resume import StopSignals
+from densessl.train.trainer import Preempted
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_SCHEME = "safetensors://"
+TOOLKIT_FIX = "install the OpenMMLab stack: make env (runs envs/build_mmcv.py); check it with: python -m densessl doctor"
+
+
+def require(module: str, what: str) -> Any:
+    """Import ``module`` or raise one line naming the toolkit and the fix (missing or broken build)."""
+    try:
+        return importlib.import_module(module)
+    except Exception as exc:  # ImportError, or a compiled extension that fails to load (OSError, undefined symbol)
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{what}: cannot import {module} ({first}); {TOOLKIT_FIX}") from exc
+
+
+def require_mmcv_ops() -> None:
+    """The compiled mmcv extension, which mmseg's and mmdet's heads and metrics import at model build."""
+    require("mmcv", "mmcv")
+    require("mmcv._ext", "mmcv compiled ops (a build without MMCV_WITH_OPS=1, or against another torch)")
+
+
+@dataclass
+class ToolkitRun:
+    """What a run adds to a protocol's toolkit config."""
+
+    work_dir: Path
+    scope: str                 # the toolkit's registry scope: "mmseg" | "mmdet"
+    seed: int = 0
+    threads: int | None = None  # torch CPU threads (None: leave as set by the CLI)
+    device: str | None = None   # "cpu" | "cuda" | None (whatever is visible)
+    deterministic: bool = False
+    log_level: str = "INFO"
+
+
+def safetensors_uri(path: str | os.PathLike[str]) -> str:
+    """The ``checkpoint`` value of an ``init_cfg=dict(type='Pretrained', ...)`` that loads ``path``."""
+    return SAFETENSORS_SCHEME + str(Path(path).resolve())
+
+
+def _load_safetensors(filename: str, map_location: Any = None) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    path = filename[len(SAFETENSORS_SCHEME):]
+    if not Path(path).is_file():
+        raise ConfigError(f"{path}: exported backbone for the toolkit not found")
+    return {"state_dict": load_file(path, device="cpu")}
+
+
+def register_safetensors_loader() -> None:
+    from mmengine.runner import CheckpointLoader
+
+    CheckpointLoader.register_scheme(prefixes=SAFETENSORS_SCHEME, loader=_load_safetensors, force=True)
+
+
+def resume_safe_globals() -> list[Any]:
+    """Types an mmengine training checkpoint holds besides tensors and builtins (meta, message hub, numpy
+    scalars in the log buffers): the allow-list for ``torch.load(weights_only=True)``."""
+    import numpy as np
+    from mmengine.logging import HistoryBuffer
+
+    from_numpy: list[Any] = [np.ndarray, np.dtype, np.core.multiarray._reconstruct,
+                             np.core.multiarray.scalar]
+    from_numpy += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool", "uint8")]
+    return [HistoryBuffer, *from_numpy]
+
+
+def _device_check(device: str | None) -> None:
+    if device is None:
+        return
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device!r}: the toolkit protocols run on 'cpu' or 'cuda'")
+    visible = torch.cuda.is_available()
+    if device == "cuda" and not visible:
+        raise ConfigError("--device cuda: no CUDA device is visible to torch; run on a GPU node or use --device cpu")
+    if device == "cpu" and visible:
+        # mmengine places the model on every visible GPU by itself; hiding them is the only switch it has
+        raise ConfigError("--device cpu with a CUDA device visible: mmengine would use the GPU; run with "
+                          "CUDA_VISIBLE_DEVICES= to train on the CPU")
+
+
+def _launcher() -> str:
+    return "pytorch" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "none"
+
+
+def world_size() -> int:
+    """Processes of this run (torchrun's WORLD_SIZE; 1 on CPU): the protocols split the global batch by it."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def _preemption_hook(signals: StopSignals) -> Any:
+    from mmengine.hooks import Hook
+
+    class PreemptionHook(Hook):
+        """Checkpoint and stop at the end of the iteration in which SIGTERM/SIGUSR1 arrived."""
+
+        priority = "LOWEST"
+
+        def after_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None,
+                             outputs: Any = None) -> None:
+            if signals.received is None:
+                return
+            name = f"iter_{runner.iter + 1}.pth"
+            runner.save_checkpoint(runner.work_dir, name)
+            path = Path(runner.work_dir) / name
+            (Path(runner.work_dir) / "last_checkpoint").write_text(str(path))  # what resume=True reads
+            raise Preempted(f"signal {signals.received} at iteration {runner.iter + 1}; "
+                            f"toolkit checkpoint saved to {path}")
+
+    return PreemptionHook()
+
+
+def run_config(cfg: dict[str, Any], run: ToolkitRun) -> dict[str, Any]:
+    """``cfg`` plus the run's fields (work_dir, scope, seed, launcher, resume, a unique experiment name)."""
+    name = f"{run.scope}-{uuid.uuid4().hex[:8]}"
+    out = dict(cfg)
+    out.update(
+        work_dir=str(run.work_dir),
+        default_scope=run.scope,
+        launcher=_launcher(),
+        randomness=dict(seed=run.seed, deterministic=run.deterministic, diff_rank_seed=False),
+        resume=True,      # continue from work_dir/last_checkpoint when a previous attempt left one
+        load_from=None,
+        experiment_name=name,
+        log_level=run.log_level,
+    )
+    env_cfg = dict(out.get("env_cfg", {}))
+    env_cfg.setdefault("mp_cfg", dict(mp_start_method="fork", opencv_num_threads=0))
+    env_cfg.setdefault("dist_cfg", dict(backend="nccl" if torch.cuda.is_available() else "gloo"))
+    out["env_cfg"] = env_cfg
+    visualizer = dict(out.get("visualizer", {}))
+    if visualizer:  # mmengine keeps one global instance per name; a second run in the process must not reuse it
+        visualizer["name"] = f"visualizer-{name}"
+        out["visualizer"] = visualizer
+    return out
+
+
+def train_and_test(cfg: dict[str, Any], run: ToolkitRun) -> dict[str, Any]:
+    """Train ``cfg`` with the toolkit's runner (resuming from ``run.work_dir``), then test it; return the test
+    evaluator's metrics. Raises ``Preempted`` after checkpointing when SIGTERM/SIGUSR1 arrive in training."""
+    require_mmcv_ops()
+    require(run.scope, run.scope)
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+
+    _device_check(run.device)
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    register_safetensors_loader()
+    run.work_dir.mkdir(parents=True, exist_ok=True)
+    runner = Runner.from_cfg(Config(run_config(cfg, run)))
+    with StopSignals() as signals:
+        runner.register_hook(_preemption_hook(signals), priority="LOWEST")
+        with torch.serialization.safe_globals(resume_safe_globals()):
+            runner.train()
+    metrics = runner.test()
+    return {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in dict(metrics).items()}
