@@ -20,6 +20,7 @@ import jsonschema
 import yaml
 
 from densessl.errors import ConfigError
+from densessl.evaluate.transfer.mmdet_protocols import PROTOCOLS as MMDET_PROTOCOLS
 from densessl.models.variants import variant_init_kwargs, variant_kwargs, variant_of
 
 PRESETS = ("smoke", "paper")
@@ -307,6 +308,12 @@ EVALUATIONS: dict[str, dict[str, Any]] = {
                   "title": "DAVIS-2017 video object segmentation (label propagation, frozen features), J&F",
                   "backbones": ("vit", "resnet")},
 }
+# The mmdetection transfer protocols (evaluate/transfer/mmdet_protocols.py): one settings block each, since each
+# carries its own published schedule.
+EVALUATIONS.update({
+    name: {"dataset": spec["dataset"], "settings": name, "protocol_file": "protocols/mmdet_maskrcnn.md",
+           "title": spec["title"], "backbones": spec["backbones"]}
+    for name, spec in MMDET_PROTOCOLS.items()})
 
 
 def snakemake_config_files(configfiles: Iterable[str | Path], cwd: Path) -> list[str]:

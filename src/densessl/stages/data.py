@@ -32,6 +32,10 @@ def run_data(cfg: Config, dataset: str) -> Path:
         root = Path(settings["root"]).expanduser().resolve()
         source = {"synthetic": False}
     check_layout(dataset, root)
+    if dataset == "cityscapes":  # mmdet reads COCO-style instance files made from gtFine (data/cityscapes.py)
+        from densessl.data.cityscapes import convert
+
+        source["converted"] = {"folder": "annotations", "splits": convert(root, manifest_path.parent / "annotations")}
     # A root inside the results folder is stored relative to the manifest, so results can be moved or shared.
     root = root.resolve()
     here = manifest_path.parent.resolve()

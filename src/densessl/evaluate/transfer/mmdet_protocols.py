@@ -19,7 +19,7 @@ Sources of the protocols (every default below is the published value; paper.yaml
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from densessl.errors import ConfigError
@@ -54,16 +54,16 @@ class DetectionConfig:
     """One detection protocol's settings (``evaluate.<protocol>`` in the presets).
 
     The schedule is counted in one unit: epochs when ``by_epoch`` (mmdet's configs) and iterations otherwise
-    (detectron2's). ``schedule`` names the 1x / 2x variant a run belongs to; the numbers themselves
-    (``max_length``, ``milestones``) are explicit, so that a 2x run is a preset override and never a hidden
-    multiplication. The learning rate is the one for the total batch ``gpus * batch_size_per_gpu``; a run on
+    (detectron2's). ``schedule`` picks the 1x or 2x entry of ``schedules``, each with its published length and
+    decay steps written out (never derived by multiplying the 1x numbers). The learning rate is the one for the total batch ``gpus * batch_size_per_gpu``; a run on
     another number of processes is refused instead of silently changing the published batch.
     """
 
-    schedule: str = "1x"
+    schedule: str = "1x"                       # which entry of ``schedules`` this run trains
+    schedules: dict[str, dict[str, Any]] = field(default_factory=lambda: {
+        "1x": {"max_length": 12, "milestones": [8, 11]},     # mmdet _base_/schedules/schedule_1x.py
+        "2x": {"max_length": 24, "milestones": [16, 22]}})   # mmdet _base_/schedules/schedule_2x.py
     by_epoch: bool = True
-    max_length: int = 12                       # mmdet schedule_1x.py: 12 epochs
-    milestones: tuple[int, ...] = (8, 11)      # schedule_1x.py MultiStepLR milestones
     warmup_iters: int = 500                    # schedule_1x.py LinearLR end=500
     warmup_ratio: float = 0.001                # schedule_1x.py LinearLR start_factor
     repeat_times: int = 1                      # RepeatDataset times (Cityscapes: 8)
@@ -95,8 +95,6 @@ class DetectionConfig:
     mask_channels: int = 256
     rpn_batch: int = 256
     roi_batch: int = 512
-    rpn_test_pre_nms: int = 1000
-    rpn_test_post_nms: int = 1000
     score_thr: float = 0.05
     max_per_img: int = 100
     vit_num_heads: int | None = None           # None: the pretrained backbone's; 8 = SelfPatch's official config
@@ -111,6 +109,10 @@ class DetectionConfig:
         where = "evaluate.<detection protocol>"
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"{where}.schedule: {self.schedule!r}; allowed values: {', '.join(SCHEDULES)}")
+        entry = self.schedules.get(self.schedule)
+        if not isinstance(entry, dict) or set(entry) != {"max_length", "milestones"}:
+            raise ConfigError(f"{where}.schedules.{self.schedule}: needs exactly max_length and milestones, got "
+                              f"{entry!r}")
         if self.optimizer not in ("sgd", "adamw"):
             raise ConfigError(f"{where}.optimizer: {self.optimizer!r}; allowed values: sgd, adamw")
         if self.multiscale_mode not in ("choice", "range"):
@@ -125,6 +127,15 @@ class DetectionConfig:
                               f"max_length {self.max_length}")
         if self.gpus < 1 or self.batch_size_per_gpu < 1 or self.max_length < 1:
             raise ConfigError(f"{where}: gpus, batch_size_per_gpu and max_length must be positive")
+
+    @property
+    def max_length(self) -> int:
+        """Epochs (``by_epoch``) or iterations of the selected schedule."""
+        return int(self.schedules[self.schedule]["max_length"])
+
+    @property
+    def milestones(self) -> tuple[int, ...]:
+        return tuple(int(m) for m in self.schedules[self.schedule]["milestones"])
 
     @property
     def total_batch(self) -> int:
