@@ -240,3 +240,13 @@ def test_synthetic_layouts_are_found_and_missing_files_named(tmp_path):
         dataset_files("cityscapes", tmp_path / "cityscapes", converted=tmp_path / "nothing")
     with pytest.raises(DataError, match="VOC2007"):
         dataset_files("voc", tmp_path / "coco")
+
+
+def test_each_protocol_names_the_published_tables_it_reproduces():
+    from densessl.report.build import load_paper_tables
+
+    tables = {t["id"]: t for t in load_paper_tables()}
+    for name, spec in PROTOCOLS.items():
+        assert spec["tables"], name
+        for table_id in spec["tables"]:
+            assert tables[table_id]["protocol"] == EVALUATIONS[name]["protocol_file"]

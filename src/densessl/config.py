@@ -312,7 +312,7 @@ EVALUATIONS: dict[str, dict[str, Any]] = {
 # carries its own published schedule.
 EVALUATIONS.update({
     name: {"dataset": spec["dataset"], "settings": name, "protocol_file": "protocols/mmdet_maskrcnn.md",
-           "title": spec["title"], "backbones": spec["backbones"]}
+           "title": spec["title"], "backbones": spec["backbones"], "tables": spec["tables"]}
     for name, spec in MMDET_PROTOCOLS.items()})
 
 

@@ -25,24 +25,29 @@ from typing import Any
 from densessl.errors import ConfigError
 
 # detector: "vit_fpn" (ViT + multi-level adaptor + FPN), "fpn" (ResNet + FPN), "c4" (ResNet C4 + res5 RoI head)
+# tables: the ids in report/paper_tables.yaml whose numbers this protocol reproduces (every detection table
+#         names the same protocol file, so the report needs the ids to pick the right one)
 # evaluator: "coco" (pycocotools via mmdet CocoMetric), "lvis" (lvis API via LVISMetric),
 #            "cityscapes" (cityscapesscripts via CityScapesMetric), "voc" (mmdet VOCMetric)
 PROTOCOLS: dict[str, dict[str, Any]] = {
     "maskrcnn_vit_fpn_coco": {"dataset": "coco", "detector": "vit_fpn", "mask": True, "evaluator": "coco",
-                              "backbones": ("vit",),
+                              "backbones": ("vit",), "tables": ("selfpatch_coco_maskrcnn", "gtsa_coco_maskrcnn"),
                               "title": "COCO Mask R-CNN 1x, ViT + multi-level adaptor + FPN (SelfPatch/GTSA)"},
     "maskrcnn_r50_c4_coco": {"dataset": "coco", "detector": "c4", "mask": True, "evaluator": "coco",
-                             "backbones": ("resnet",),
+                             "backbones": ("resnet",), "tables": ("clove_coco_maskrcnn_c4", "pixpro_coco_maskrcnn_c4"),
                              "title": "COCO Mask R-CNN R50-C4 (MoCo/PixPro/CLoVE protocol)"},
     "maskrcnn_r50_fpn_coco": {"dataset": "coco", "detector": "fpn", "mask": True, "evaluator": "coco",
-                              "backbones": ("resnet",), "title": "COCO Mask R-CNN R50-FPN"},
+                              "backbones": ("resnet",), "tables": ("clove_coco_maskrcnn_fpn", "pixpro_coco_maskrcnn_fpn"),
+                              "title": "COCO Mask R-CNN R50-FPN"},
     "maskrcnn_r50_fpn_lvis": {"dataset": "lvis", "detector": "fpn", "mask": True, "evaluator": "lvis",
-                              "backbones": ("resnet",), "title": "LVIS v1 Mask R-CNN R50-FPN"},
+                              "backbones": ("resnet",), "tables": ("clove_lvis_maskrcnn_fpn",),
+                              "title": "LVIS v1 Mask R-CNN R50-FPN"},
     "maskrcnn_r50_fpn_cityscapes": {"dataset": "cityscapes", "detector": "fpn", "mask": True,
                                     "evaluator": "cityscapes", "backbones": ("resnet",),
+                                    "tables": ("clove_cityscapes_maskrcnn_fpn",),
                                     "title": "Cityscapes instance segmentation, Mask R-CNN R50-FPN"},
     "fasterrcnn_r50_c4_voc": {"dataset": "voc", "detector": "c4", "mask": False, "evaluator": "voc",
-                              "backbones": ("resnet",),
+                              "backbones": ("resnet",), "tables": ("pixpro_voc_c4",),
                               "title": "Pascal VOC07+12 -> VOC07 test, Faster R-CNN R50-C4"},
 }
 
