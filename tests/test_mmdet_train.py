@@ -77,3 +77,25 @@ def test_refuses_a_process_count_other_than_the_published_one(tmp_path):
     vit = _backbone("vit", tmp_path)
     with pytest.raises(ConfigError, match="takes resnet backbones"):
         run_detection("fasterrcnn_r50_c4_voc", vit, manifest, _settings("fasterrcnn_r50_c4_voc"), tmp_path / "w")
+
+
+def test_stage_writes_metrics_json_for_a_detection_protocol(tmp_path, monkeypatch):
+    """``python -m densessl evaluate fasterrcnn_r50_c4_voc --run ...`` as the DAG calls it (data stage included)."""
+    from densessl.stages.data import run_data
+    from densessl.stages.evaluate import run_evaluate
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    protocol = "fasterrcnn_r50_c4_voc"
+    overrides = {"results_dir": str(tmp_path / "results"), "evaluations": [protocol],
+                 "data": {"synthetic_size": "tiny"},
+                 "evaluate": {protocol: {"schedules": {"1x": {"max_length": 1, "milestones": []}}}}}
+    cfg = load_config([], preset="smoke", overrides=overrides, root=ROOT)
+    run = cfg.run("clove/resnet-tiny-imagenet")
+    arch, kwargs = ARCH["resnet"]
+    save_backbone(cfg.backbone(run), create_backbone(arch, **kwargs), arch, kwargs, {"source": "test"})
+    run_data(cfg, "voc")
+    out = run_evaluate(cfg, protocol, run.id, device="cpu")
+    doc = json.loads(out.read_text())
+    assert doc["protocol"] == protocol and doc["run"] == run.id
+    assert {"AP", "AP50", "AP75"} <= set(doc["metrics"])
+    assert (out.parent / "mmdet" / "backbone_mmdet.safetensors").is_file()
