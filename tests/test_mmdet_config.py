@@ -250,3 +250,23 @@ def test_each_protocol_names_the_published_tables_it_reproduces():
         assert spec["tables"], name
         for table_id in spec["tables"]:
             assert tables[table_id]["protocol"] == EVALUATIONS[name]["protocol_file"]
+
+
+def test_toolkit_metric_keys_become_the_tables_names():
+    from densessl.evaluate.transfer.mmdet_run import detection_metrics
+
+    coco = detection_metrics("coco", {"coco/bbox_mAP": 0.412, "coco/bbox_mAP_50": 0.611, "coco/bbox_mAP_75": 0.45,
+                                      "coco/segm_mAP": 0.371, "coco/segm_mAP_s": -1.0})
+    assert coco["AP_bb"] == pytest.approx(41.2) and coco["AP_bb50"] == pytest.approx(61.1)
+    assert coco["AP_mk"] == pytest.approx(37.1) and coco["AP_mk_s"] is None  # pycocotools' -1 = no ground truth
+    assert coco["toolkit"]["coco/bbox_mAP"] == 0.412
+    lvis = detection_metrics("lvis", {"lvis/bbox_AP": 0.2, "lvis/segm_AP": 0.19, "lvis/segm_APr": 0.1,
+                                      "lvis/segm_APc": 0.18, "lvis/segm_APf": 0.25, "lvis/bbox_APr": 0.09})
+    assert (lvis["APr"], lvis["APc"], lvis["APf"]) == pytest.approx((10.0, 18.0, 25.0))
+    assert lvis["AP_bb_r"] == pytest.approx(9.0)
+    cs = detection_metrics("cityscapes", {"cityscapes/mAP": 0.372, "cityscapes/AP@50": 0.653, "coco/bbox_mAP": 0.4})
+    assert (cs["AP"], cs["AP50"], cs["AP_bb"]) == pytest.approx((37.2, 65.3, 40.0))
+    voc = detection_metrics("voc", {"pascal_voc/mAP": 0.602, "pascal_voc/AP50": 0.838, "pascal_voc/AP75": 0.677})
+    assert (voc["AP"], voc["AP50"], voc["AP75"]) == pytest.approx((60.2, 83.8, 67.7))
+    with pytest.raises(ConfigError, match="returned no AP_bb"):
+        detection_metrics("coco", {})
