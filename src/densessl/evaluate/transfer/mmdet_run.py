@@ -58,7 +58,9 @@ def detection_metrics(evaluator: str, raw: dict[str, Any]) -> dict[str, Any]:
                 out[f"AP{band}"] = out[f"AP_mk_{band}"]
     needed = {"coco": "AP_bb", "lvis": "AP_bb", "cityscapes": "AP", "voc": "AP"}[evaluator]
     if needed not in out:
-        raise ConfigError(f"the {evaluator} evaluator returned no {needed} (toolkit metrics: {sorted(raw)})")
+        raise ConfigError(f"the {evaluator} evaluator returned no {needed} (toolkit metrics: {sorted(raw)}); mmdet "
+                          f"computes none when the detector keeps no detection above test score_thr on the whole "
+                          f"test set: see the toolkit log in the mmdet work folder")
     out["toolkit"] = dict(raw)
     return out
 
