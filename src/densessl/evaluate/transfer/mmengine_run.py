@@ -58,6 +58,35 @@ def require_mmcv_ops() -> None:
     require("mmcv._ext", "mmcv compiled ops (a build without MMCV_WITH_OPS=1, or against another torch)")
 
 
+MMCV_REBUILD_FIX = ("rebuild it for the installed torch: python envs/build_mmcv.py --rebuild (compiles the pinned "
+                    "sdist with its ops, about 15 minutes on 2 cores)")
+
+
+def check_mmcv_ops() -> str:
+    """Run mmcv's compiled RoIAlign and NMS on tiny tensors (what ``densessl doctor`` checks); return a summary.
+
+    A wheel built against another torch imports but fails on the first op (undefined symbol), and one built
+    without MMCV_WITH_OPS=1 has no ``mmcv._ext``: both end here with one line and the fix."""
+    try:
+        import mmcv
+        from mmcv.ops import RoIAlign, nms
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"mmcv.ops does not import ({first}); {MMCV_REBUILD_FIX}") from exc
+    try:
+        feats = torch.arange(64.0).reshape(1, 1, 8, 8)
+        pooled = RoIAlign((2, 2), spatial_scale=1.0, sampling_ratio=0)(feats, torch.tensor([[0.0, 0.0, 0.0, 4.0, 4.0]]))
+        boxes = torch.tensor([[0.0, 0.0, 4.0, 4.0], [0.0, 0.0, 4.0, 4.1], [6.0, 6.0, 8.0, 8.0]])
+        _, keep = nms(boxes, torch.tensor([0.9, 0.8, 0.7]), 0.5)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"mmcv {mmcv.__version__} ops fail on a tiny input ({first}); {MMCV_REBUILD_FIX}") from exc
+    if tuple(pooled.shape) != (1, 1, 2, 2) or keep.tolist() != [0, 2]:
+        raise ConfigError(f"mmcv {mmcv.__version__} ops give wrong results (RoIAlign {tuple(pooled.shape)}, NMS kept "
+                          f"{keep.tolist()}); {MMCV_REBUILD_FIX}")
+    return f"mmcv {mmcv.__version__}: RoIAlign and NMS OK"
+
+
 @dataclass
 class ToolkitRun:
     """What a run adds to a protocol's toolkit config."""
