@@ -270,3 +270,21 @@ def test_toolkit_metric_keys_become_the_tables_names():
     assert (voc["AP"], voc["AP50"], voc["AP75"]) == pytest.approx((60.2, 83.8, 67.7))
     with pytest.raises(ConfigError, match="returned no AP_bb"):
         detection_metrics("coco", {})
+
+
+def test_the_lvis_api_scores_the_synthetic_lvis_files(tmp_path):
+    """The kept LVIS evaluator runs on the locked numpy (lvis 0.5.3 calls the removed np.float alias) and gives
+    AP 100 for the ground truth itself."""
+    from densessl.data.synthetic import synthesize
+    from densessl.evaluate.transfer.mmdet_run import lvis_numpy_compat
+
+    synthesize("lvis", tmp_path / "lvis", "tiny", 0)
+    lvis_numpy_compat()
+    from lvis import LVIS, LVISEval, LVISResults
+
+    gt = LVIS(str(tmp_path / "lvis" / "lvis_v1_val.json"))
+    dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+            for a in gt.dataset["annotations"]]
+    ev = LVISEval(gt, LVISResults(gt, dets), "bbox")
+    ev.run()
+    assert ev.results["AP"] == pytest.approx(1.0)

@@ -65,6 +65,16 @@ def detection_metrics(evaluator: str, raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def lvis_numpy_compat() -> None:
+    """The ``lvis`` API (0.5.3, the newest on PyPI; mmdet's ``mmlvis`` fork likewise) calls ``np.float``, an alias
+    numpy removed in 1.24; numpy defined it as exactly the builtin ``float``. Restoring that alias lets the kept
+    evaluator run unchanged on the locked numpy 2."""
+    import numpy as np
+
+    if "float" not in np.__dict__:
+        np.float = float  # type: ignore[attr-defined]
+
+
 def run_detection(protocol: str, backbone_path: Path, manifest: Path, cfg: DetectionConfig, work_dir: Path,
                   device: str | None = None, threads: int | None = None) -> dict[str, Any]:
     """Train and evaluate ``protocol`` on the backbone at ``backbone_path``; the toolkit's files (log, resolved
@@ -89,6 +99,9 @@ def run_detection(protocol: str, backbone_path: Path, manifest: Path, cfg: Detec
     mmengine_run.require_mmcv_ops()
     mmengine_run.require("mmdet", "mmdet")
     import densessl.evaluate.transfer.mmdet_modules  # noqa: F401  (registers the densessl modules in mmdet)
+
+    if info["evaluator"] == "lvis":
+        lvis_numpy_compat()
 
     raw = mmengine_run.train_and_test(config, mmengine_run.ToolkitRun(work_dir=work_dir, scope="mmdet",
                                                                       seed=cfg.seed, threads=threads,
