@@ -288,3 +288,29 @@ def test_the_lvis_api_scores_the_synthetic_lvis_files(tmp_path):
     ev = LVISEval(gt, LVISResults(gt, dets), "bbox")
     ev.run()
     assert ev.results["AP"] == pytest.approx(1.0)
+
+
+def test_cityscapes_conversion_gives_coco_instances_of_the_gtfine_ids(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from pycocotools.coco import COCO
+
+    from densessl.data.cityscapes import convert
+    from densessl.data.synthetic import synthesize
+
+    root = tmp_path / "cityscapes"
+    synthesize("cityscapes", root, "tiny", 0)
+    counts = convert(root, tmp_path / "ann")
+    assert counts["val"]["images"] == 2 and counts["val"]["instances"] > 0
+    coco = COCO(str(tmp_path / "ann" / "instancesonly_filtered_gtFine_val.json"))
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == [
+        "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle"]
+    for img in coco.loadImgs(coco.getImgIds()):
+        assert (root / "leftImg8bit" / "val" / img["file_name"]).is_file()
+        ids = np.asarray(Image.open(root / "gtFine" / "val" / img["file_name"].replace(
+            "leftImg8bit.png", "gtFine_instanceIds.png")))
+        for ann in coco.loadAnns(coco.getAnnIds(imgIds=img["id"])):
+            mask = coco.annToMask(ann).astype(bool)
+            values = np.unique(ids[mask])
+            assert len(values) == 1 and values[0] // 1000 == ann["category_id"]  # one gtFine instance per annotation
+            assert mask.sum() == (ids == values[0]).sum()
