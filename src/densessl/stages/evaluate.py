@@ -75,6 +75,18 @@ def _run_detection(cfg: Config, protocol: str, backbone_path: Path, manifest: Pa
                          threads=cfg.threads)
 
 
+def detection_nproc(cfg: Config, protocol: str) -> int:
+    """Processes for an mmdet protocol: its published ``gpus`` when CUDA devices are visible (the torchrun
+    launcher then starts one process per GPU), else 1 (CPU). A count the protocol's batch was not published for
+    is refused by the protocol itself, with the fix."""
+    import torch
+
+    from densessl.evaluate.transfer.mmdet_protocols import DetectionConfig
+
+    det = build_dataclass(DetectionConfig, cfg.eval_settings(protocol), f"evaluate.{protocol}")
+    return det.gpus if torch.cuda.is_available() else 1
+
+
 def run_evaluate(cfg: Config, protocol: str, run_id: str, device: str | None = None) -> Path:
     started = time.time()
     run = cfg.run(run_id)

@@ -82,6 +82,8 @@ def run_detection(protocol: str, backbone_path: Path, manifest: Path, cfg: Detec
     from densessl.evaluate.transfer import mmengine_run
 
     info = protocol_info(protocol)
+    if not Path(backbone_path).is_file():
+        raise ConfigError(f"{backbone_path}: backbone checkpoint not found; run the pretrain/convert stage first")
     meta = read_json(sidecar_path(backbone_path))
     spec = backbone_spec(meta["arch"], meta.get("arch_kwargs", {}))
     if spec.family not in info["backbones"]:
