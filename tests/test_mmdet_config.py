@@ -314,3 +314,10 @@ def test_cityscapes_conversion_gives_coco_instances_of_the_gtfine_ids(tmp_path):
             values = np.unique(ids[mask])
             assert len(values) == 1 and values[0] // 1000 == ann["category_id"]  # one gtFine instance per annotation
             assert mask.sum() == (ids == values[0]).sum()
+
+
+def test_detection_jobs_ask_for_their_published_gpus():
+    paper = load_config([], preset="paper", root=ROOT)
+    assert paper.eval_gpus("maskrcnn_r50_c4_coco") == 8 and paper.eval_gpus("maskrcnn_vit_fpn_coco") == 8
+    assert paper.eval_gpus("linear_ade20k") == 1
+    assert load_config([], preset="smoke", root=ROOT).eval_gpus("maskrcnn_r50_c4_coco") == 0

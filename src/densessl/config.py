@@ -229,6 +229,15 @@ class Config:
         key = EVALUATIONS[protocol]["settings"]
         return copy.deepcopy(self.data.get("evaluate", {}).get(key, {}))
 
+    def eval_gpus(self, protocol: str) -> int:
+        """GPUs an evaluation job asks the scheduler for: none at smoke scale (CPU); an mmdet protocol its
+        settings' ``gpus`` (the published batch is per that many processes, one per GPU); any other one."""
+        if self.preset == "smoke":
+            return 0
+        if protocol in MMDET_PROTOCOLS:
+            return int(self.eval_settings(protocol).get("gpus", 8))
+        return 1
+
     def convert_settings(self, run: Run) -> dict[str, Any]:
         """What determines an exported backbone besides its input files (the convert rule hashes it into its params,
         a rerun trigger). A released entry's url / sha256 / path / format / options are not files: without this,
