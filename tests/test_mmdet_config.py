@@ -321,3 +321,18 @@ def test_detection_jobs_ask_for_their_published_gpus():
     assert paper.eval_gpus("maskrcnn_r50_c4_coco") == 8 and paper.eval_gpus("maskrcnn_vit_fpn_coco") == 8
     assert paper.eval_gpus("linear_ade20k") == 1
     assert load_config([], preset="smoke", root=ROOT).eval_gpus("maskrcnn_r50_c4_coco") == 0
+
+
+def test_report_shows_the_tables_columns_and_picks_each_protocols_own_table():
+    from densessl.config import Run
+    from densessl.report.build import REPORTED_METRICS, load_paper_tables, published_value
+
+    tables = load_paper_tables()
+    for name, spec in PROTOCOLS.items():
+        columns = {c for t in tables if t["id"] in spec["tables"] for c in t["columns"]}
+        assert columns <= set(REPORTED_METRICS[name]), name
+    dino = Run("dino", "vit-s16", "imagenet")
+    # selfpatch_coco_maskrcnn's DINO row; the same method/arch/metric must not leak into another protocol that
+    # shares the protocol file
+    assert published_value(tables, "maskrcnn_vit_fpn_coco", dino, "AP_bb", False, 100) == 40.8
+    assert published_value(tables, "maskrcnn_r50_fpn_coco", dino, "AP_bb", False, 100) is None

@@ -36,6 +36,13 @@ REPORTED_METRICS: dict[str, list[str]] = {
     "linear_ade20k": ["mIoU", "mAcc", "aAcc"],
     "davis2017": ["JF_mean", "J_mean", "F_mean"],
     "inat19_finetune": ["top1", "top5"],
+    # mmdet protocols (evaluate/transfer/mmdet_run.py): the papers' column names, percent
+    "maskrcnn_vit_fpn_coco": ["AP_bb", "AP_bb50", "AP_bb75", "AP_mk", "AP_mk50", "AP_mk75"],
+    "maskrcnn_r50_c4_coco": ["AP_bb", "AP_bb50", "AP_bb75", "AP_mk", "AP_mk50", "AP_mk75"],
+    "maskrcnn_r50_fpn_coco": ["AP_bb", "AP_bb50", "AP_bb75", "AP_mk", "AP_mk50", "AP_mk75"],
+    "maskrcnn_r50_fpn_lvis": ["AP_bb", "AP_bb50", "AP_bb75", "AP_mk", "AP_mk50", "AP_mk75", "APr", "APc", "APf"],
+    "maskrcnn_r50_fpn_cityscapes": ["AP", "AP50", "AP_bb", "AP_mk"],
+    "fasterrcnn_r50_c4_voc": ["AP", "AP50", "AP75"],
 }
 # What a reader needs to read a protocol's columns (reference/protocols/patchseg.md "Pitfall": report both means).
 PATCHSEG_NOTE = ("macro_f1 and macro_precision are the official benchmark's plain means over valid classes: a valid "
@@ -91,10 +98,14 @@ def published_value(tables: list[dict[str, Any]], protocol: str, run: Run, metri
     if synthetic:
         return None
     protocol_file = EVALUATIONS[protocol]["protocol_file"]
+    # protocols that share a protocol file (every detection table) name their own tables
+    table_ids = EVALUATIONS[protocol].get("tables")
     # the paper's row names neither our epochs suffix (matched below) nor "released" (the paper's own weights)
     method, arch, data = display(dataclasses.replace(run, epochs=None, released=False))
     for table in tables:
         if table.get("protocol") != protocol_file or metric not in table.get("columns", []):
+            continue
+        if table_ids is not None and table.get("id") not in table_ids:
             continue
         for row in table.get("rows", []):
             if (row.get("method"), row.get("arch"), row.get("pretrain_data")) != (method, arch, data):
