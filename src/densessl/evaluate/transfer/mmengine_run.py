@@ -120,14 +120,32 @@ def register_safetensors_loader() -> None:
     CheckpointLoader.register_scheme(prefixes=SAFETENSORS_SCHEME, loader=_load_safetensors, force=True)
 
 
+def _rebuild_history_buffer(buffer: Any) -> tuple[Any, tuple[Any, ...]]:
+    """Pickle mmengine's ``HistoryBuffer`` (the message hub's log buffers) as a constructor call on plain lists.
+
+    Its default pickle carries the class's statistics methods as ``getattr(HistoryBuffer, 'min')``; allowing
+    ``getattr`` in ``torch.load(weights_only=True)`` would let a checkpoint call any attribute of any allowed
+    object, so the buffer is written as ``HistoryBuffer(log_history, count_history, max_length)`` instead,
+    which the allow-list can admit by the class alone."""
+    return type(buffer), (buffer._log_history.tolist(), buffer._count_history.tolist(), buffer.max_length)
+
+
+def _pickle_buffers_plainly() -> None:
+    import copyreg
+
+    from mmengine.logging import HistoryBuffer
+
+    copyreg.pickle(HistoryBuffer, _rebuild_history_buffer)
+
+
 def resume_safe_globals() -> list[Any]:
-    """Types an mmengine training checkpoint holds besides tensors and builtins (meta, message hub, numpy
-    scalars in the log buffers): the allow-list for ``torch.load(weights_only=True)``."""
+    """Types an mmengine training checkpoint holds besides tensors and builtins (the message hub's log buffers,
+    numpy scalars and arrays in its runtime info): the allow-list for ``torch.load(weights_only=True)``."""
     import numpy as np
     from mmengine.logging import HistoryBuffer
 
-    from_numpy: list[Any] = [np.ndarray, np.dtype, np.core.multiarray._reconstruct,
-                             np.core.multiarray.scalar]
+    multiarray = np._core.multiarray
+    from_numpy: list[Any] = [np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar]
     from_numpy += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool", "uint8")]
     return [HistoryBuffer, *from_numpy]
 
@@ -156,6 +174,7 @@ def world_size() -> int:
 
 
 def _preemption_hook(signals: StopSignals) -> Any:
+    from mmengine.dist import is_main_process
     from mmengine.hooks import Hook
 
     class PreemptionHook(Hook):
@@ -168,9 +187,12 @@ def _preemption_hook(signals: StopSignals) -> Any:
             if signals.received is None:
                 return
             name = f"iter_{runner.iter + 1}.pth"
-            runner.save_checkpoint(runner.work_dir, name)
+            # by_epoch=False records (epoch, iter + 1): the iteration just finished. An epoch-based loop
+            # resumed from it restarts the unfinished epoch's data pass (mmengine resumes epochs, not iterations).
+            runner.save_checkpoint(runner.work_dir, name, by_epoch=False)
             path = Path(runner.work_dir) / name
-            (Path(runner.work_dir) / "last_checkpoint").write_text(str(path))  # what resume=True reads
+            if is_main_process():  # save_checkpoint writes on rank 0 only; so does the pointer to it
+                (Path(runner.work_dir) / "last_checkpoint").write_text(str(path))  # what resume=True reads
             raise Preempted(f"signal {signals.received} at iteration {runner.iter + 1}; "
                             f"toolkit checkpoint saved to {path}")
 
@@ -204,9 +226,11 @@ def run_config(cfg: dict[str, Any], run: ToolkitRun) -> dict[str, Any]:
 
 def train_and_test(cfg: dict[str, Any], run: ToolkitRun) -> dict[str, Any]:
     """Train ``cfg`` with the toolkit's runner (resuming from ``run.work_dir``), then test it; return the test
-    evaluator's metrics. Raises ``Preempted`` after checkpointing when SIGTERM/SIGUSR1 arrive in training."""
-    require_mmcv_ops()
-    require(run.scope, run.scope)
+    evaluator's metrics. Raises ``Preempted`` after checkpointing when SIGTERM/SIGUSR1 arrive in training.
+
+    The protocol imports its toolkit (``require``, ``require_mmcv_ops``) and registers its own modules first;
+    ``run.scope`` names the registry the config's type names resolve in."""
+    require("mmengine", "mmengine")
     from mmengine.config import Config
     from mmengine.runner import Runner
 
@@ -214,11 +238,14 @@ def train_and_test(cfg: dict[str, Any], run: ToolkitRun) -> dict[str, Any]:
     if run.threads:
         torch.set_num_threads(run.threads)
     register_safetensors_loader()
+    _pickle_buffers_plainly()
     run.work_dir.mkdir(parents=True, exist_ok=True)
     runner = Runner.from_cfg(Config(run_config(cfg, run)))
     with StopSignals() as signals:
         runner.register_hook(_preemption_hook(signals), priority="LOWEST")
         with torch.serialization.safe_globals(resume_safe_globals()):
             runner.train()
-    metrics = runner.test()
+    # test() resumes too when train() found no checkpoint to start from (it then loads the final one it wrote)
+    with torch.serialization.safe_globals(resume_safe_globals()):
+        metrics = runner.test()
     return {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in dict(metrics).items()}
