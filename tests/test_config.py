@@ -20,7 +20,7 @@ def test_default_config_resolves_runs_and_paths():
     ids = [r.id for r in cfg.all_runs]
     assert ids[0] == "dino/vit-tiny-p8-imagenet"
     assert sum(r.is_random_init for r in cfg.all_runs) >= 3
-    assert cfg.datasets == ["ade20k", "coco", "davis", "imagenet"]
+    assert cfg.datasets == ["ade20k", "cityscapes", "coco", "davis", "imagenet", "lvis", "voc"]
     assert str(cfg.eval_metrics("patchseg_coco", cfg.all_runs[0])) == \
         "results/smoke/eval/patchseg_coco/dino/vit-tiny-p8-imagenet/metrics.json"
 

@@ -25,6 +25,7 @@ from densessl.data.synthetic import (
     lvis,
     scenes,
     synthesize,
+    voc,
 )
 from densessl.errors import DataError
 
@@ -57,7 +58,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_writer_indices_match_dataset_order() -> None:
-    modules = (imagenet, coco, ade20k, davis, inat, lvis, cityscapes)
+    modules = (imagenet, coco, ade20k, davis, inat, lvis, cityscapes, voc)
     assert [m.DATASET_INDEX for m in modules] == list(range(len(DATASETS)))
 
 

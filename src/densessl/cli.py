@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(run_export(_config(args), args.format, args.run, args.out))
         elif args.stage == "evaluate":
-            from densessl.stages.evaluate import run_evaluate, run_evaluate_timm
+            from densessl.stages.evaluate import DETECTION_PROTOCOLS, run_evaluate, run_evaluate_timm
 
             if args.timm_model:
                 if args.out is None:
@@ -245,6 +245,15 @@ def main(argv: list[str] | None = None) -> int:
             elif args.img_size is not None:
                 raise DenseSSLError("evaluate --img-size applies to --timm-model only; a --run's backbone keeps "
                                     "the size it was trained at")
+            elif args.protocol in DETECTION_PROTOCOLS:
+                from densessl.stages.evaluate import detection_nproc
+                from densessl.train.launch import launch
+
+                cfg = _config(args)
+                stage_argv = list(argv) if argv is not None else sys.argv[1:]
+                # mmdet protocols: one process per GPU under torchrun (their published batch is per 8 GPUs)
+                return launch(stage_argv, detection_nproc(cfg, args.protocol),
+                              lambda: print(run_evaluate(cfg, args.protocol, args.run, args.device)))
             else:
                 cfg = _config(args)
                 run = cfg.run(args.run)

@@ -20,6 +20,7 @@ import jsonschema
 import yaml
 
 from densessl.errors import ConfigError
+from densessl.evaluate.transfer.mmdet_protocols import PROTOCOLS as MMDET_PROTOCOLS
 from densessl.models.variants import variant_init_kwargs, variant_kwargs, variant_of
 from densessl.protocol_names import ProtocolRegistry
 
@@ -304,6 +305,15 @@ class Config:
         key = EVALUATIONS[protocol]["settings"]
         return copy.deepcopy(self.data.get("evaluate", {}).get(key, {}))
 
+    def eval_gpus(self, protocol: str) -> int:
+        """GPUs an evaluation job asks the scheduler for: none at smoke scale (CPU); an mmdet protocol its
+        settings' ``gpus`` (the published batch is per that many processes, one per GPU); any other one."""
+        if self.preset == "smoke":
+            return 0
+        if protocol in MMDET_PROTOCOLS:
+            return int(self.eval_settings(protocol).get("gpus", 8))
+        return 1
+
     def convert_settings(self, run: Run) -> dict[str, Any]:
         """What determines an exported backbone besides its input files (the convert rule hashes it into its params,
         a rerun trigger). A released entry's url / sha256 / path / format / options are not files: without this,
@@ -425,6 +435,12 @@ EVALUATIONS: ProtocolRegistry = ProtocolRegistry({
                        "title": "UperNet 160k (mmsegmentation, fine-tuned ViT), ADE20K", "backbones": ("vit",),
                        "toolkit": "mmseg", "tables": ("selfpatch_ade20k_upernet",)},
 })
+# The mmdetection transfer protocols (evaluate/transfer/mmdet_protocols.py): one settings block each, since each
+# carries its own published schedule.
+EVALUATIONS.update({
+    name: {"dataset": spec["dataset"], "settings": name, "protocol_file": "protocols/mmdet_maskrcnn.md",
+           "title": spec["title"], "backbones": spec["backbones"], "tables": spec["tables"]}
+    for name, spec in MMDET_PROTOCOLS.items()})
 
 
 def snakemake_config_files(configfiles: Iterable[str | Path], cwd: Path) -> list[str]:

@@ -12,5 +12,9 @@ rule evaluate:
     log:
         f"{RESULTS}/logs/eval/{{protocol}}/{{method}}/{{name}}.log",
     threads: 1
+    # the slurm profile's evaluate entry sets no gpu count: this gives the detection protocols their 8
+    resources:
+        gpus=lambda w: CFG.eval_gpus(w.protocol),
+        gpu=lambda w: CFG.eval_gpus(w.protocol),
     shell:
         "{params.cli} evaluate {wildcards.protocol} {params.config} --run {params.run} --threads {threads} > {log} 2>&1"

@@ -26,9 +26,9 @@ EXPECTED_LAYOUT: dict[str, list[str]] = {
     "davis": ["DAVIS/JPEGImages/480p", "DAVIS/Annotations/480p", "DAVIS/ImageSets/2017"],
     "inat": [],  # train2019.json / val2019.json + train_val2019/ images: checked by data/inat.py on load
     "imagenet21k": ["train"],
-    "lvis": [],  # lvis_v1_{train,val}.json; images are COCO 2017's
+    "lvis": [],  # lvis_v1_*.json in annotations/ or the root + COCO images: checked by the mmdet protocols
     "cityscapes": ["leftImg8bit/train", "leftImg8bit/val", "gtFine/train", "gtFine/val"],
-    "voc": ["VOCdevkit/VOC2007", "VOCdevkit/VOC2012"],
+    "voc": ["VOCdevkit/VOC2007/Annotations", "VOCdevkit/VOC2007/ImageSets/Main", "VOCdevkit/VOC2012/Annotations"],
 }
 
 
@@ -40,6 +40,8 @@ def check_layout(dataset: str, root: Path) -> None:
         return  # root points at ADEChallengeData2016 itself
     if dataset == "davis" and missing and (root / "JPEGImages" / "480p").is_dir():
         return  # root points at DAVIS itself
+    if dataset == "voc" and missing and (root / "VOC2007" / "Annotations").is_dir():
+        return  # root points at VOCdevkit itself
     if missing:
         raise DataError(f"{root}: not a {dataset} layout; missing folder(s) {missing} "
                         f"(see reference/datasets.md for the expected layout)")

@@ -43,6 +43,13 @@ REPORTED_METRICS: dict[str, list[str]] = {
     "keypointrcnn_r50_fpn_coco": ["AP_kp", "AP_kp50", "AP_kp75"],
     "semfpn_ade20k": ["mIoU", "mAcc", "aAcc"],
     "upernet_ade20k": ["mIoU", "mAcc", "aAcc"],
+    # mmdet protocols (evaluate/transfer/mmdet_run.py): the papers' column names, percent
+    "maskrcnn_vit_fpn_coco": ["AP_bb", "AP_bb50", "AP_bb75", "AP_mk", "AP_mk50", "AP_mk75"],
+    "maskrcnn_r50_c4_coco": ["AP_bb", "AP_bb50", "AP_bb75", "AP_mk", "AP_mk50", "AP_mk75"],
+    "maskrcnn_r50_fpn_coco": ["AP_bb", "AP_bb50", "AP_bb75", "AP_mk", "AP_mk50", "AP_mk75"],
+    "maskrcnn_r50_fpn_lvis": ["AP_bb", "AP_bb50", "AP_bb75", "AP_mk", "AP_mk50", "AP_mk75", "APr", "APc", "APf"],
+    "maskrcnn_r50_fpn_cityscapes": ["AP", "AP50", "AP_bb", "AP_mk"],
+    "fasterrcnn_r50_c4_voc": ["AP", "AP50", "AP75"],
 }
 REPORTED_METRICS["patchseg_coco_things"] = REPORTED_METRICS["patchseg_coco"]
 # What a reader needs to read a protocol's columns (reference/protocols/patchseg.md "Pitfall": report both means).
@@ -103,7 +110,7 @@ def published_value(tables: list[dict[str, Any]], protocol: str, run: Run, metri
     if synthetic:
         return None
     protocol_file = EVALUATIONS[protocol]["protocol_file"]
-    # protocols sharing a protocol file (Semantic FPN and UperNet) name their tables
+    # protocols sharing a protocol file (Semantic FPN and UperNet; every detection table) name their tables
     wanted = EVALUATIONS[protocol].get("tables")
     # the paper's row names neither our epochs suffix (matched below) nor "released" (the paper's own weights)
     method, arch, data = display(dataclasses.replace(run, epochs=None, released=False))

@@ -49,6 +49,10 @@ def run_data(cfg: Config, dataset: str) -> Path:
                   "prepared_counts": marker["counts"] if marker else None,
                   "archives_verified": marker.get("archives_verified") if marker else None}
     check_layout(dataset, root)
+    if dataset == "cityscapes":  # mmdet reads COCO-style instance files made from gtFine (data/cityscapes.py)
+        from densessl.data.cityscapes import convert
+
+        source["converted"] = {"folder": "annotations", "splits": convert(root, manifest_path.parent / "annotations")}
     # A root inside the results folder is stored relative to the manifest, so results can be moved or shared.
     root = root.resolve()
     here = manifest_path.parent.resolve()

@@ -13,11 +13,15 @@ from densessl.checkpoints.io import load_backbone
 from densessl.config import EVALUATIONS, Config
 from densessl.data.manifest import data_root
 from densessl.errors import ConfigError
+from densessl.evaluate.transfer.mmdet_protocols import PROTOCOLS as MMDET_PROTOCOLS
 from densessl.io import read_json, sha256_file, write_json, write_text
 from densessl.methods.base import build_dataclass
 from densessl.models.backbones import ResNetTokens, as_token_backbone, backbone_info
 
 KEEP_OUTPUTS = {"davis2017"}
+# mmdetection protocols (evaluate/transfer/mmdet_run.py): trained and tested by the toolkit's own runner, which
+# resumes from its checkpoint in the work folder beside metrics.json.
+DETECTION_PROTOCOLS = set(MMDET_PROTOCOLS)
 # Protocols that train for hours at paper scale: their runners take ``state_path`` and resume a preempted run
 # from it (the state lives next to metrics.json, which is the stage's only declared output, so neither
 # Snakemake nor DVC removes it between attempts; the runner deletes it once the metrics exist).
@@ -85,7 +89,34 @@ def _protocol(protocol: str) -> tuple[type, Any]:
         from densessl.evaluate.transfer.mmseg_ade20k import MMSegSettings, run_mmseg_ade20k
 
         return MMSegSettings, run_mmseg_ade20k
+    if protocol in DETECTION_PROTOCOLS:
+        raise ConfigError(f"evaluate {protocol}: an mmdetection protocol evaluates a --run backbone (exported into "
+                          f"mmdet's key layout); --timm-model is for the probe protocols")
     raise ConfigError(f"unknown evaluation {protocol!r}; choose one of {sorted(EVALUATIONS)}")
+
+
+def _run_detection(cfg: Config, protocol: str, backbone_path: Path, manifest: Path, out: Path,
+                   settings: dict[str, Any], device: str | None) -> dict[str, Any]:
+    """An mmdetection protocol: the toolkit trains and tests in ``<metrics folder>/mmdet`` (its log, resolved
+    config and the checkpoint a preempted attempt resumes from live there, beside metrics.json)."""
+    from densessl.evaluate.transfer.mmdet_protocols import DetectionConfig
+    from densessl.evaluate.transfer.mmdet_run import run_detection
+
+    det_cfg = build_dataclass(DetectionConfig, settings, f"evaluate.{protocol}")
+    return run_detection(protocol, backbone_path, manifest, det_cfg, out.parent / "mmdet", device=device,
+                         threads=cfg.threads)
+
+
+def detection_nproc(cfg: Config, protocol: str) -> int:
+    """Processes for an mmdet protocol: its published ``gpus`` when CUDA devices are visible (the torchrun
+    launcher then starts one process per GPU), else 1 (CPU). A count the protocol's batch was not published for
+    is refused by the protocol itself, with the fix."""
+    import torch
+
+    from densessl.evaluate.transfer.mmdet_protocols import DetectionConfig
+
+    det = build_dataclass(DetectionConfig, cfg.eval_settings(protocol), f"evaluate.{protocol}")
+    return det.gpus if torch.cuda.is_available() else 1
 
 
 # mmseg decoder of each mmseg protocol (one settings class, two decoders, as patchseg's two datasets)
@@ -112,11 +143,26 @@ def _toolkit_kwargs(protocol: str, out: Path) -> dict[str, Any]:
 def run_evaluate(cfg: Config, protocol: str, run_id: str, device: str | None = None) -> Path:
     started = time.time()
     run = cfg.run(run_id)
-    config_cls, runner = _protocol(protocol)
+    if protocol not in DETECTION_PROTOCOLS:
+        config_cls, runner = _protocol(protocol)
     if not cfg.applies(protocol, run):
         families = " and ".join(EVALUATIONS[protocol]["backbones"])
         raise ConfigError(f"evaluate {protocol}: the protocol takes {families} backbones, and {run.id} is a "
                           f"{run.arch}; the DAG skips this pair and the report shows n/a")
+    if protocol in DETECTION_PROTOCOLS:
+        settings = cfg.eval_settings(protocol)
+        backbone_path = cfg.backbone(run)
+        manifest = cfg.data_manifest(EVALUATIONS[protocol]["dataset"])
+        out = cfg.eval_metrics(protocol, run)
+        metrics = _run_detection(cfg, protocol, backbone_path, manifest, out, settings, device)
+        meta = read_json(backbone_path.with_suffix(".json"))
+        write_json(out, {
+            "protocol": protocol, "run": run.id, "method": run.method, "arch": run.arch, "pretrain_data": run.data,
+            "settings": settings, "metrics": metrics,
+            "provenance": provenance.collect(f"evaluate/{protocol}", cfg.hash, {
+                "backbone_sha256": sha256_file(backbone_path), "backbone_source": meta.get("source"),
+                "data": read_json(manifest)["fingerprint"]}, started)})
+        return out
     settings = _protocol_settings(cfg, protocol)
     eval_cfg = build_dataclass(config_cls, settings, f"evaluate.{EVALUATIONS[protocol]['settings']}")
     backbone_path = cfg.backbone(run)

@@ -1,5 +1,5 @@
 """Synthetic datasets in the real on-disk layouts (ImageNet, COCO 2017 + COCO-Stuff, ADE20K, DAVIS 2017,
-iNaturalist 2019, LVIS v1, Cityscapes).
+iNaturalist 2019, LVIS v1, Cityscapes, Pascal VOC 2007+2012).
 
 Why: the real datasets cannot be downloaded where the smoke DAG runs, so each one is replaced by generated
 scenes written *exactly* in its real layout (folders, file names, JSON schemas, PNG modes, label ids); the real
@@ -29,10 +29,10 @@ from tqdm import tqdm
 
 from densessl.errors import DataError
 
-from . import ade20k, cityscapes, coco, davis, imagenet, inat, lvis
+from . import ade20k, cityscapes, coco, davis, imagenet, inat, lvis, voc
 from .scenes import NUM_STUFF, NUM_THINGS, STUFF_CLASSES, THING_CLASSES
 
-DATASETS: tuple[str, ...] = ("imagenet", "coco", "ade20k", "davis", "inat", "lvis", "cityscapes")
+DATASETS: tuple[str, ...] = ("imagenet", "coco", "ade20k", "davis", "inat", "lvis", "cityscapes", "voc")
 MARKER = ".densessl-synthetic.json"
 GENERATOR_VERSION = 2  # 2: luminance-dominant instance colours (scenes.random_colors)
 
@@ -44,6 +44,7 @@ _WRITERS: dict[str, Any] = {
     "inat": inat,
     "lvis": lvis,
     "cityscapes": cityscapes,
+    "voc": voc,
 }
 
 
@@ -63,6 +64,7 @@ class SynthSize:
             "inat": (72, 96),
             "lvis": (80, 96),
             "cityscapes": (64, 128),
+            "voc": (80, 96),
         }
     )
     davis_frames: int = 10
@@ -102,6 +104,7 @@ PRESETS: dict[str, SynthSize] = {
             "inat": {"train": 480, "val": 96},
             "lvis": {"train": 400, "val": 100},
             "cityscapes": {"train": 160, "val": 40},
+            "voc": {"train": 400, "val": 100},  # VOC07+12 trainval, VOC07 test
         },
     ),
     # A few images each, for unit tests.
@@ -115,6 +118,7 @@ PRESETS: dict[str, SynthSize] = {
             "inat": {"train": 8, "val": 8},
             "lvis": {"train": 8, "val": 4},
             "cityscapes": {"train": 4, "val": 2},
+            "voc": {"train": 8, "val": 4},
         },
         davis_frames=4,
     ),
