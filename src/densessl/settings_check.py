@@ -22,7 +22,7 @@ def check_stage_settings(cfg: Config) -> None:
     from densessl.methods.base import build_dataclass
 
     # the protocol → config class mapping of the evaluate stage, so both build the same dataclass
-    from densessl.stages.evaluate import _protocol
+    from densessl.stages.evaluate import _protocol_settings, protocol_config_class
     from densessl.train.trainer import TrainConfig
 
     for run in cfg.pretrain_runs:
@@ -31,8 +31,6 @@ def check_stage_settings(cfg: Config) -> None:
         method_cls = get_method(run.method)
         build_dataclass(method_cls.config_cls, settings["method"], f"pretrain.{run.method}.method")
     for protocol in cfg.evaluations:
-        config_cls, _ = _protocol(protocol)
-        settings = cfg.eval_settings(protocol)
-        if protocol.startswith("patchseg_"):  # one settings block, two datasets (as the evaluate stage)
-            settings["dataset"] = EVALUATIONS[protocol]["dataset"]
+        config_cls = protocol_config_class(protocol)
+        settings = _protocol_settings(cfg, protocol)  # with the fields the protocol's name fixes
         build_dataclass(config_cls, settings, f"evaluate.{EVALUATIONS[protocol]['settings']}")

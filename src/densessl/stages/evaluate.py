@@ -95,6 +95,15 @@ def _protocol(protocol: str) -> tuple[type, Any]:
     raise ConfigError(f"unknown evaluation {protocol!r}; choose one of {sorted(EVALUATIONS)}")
 
 
+def protocol_config_class(protocol: str) -> type:
+    """The settings dataclass of ``protocol`` (what the configuration check builds before any job runs)."""
+    if protocol in DETECTION_PROTOCOLS:
+        from densessl.evaluate.transfer.mmdet_protocols import DetectionConfig
+
+        return DetectionConfig
+    return _protocol(protocol)[0]
+
+
 def _run_detection(cfg: Config, protocol: str, backbone_path: Path, manifest: Path, out: Path,
                    settings: dict[str, Any], device: str | None) -> dict[str, Any]:
     """An mmdetection protocol: the toolkit trains and tests in ``<metrics folder>/mmdet`` (its log, resolved
