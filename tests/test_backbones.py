@@ -1,7 +1,7 @@
 """backbone_info: the input normalisation each backbone is evaluated with.
 
 Timm models by name carry their own mean/std in ``pretrained_cfg`` (Patch-Seg normalises with it,
-reference/protocols/patchseg.md "Preprocessing"); our exported backbones keep the ImageNet statistics their
+iancovert/patch-seg ``patchseg/vision_backbones.py``); our exported backbones keep the ImageNet statistics their
 pretraining views used. Timm models are built with ``pretrained=False`` (no network) and one block (fast):
 ``pretrained_cfg`` comes from the tag, not from the weights.
 """

@@ -81,7 +81,7 @@ class LinearSegConfig:
     eval_window: int = 512  # Evaluation: sliding window 512
     eval_stride: int = 512  # Evaluation: stride 512
     eval_scale: tuple[int, int] | None = None  # test-pipeline resize; None = base_scale (as the config)
-    # "single-scale, or multi-scale with flip" (protocol file, Evaluation). With ms_flip the metrics gain an
+    # Segmenter reports single-scale, and multi-scale with flip, mIoU. With ms_flip the metrics gain an
     # "ms_flip" block next to the single-scale ones: mmseg MultiScaleFlipAug (keep-ratio resize of the eval
     # scale × each ratio, plus the horizontal flip), softmax outputs averaged (mmseg EncoderDecoder.aug_test).
     eval_ms_flip: bool = False

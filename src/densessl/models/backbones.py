@@ -108,7 +108,7 @@ class ResNetTokens(nn.Module):
     """A ResNet seen as a patch-token backbone: the cells of its last feature map are the tokens.
 
     Dense evaluations are written against the ViT interface (``forward_features`` → (B, N, D) tokens,
-    ``num_prefix_tokens``); CLoVE is evaluated on C5 "as a patch grid" (issue 3), which is exactly this view.
+    ``num_prefix_tokens``); CLoVE is evaluated on C5 as a patch grid, which is exactly this view.
     """
 
     num_prefix_tokens = 0

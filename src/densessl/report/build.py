@@ -111,7 +111,7 @@ def published_value(tables: list[dict[str, Any]], protocol: str, run: Run, metri
     if synthetic:
         return None
     protocol_file = EVALUATIONS[protocol]["protocol_file"]
-    # protocols sharing a protocol file (Semantic FPN and UperNet; every detection table) name their tables
+    # protocols sharing a protocol key (Semantic FPN and UperNet; every detection table) name their tables
     wanted = EVALUATIONS[protocol].get("tables")
     # the paper's row names neither our epochs suffix (matched below) nor "released" (the paper's own weights)
     method, arch, data = display(dataclasses.replace(run, epochs=None, released=False))
