@@ -4,7 +4,7 @@ Key layouts (what the generated detectors hold; ``tests/test_mmdet_export.py`` l
 toolkit's model and finds zero missing and zero unexpected backbone keys):
 
 - ResNet + FPN: ``backbone.<torchvision name>`` (mmdet's ``ResNet`` with ``style='pytorch'`` has torchvision's
-  names: ``conv1``, ``bn1``, ``layer{1..4}.<i>.{conv,bn}<j>``, ``downsample.{0,1}``; clove.md "To mmdet");
+  names: ``conv1``, ``bn1``, ``layer{1..4}.<i>.{conv,bn}<j>``, ``downsample.{0,1}``; mmengine's ``Pretrained`` init strips ``module.``);
 - ResNet C4: stem and ``layer1..3`` as above, ``layer4.*`` as ``roi_head.shared_head.layer4.*`` (res5 is the
   RoI head). Loading res5 explicitly matters: mmdet's own Mask R-CNN C4 base leaves it randomly initialised
   (no ``init_cfg`` on the shared head, open-mmlab/mmdetection#3289);
