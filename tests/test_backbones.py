@@ -41,7 +41,7 @@ def test_timm_model_by_name_is_normalised_with_its_own_mean_std(name: str, mean:
 
 
 def test_timm_img_size_sets_the_grid_the_benchmark_uses() -> None:
-    """iancovert/patch-seg custom_backbones.py: the custom DINOv2 entries are built at 224 (16x16 patches), not
+    """iancovert/patch-seg backbone registry: the custom DINOv2 entries are built at 224 (16x16 patches), not
     timm's native 518."""
     model = timm.create_model("vit_small_patch14_reg4_dinov2.lvd142m", pretrained=False, num_classes=0, depth=1,
                               img_size=224)

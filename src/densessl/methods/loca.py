@@ -86,8 +86,8 @@ class LOCAConfig:
     # "official": targets from ops.py's 14×14 id map carried through TF nearest resizes (loca_views.py);
     # "centres": the reference patch under each query patch's exact centre.
     position_targets: str = "official"
-    # Released checkpoints hold `teacher_weights` (EMA; scenic projects/loca/README.md model zoo): the teacher
-    # is what the paper evaluates.
+    # Released checkpoints hold `teacher_weights` (EMA; google-research/scenic#1104, #1106): the teacher is what
+    # the paper evaluates.
     export_weights: str = "teacher"       # teacher | student
 
 
