@@ -20,7 +20,7 @@ $(BIN)/uv: | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
 # Reinstall only when the lock or the package metadata change; uv keeps a download cache, so a second
-# machine-local install (or CI after a session) costs seconds.
+# machine-local install (or a CI job after another) costs seconds.
 # compileall: every stage is its own Python process, and with PYTHONDONTWRITEBYTECODE set (as on our CI
 # machines) each one would recompile torch and timm from source: 9.4 s → 3.6 s per process (measured). A few
 # packages ship non-Python-3.11 test fixtures that compileall reports and skips, hence `|| true`.

@@ -2,13 +2,12 @@
 
     python benchmarks/stages_in_order.py [--preset smoke] [--pretrain-jobs 5] [--eval-jobs 12] [--threads 2]
 
-For machines that have the package but not Snakemake (the lent GPU machines had none): it times the stages
+For machines that have the package but not Snakemake (GPU machines often lack it): it times the stages
 the Snakefile would run, layer by layer (data → pretrain → convert → evaluate → report), several jobs of a
 layer side by side, and prints each stage's wall time and the total. Logs go to
 `<results>/logs/stages_in_order/`. It always runs every stage (no up-to-date checks: that is Snakemake's
-job), so point it at an empty results folder. The README's "GPU checks" figure (3 min 34 s for the smoke DAG
-on an H100, 5 pretraining and 12 evaluation jobs) came from the session driver this script was written from,
-which differed only in running the conversions 8 at a time rather than 12.
+job), so point it at an empty results folder. The smoke DAG figure in docs/performance.md (3 min 34 s on an
+H100, 5 pretraining and 12 evaluation jobs) was measured with the conversions run 8 at a time rather than 12.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """backbone_info: the input normalisation each backbone is evaluated with.
 
 Timm models by name carry their own mean/std in ``pretrained_cfg`` (Patch-Seg normalises with it,
-reference/protocols/patchseg.md "Preprocessing"); our exported backbones keep the ImageNet statistics their
+iancovert/patch-seg ``patchseg/vision_backbones.py``); our exported backbones keep the ImageNet statistics their
 pretraining views used. Timm models are built with ``pretrained=False`` (no network) and one block (fast):
 ``pretrained_cfg`` comes from the tag, not from the weights.
 """
@@ -41,7 +41,8 @@ def test_timm_model_by_name_is_normalised_with_its_own_mean_std(name: str, mean:
 
 
 def test_timm_img_size_sets_the_grid_the_benchmark_uses() -> None:
-    """patchseg.md: the custom DINOv2 entries are built at 224 (16x16 patches), not timm's native 518."""
+    """iancovert/patch-seg backbone registry: the custom DINOv2 entries are built at 224 (16x16 patches), not
+    timm's native 518."""
     model = timm.create_model("vit_small_patch14_reg4_dinov2.lvd142m", pretrained=False, num_classes=0, depth=1,
                               img_size=224)
     info = backbone_info(model)

@@ -1,7 +1,7 @@
 """The CUDA paths: every method's training step under bf16 autocast, resume on the GPU, and the evaluations.
 
 CI has no GPU, so every test here is skipped there; on a machine with one, `pytest tests/test_cuda.py` runs
-them (the project ran them on an H100, see README "GPU checks"). Each can fail: a method whose loss is not
+them (docs/performance.md, "The CUDA tests"). Each can fail: a method whose loss is not
 finite in bf16, parameters left on the CPU, a frozen parameter that moves, or a GPU result that disagrees
 with the CPU one beyond what bf16/TF32 rounding explains.
 """

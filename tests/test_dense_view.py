@@ -1,4 +1,4 @@
-"""ResNets are evaluated on their last feature map as a patch grid (CLoVE, issue 3): the token view must be
+"""ResNets are evaluated on their last feature map as a patch grid (CLoVE): the token view must be
 exactly C5, and survive export/reload with torchvision's parameter names."""
 
 from __future__ import annotations

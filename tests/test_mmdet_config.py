@@ -333,6 +333,6 @@ def test_report_shows_the_tables_columns_and_picks_each_protocols_own_table():
         assert columns <= set(REPORTED_METRICS[name]), name
     dino = Run("dino", "vit-s16", "imagenet")
     # selfpatch_coco_maskrcnn's DINO row; the same method/arch/metric must not leak into another protocol that
-    # shares the protocol file
+    # shares the protocol key
     assert published_value(tables, "maskrcnn_vit_fpn_coco", dino, "AP_bb", False, 100) == 40.8
     assert published_value(tables, "maskrcnn_r50_fpn_coco", dino, "AP_bb", False, 100) is None

@@ -136,7 +136,7 @@ def test_bad_settings_give_one_line() -> None:
 
 
 def test_report_takes_each_decoder_its_own_published_table() -> None:
-    """Semantic FPN and UperNet share a protocol file; each protocol reads only its own tables."""
+    """Semantic FPN and UperNet share a protocol key; each protocol reads only its own tables."""
     from densessl.config import Run
     from densessl.report.build import REPORTED_METRICS, load_paper_tables, published_value
 

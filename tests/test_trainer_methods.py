@@ -202,7 +202,7 @@ def test_run_killed_after_a_periodic_checkpoint_resumes_from_it(images, tmp_path
 def test_teacher_temperature_schedule_hand_computed():
     """DINO ``DINOLoss.__init__``: linspace(warmup_temp, temp, warmup_epochs) then temp for the remaining
     epochs. The official code indexes it per *epoch* (``self.teacher_temp_schedule[epoch]``,
-    reference/methods/dino.md §1 "Loss": "then constant (per epoch)"), not per iteration."""
+    facebookresearch/dino ``main_dino.py``), not per iteration."""
     np.testing.assert_allclose(teacher_temperature_schedule(0.04, 0.07, 3, 5), [0.04, 0.055, 0.07, 0.07, 0.07])
     np.testing.assert_allclose(teacher_temperature_schedule(0.04, 0.07, 4, 6),
                                [0.04, 0.05, 0.06, 0.07, 0.07, 0.07])

@@ -330,7 +330,7 @@ class Config:
 
     def data_settings(self, dataset: str) -> dict[str, Any]:
         """What determines a dataset stage's output. For synthetic data this includes the generator's spec and
-        version, so that a change to the smoke sizes (session 7: DAVIS 4 → 32 clips) reruns the data and what
+        version, so that a change to the smoke sizes (e.g. the number of DAVIS clips) reruns the data and what
         depends on it instead of leaving the old files "up to date"."""
         d = self.data.get("data", {})
         settings: dict[str, Any] = {"synthetic": bool(d.get("synthetic", False)),
@@ -380,7 +380,8 @@ def backbone_family(arch: str) -> str:
 
 
 # Evaluation protocols: the dataset each reads, the settings block that configures it and the backbone families
-# it can evaluate.
+# it can evaluate. ``protocol_file`` is an identifier, not a path in this repository: the key that matches a
+# protocol to the published tables of report/paper_tables.yaml (their ``protocol:`` field).
 # Our (method, arch, data) display -> the DINO README table's row, for trained runs (DINO's code defaults, 100
 # epochs: the "vanilla" row) and for released weights.
 DINO_README_ROWS: dict[str, dict[tuple[str, str, str], tuple[str, str, str]]] = {
@@ -426,7 +427,7 @@ EVALUATIONS: ProtocolRegistry = ProtocolRegistry({
                                   "backbones": ("resnet",)},
     # Toolkit protocols (evaluate/transfer): "toolkit" names the OpenMMLab package whose runner trains them; the
     # evaluate stage gives them a work_dir next to metrics.json for the toolkit's logs and checkpoints. "tables":
-    # the paper tables (report/paper_tables.yaml ids) of a protocol whose protocol file is shared with another.
+    # the paper tables (report/paper_tables.yaml ids) of a protocol whose protocol key is shared with another.
     "semfpn_ade20k": {"dataset": "ade20k", "settings": "semfpn", "protocol_file": "protocols/mmseg_semfpn_upernet.md",
                       "title": "Semantic FPN 40k (mmsegmentation, fine-tuned ViT), ADE20K", "backbones": ("vit",),
                       "toolkit": "mmseg", "tables": ("selfpatch_ade20k_semfpn", "gtsa_ade20k_semfpn")},

@@ -9,8 +9,8 @@ rule data:
         f"{RESULTS}/logs/data/{{dataset}}.log",
     threads: 1
     # Rule priorities do not pass to a job's inputs: without this the pretrainings' data (the head of the
-    # critical path) waited 3 minutes behind random-init jobs in a fresh smoke run. On 2 busy cores this changes
-    # the order, not measurably the total; on a cluster it starts the long jobs first.
+    # critical path) waits behind random-init jobs (3 minutes in a fresh smoke run). On 2 busy cores this
+    # changes the order, not measurably the total; on a cluster it starts the long jobs first.
     priority: 20
     shell:
         "{params.cli} data {params.config} --dataset {wildcards.dataset} > {log} 2>&1"

@@ -1,6 +1,7 @@
 """Import the official released checkpoints of DINO, SelfPatch, GTSA, CLoVE and LOCA into our backbones.
 
-Each importer reads one official file layout (reference/methods/<method>.md §4), maps its names to the timm
+Each importer reads one official file layout (the checkpoint each official repository's training script
+saves, or its released backbone file), maps its names to the timm
 ``VisionTransformer`` built by :func:`densessl.models.backbones.create_backbone` (or to torchvision's ResNet-50
 for CLoVE), checks every key and shape, and returns the backbone in eval mode. Following timm's
 ``checkpoint_filter_fn`` pattern, an importer is a pure "foreign state dict -> our state dict" mapping plus
@@ -223,8 +224,9 @@ def _vit_backbone_from_pth(path: Path, ckpt: Any, checkpoint_key: str, head_pref
 
 # DINO's vision_transformer.py uses timm's own names (cls_token, pos_embed with the CLS slot first,
 # patch_embed.proj, blocks.i.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}, norm) and the same fused qkv
-# layout reshape(B, N, 3, H, Dh); reference/methods/dino.md §4: "names are identical, no renaming". The strict
-# check in _load_checked is what guards that claim for every file.
+# layout reshape(B, N, 3, H, Dh) (facebookresearch/dino @ 7c446df vision_transformer.py; hubconf.py loads the
+# released files strictly into vit_small), so names map one to one. The strict check in _load_checked is what
+# guards that claim for every file.
 
 
 @register("dino", arch_kwargs={}, description="DINO .pth: training checkpoint (teacher/student) or released backbone",
@@ -255,7 +257,8 @@ def import_selfpatch(path: str | Path, arch: str, *, checkpoint_key: str = "teac
 
 # GTSA (bok3948/GTSA model_pretrain/gtsa.py) names its encoders after MoCo v3: `base_encoder` (online, trained
 # by gradient) and `momentum_encoder` (EMA). Which one the authors exported is undocumented
-# (reference/methods/gtsa.md §3); the default follows MoCo v3's main_lincls.py, which keeps `base_encoder`.
+# (bok3948/GTSA @ c0dfe2b ships no export script); the default follows MoCo v3's main_lincls.py, which keeps
+# `base_encoder`.
 _GTSA_PREFIX = {"student": "base_encoder.", "teacher": "momentum_encoder."}
 
 
@@ -303,7 +306,8 @@ def clove_target_resnet50() -> nn.Module:
                               "'teacher' = module.encoder_k"})
 def import_clove(path: str | Path, arch: str = "resnet50", *,
                  encoder: Literal["student", "teacher"] = "student") -> nn.Module:
-    """CLoVE ResNet-50 (reference/methods/clove.md §4): keep ``module.encoder.``, strip it, torchvision names."""
+    """CLoVE ResNet-50 (sthalles/CLoVE @ d706573 ``transfer/detection/convert_pretrain_to_d2.py``): keep
+    ``module.encoder.``, strip it, torchvision names."""
     path = Path(path)
     if arch not in RESNET_ARCHS:
         raise ConfigError(f"CLoVE checkpoints hold a ResNet-50; arch must be one of {list(RESNET_ARCHS)}, "
@@ -384,7 +388,7 @@ def read_flax_msgpack(path: str | Path) -> dict[str, Any]:
 
 
 def flatten_tree(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts -> {'a/b/c': leaf}, the flax path notation used in errors and in reference/methods/loca.md."""
+    """Nested dicts -> {'a/b/c': leaf}, the flax path notation used in errors (as flax's traversals write it)."""
     out: dict[str, Any] = {}
     for k, v in tree.items():
         key = f"{prefix}{k}"
@@ -414,7 +418,8 @@ def _dense_kernel(ts: list[Tensor]) -> Tensor:
 
 
 def _loca_rules(model: nn.Module) -> list[_FlaxRule]:
-    """Flax ViT4LOCA (scenic projects/loca/vit.py + baselines vit.Encoder1DBlock) -> timm, per loca.md §4."""
+    """Flax ViT4LOCA (google-research/scenic @ 4a38d47 projects/loca/vit.py + baselines
+    vit.Encoder1DBlock) -> timm, the same transforms as timm's ``_load_weights`` for Google flax ViTs."""
     d = int(model.embed_dim)
     heads = int(model.blocks[0].attn.num_heads)
     dh = d // heads
@@ -475,7 +480,7 @@ def _loca_rules(model: nn.Module) -> list[_FlaxRule]:
 _LOCA_BACKBONE = re.compile(r"^(ToTokenSequence_0|encoderblock_\d+|encoder_norm)$")
 
 # LOCA's ViT: no CLS token, tanh GELU (flax nn.gelu default), final LayerNorm on every token
-# (reference/methods/loca.md §4; create_backbone keeps `norm` for class_token=False).
+# (scenic projects/loca/vit.py ViT4LOCA `encoder_norm`; create_backbone keeps `norm` for class_token=False).
 LOCA_ARCH_KWARGS: dict[str, Any] = ARCH_VARIANTS["loca"]
 
 

@@ -31,7 +31,7 @@ def save_backbone(path: str | Path, model: nn.Module, arch: str, arch_kwargs: di
     """Write ``path`` (safetensors) and its ``.json`` sidecar, each atomically."""
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if is_resnet(model):  # exported ResNets carry no classifier: dense methods never train `fc` (clove.md §4)
+    if is_resnet(model):  # exported ResNets carry no classifier: dense methods never train `fc`
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     # One metadata key: safetensors writes a multi-key metadata map in arbitrary order, which would make
     # identical weights produce different bytes (and different DVC/Snakemake hashes).

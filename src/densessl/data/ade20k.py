@@ -1,4 +1,4 @@
-"""ADE20K (ADEChallengeData2016) images and semantic maps (reference/datasets.md "ADE20K").
+"""ADE20K (ADEChallengeData2016) images and semantic maps (the MIT Scene Parsing Benchmark release).
 
 Layout::
 

@@ -1,6 +1,7 @@
-"""COCO-Stuff semantic maps in the Patch-Seg layout (reference/protocols/patchseg.md "Data").
+"""COCO-Stuff semantic maps in the Patch-Seg layout (iancovert/patch-seg @ fc14f36 ``patchseg/dataset.py``).
 
-Layout (iancovert/patch-seg ``CocoPatchDataset``; reference/datasets.md "COCO 2017 and COCO-Stuff")::
+Layout (iancovert/patch-seg ``CocoPatchDataset``; COCO 2017 images with the ``stuffthingmaps_trainval2017``
+COCO-Stuff maps, as ``scripts/download-coco.sh`` fetches them)::
 
     <root>/images/{train2017,val2017}/*.jpg
     <root>/annotations/{train2017,val2017}/*.png     # stuffthingmaps_trainval2017, uint8

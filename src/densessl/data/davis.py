@@ -1,4 +1,4 @@
-"""DAVIS 2017 semi-supervised video object segmentation data (reference/datasets.md "DAVIS 2017").
+"""DAVIS 2017 semi-supervised video object segmentation data (davisvideochallenge/davis-2017 trainval 480p).
 
 Layout of the trainval release (``DAVIS-2017-trainval-480p.zip`` extracts to ``DAVIS/``)::
 

@@ -76,7 +76,8 @@ class ImageLabelPairs(LabelledImageFolder):
 
 class FlatImageFolder(Dataset):
     """Every image directly inside one folder (COCO ``images/train2017``, ADE20K ``images/training``): what
-    GTSA pretrains on (``--data <COCO train2017 or ADE20K train>``, reference/methods/gtsa.md §2)."""
+    GTSA pretrains on (``--data <COCO train2017 or ADE20K train>``, bok3948/GTSA README and
+    ``util/datasets.py``)."""
 
     def __init__(self, folder: str | Path, max_items: int | None = None):
         folder = Path(folder)

@@ -1,4 +1,4 @@
-"""iNaturalist 2019 classification split reader (reference/datasets.md "iNaturalist 2019").
+"""iNaturalist 2019 classification split reader (the FGVC6 competition release).
 
 Layout (the FGVC6 release, as GTSA's ``iNat19_Dataset`` reads it from ``--data_path``)::
 
@@ -26,7 +26,7 @@ from PIL import Image
 from densessl.errors import DataError
 
 INAT_SPLITS = {"train": "train2019.json", "val": "val2019.json"}
-INAT19_NUM_CLASSES = 1010  # reference/protocols/inat19_finetune.md "1010 classes"
+INAT19_NUM_CLASSES = 1010  # bok3948/GTSA iNat19_classification models_vit.py: 1010 classes, hard-coded
 
 
 def _require(entry: Any, fields: tuple[str, ...], where: str, path: Path) -> None:

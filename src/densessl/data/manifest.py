@@ -17,7 +17,7 @@ from densessl.io import read_json
 
 FULL_HASH_LIMIT_BYTES = 2 << 30
 
-# Folders a dataset root must contain (relative paths), per layout in reference/datasets.md.
+# Folders a dataset root must contain (relative paths), per layout in docs/datasets.md.
 EXPECTED_LAYOUT: dict[str, list[str]] = {
     "imagenet": ["train"],
     "coco": ["images/train2017", "images/val2017", "annotations/train2017", "annotations/val2017"],
@@ -44,7 +44,7 @@ def check_layout(dataset: str, root: Path) -> None:
         return  # root points at VOCdevkit itself
     if missing:
         raise DataError(f"{root}: not a {dataset} layout; missing folder(s) {missing} "
-                        f"(see reference/datasets.md for the expected layout)")
+                        f"(see docs/datasets.md for the expected layout)")
     if dataset == "imagenet" and not _has_class_image(root / "train"):
         raise DataError(f"{root / 'train'}: no images in '<class>/' subfolders (expected "
                         f"train/<wnid>/*.JPEG, as torchvision's ImageFolder reads it); extract the ImageNet train "

@@ -53,7 +53,7 @@ class CropSpec:
 
 @dataclass
 class ColorAugmentation:
-    """DINO ``DataAugmentationDINO`` photometric recipe (reference/methods/dino.md §1 'Views')."""
+    """DINO ``DataAugmentationDINO`` photometric recipe (facebookresearch/dino @ 7c446df ``main_dino.py``)."""
 
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
     jitter_prob: float = 0.8

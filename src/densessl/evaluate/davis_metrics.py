@@ -1,7 +1,7 @@
 """DAVIS 2017 semi-supervised scores: region similarity J and boundary measure F.
 
-Re-implements davisvideochallenge/davis2017-evaluation @ ac7c43f (reference/protocols/davis2017.md,
-"Stage 2") without OpenCV, scikit-image or pandas, with the same numbers:
+Re-implements davisvideochallenge/davis2017-evaluation @ ac7c43f (``evaluation_method.py --task
+semi-supervised``) without OpenCV, scikit-image or pandas, with the same numbers:
 
 * ``davis2017/metrics.py`` ``db_eval_iou``: J = |S & G| / |S | G|, 1 when the union is empty.
 * ``davis2017/metrics.py`` ``f_measure`` / ``_seg2bmap``: 1-px boundaries (XOR with the E, S and SE
@@ -322,7 +322,7 @@ def write_csvs(results_dir: str | Path, scores: DavisScores) -> tuple[Path, Path
     """Write both official CSVs into ``results_dir`` (where evaluation_method.py writes them).
 
     They are always recomputed and overwritten: the official tool instead reads existing CSVs back and
-    skips the evaluation (the "cache pitfall" of reference/protocols/davis2017.md).
+    skips the evaluation when ``global_results-<set>.csv`` and ``per-sequence_results-<set>.csv`` exist.
     """
     results_dir = Path(results_dir)
     g = results_dir / global_csv_name(scores.split)

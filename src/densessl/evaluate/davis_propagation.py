@@ -1,7 +1,8 @@
 """DAVIS 2017 semi-supervised video object segmentation by label propagation with frozen features.
 
-Stage 1 of reference/protocols/davis2017.md: facebookresearch/dino ``eval_video_segmentation.py`` (protocol
-of Jabri et al. / UVC). For every sequence:
+Propagation stage of the protocol: facebookresearch/dino @ 7c446df ``eval_video_segmentation.py`` (protocol
+of Jabri et al. / UVC, arXiv 2006.14613 appendix F, cited by the DINO authors in facebookresearch/dino#78);
+scoring is in ``davis_metrics``. For every sequence:
 
 1. frames are resized so the shorter side is ``short_side`` (480) and the longer side is floored to a
    multiple of ``size_multiple`` (64) (``read_frame``: 854x480 -> 832x480), bilinear, 8-bit, then
@@ -67,7 +68,6 @@ from densessl.io import atomic_path
 from densessl.models.backbones import backbone_info, patch_tokens
 
 PRECISIONS = ("fp32", "bf16")
-REF = "reference/protocols/davis2017.md"
 
 # (B, 3, H, W) normalised frames -> (B, D, H / p, W / p) patch features
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
@@ -76,7 +76,7 @@ FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 @dataclass
 class DavisConfig:
     """Every published value, with its source (facebookresearch/dino ``eval_video_segmentation.py`` = "script";
-    davisvideochallenge/davis2017-evaluation = "evaluator"; all quoted in reference/protocols/davis2017.md)."""
+    davisvideochallenge/davis2017-evaluation @ ac7c43f = "evaluator")."""
 
     split: str = "val"  # script reads ImageSets/2017/val.txt; evaluator --set default 'val'
     resolution: str = "480p"  # script: JPEGImages/480p/<video>

@@ -49,8 +49,9 @@ def colour_explained_share(tokens: torch.Tensor, images: torch.Tensor, patch_siz
     Least squares from, per patch, the mean of each (normalised) channel, their pairwise products and squares,
     and each channel's variance (plus a constant) to the D token values; 1 − residual / total. A random ViT
     keeps much of its input's local colour; a representation that learns semantics should lower this share,
-    one that latches onto appearance shared by two views of the same place raises it (README, "Learning
-    signal"). ``images`` (N, 3, H, W) are what the backbone saw; the grid is H // patch_size per side.
+    one that latches onto appearance shared by two views of the same place raises it
+    (docs/learning_signal.md). ``images`` (N, 3, H, W) are what the backbone saw; the grid is H // patch_size
+    per side.
     """
     n, p, d = tokens.shape
     x = images.to(torch.float64)

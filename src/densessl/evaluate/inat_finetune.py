@@ -1,7 +1,7 @@
 """iNaturalist 2019 end-to-end fine-tuning (GTSA's classification protocol).
 
-reference/protocols/inat19_finetune.md, which cites bok3948/GTSA
-``downstream/classification/iNat19_classification/`` (the MAE fine-tuning code base). What one run does:
+Official repo bok3948/GTSA @ c0dfe2b, folder ``downstream/classification/iNat19_classification/`` (the MAE
+fine-tuning code base; paper arXiv 2304.08014). What one run does:
 
 * a copy of the backbone (drop-path 0.1, linear over the blocks) feeds a new classifier: by default the mean
   of the patch tokens *without* the final LayerNorm, then ``mlp_head`` = LayerNorm + Linear (``models_vit.py``
@@ -67,7 +67,7 @@ from densessl.io import write_json
 from densessl.models.backbones import backbone_info
 from densessl.train.signals import ignore_stop_signals
 
-REF = "reference/protocols/inat19_finetune.md"
+REF = "bok3948/GTSA@c0dfe2b downstream/classification/iNat19_classification/main_finetune.py"
 POOLS = ("mean_patch", "cls")
 LR_MODES = ("absolute", "blr")
 PRECISIONS = ("bf16", "fp32")
@@ -77,7 +77,7 @@ REPORTS = ("final", "best")
 @dataclass
 class InatFinetuneConfig:
     """Defaults: GTSA's README command and ``main_finetune.py`` argument defaults
-    (reference/protocols/inat19_finetune.md, "Schedule", "Preprocessing", "Model")."""
+    (bok3948/GTSA @ c0dfe2b, ``downstream/classification/iNat19_classification/``)."""
 
     # schedule
     epochs: int = 300  # README --epochs 300 (script default 100)

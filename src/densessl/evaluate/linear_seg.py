@@ -1,6 +1,7 @@
 """Segmenter linear decoder on ADE20K (LOCA's segmentation protocol).
 
-reference/protocols/segmenter_linear_ade20k.md: the backbone (fine-tuned end to end) plus one
+Segmenter (arXiv 2105.05633; official repo rstrudel/segmenter @ 20d1bfa): the backbone (fine-tuned end to
+end) plus one
 ``nn.Linear(D, n_cls)`` on every patch token, logits bilinearly upsampled to the input size; per-pixel
 cross-entropy after ``reduce_zero_label`` (0 = other -> ignored); SGD + polynomial decay; evaluation by
 sliding-window inference on the test-scaled image and mmseg IoU accumulated over the validation set.
@@ -54,13 +55,13 @@ from densessl.models.backbones import ResNetTokens, backbone_info
 from densessl.train.signals import ignore_stop_signals
 
 IGNORE_INDEX = 255
-REF = "reference/protocols/segmenter_linear_ade20k.md"
+REF = "rstrudel/segmenter@20d1bfa segm/config.yml"
 
 
 @dataclass
 class LinearSegConfig:
-    """Defaults: Segmenter's ADE20K recipe (reference/protocols/segmenter_linear_ade20k.md, which cites
-    rstrudel/segmenter ``segm/config.yml``, ``segm/train.py`` and ``segm/data/config/ade20k.py``)."""
+    """Defaults: Segmenter's ADE20K recipe (official repo rstrudel/segmenter @ 20d1bfa, files
+    ``segm/config.yml``, ``segm/train.py`` and ``segm/data/config/ade20k.py``)."""
 
     crop_size: int = 512  # "Random crop 512x512" / table: crop 512
     base_scale: tuple[int, int] = (2048, 512)  # "Random resize, ratio 0.5-2.0 of base scale 2048x512"
@@ -80,7 +81,7 @@ class LinearSegConfig:
     eval_window: int = 512  # Evaluation: sliding window 512
     eval_stride: int = 512  # Evaluation: stride 512
     eval_scale: tuple[int, int] | None = None  # test-pipeline resize; None = base_scale (as the config)
-    # "single-scale, or multi-scale with flip" (protocol file, Evaluation). With ms_flip the metrics gain an
+    # Segmenter reports single-scale, and multi-scale with flip, mIoU. With ms_flip the metrics gain an
     # "ms_flip" block next to the single-scale ones: mmseg MultiScaleFlipAug (keep-ratio resize of the eval
     # scale × each ratio, plus the horizontal flip), softmax outputs averaged (mmseg EncoderDecoder.aug_test).
     eval_ms_flip: bool = False

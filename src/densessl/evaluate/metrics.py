@@ -3,11 +3,11 @@
 Two families live here:
 
 * **mmseg IoU metrics** (mmsegmentation 1.x ``IoUMetric.intersect_and_union`` /
-  ``total_area_to_metrics``; reference/protocols/segmenter_linear_ade20k.md "Evaluation"): per image,
+  ``total_area_to_metrics``, the metric Segmenter, arXiv 2105.05633, reports): per image,
   histograms of intersection, union, prediction and label areas over non-ignored pixels; the areas are
   summed over the whole validation set before dividing, so mIoU is *not* a mean of per-image IoUs.
-* **Patch-Seg metrics** (iancovert/patch-seg ``patchseg/loss.py``; reference/protocols/patchseg.md
-  "Metrics (exact)"): confusion matrices over every validation patch, then per-class recall / precision /
+* **Patch-Seg metrics** (iancovert/patch-seg @ fc14f36 ``patchseg/loss.py``): confusion matrices over
+  every validation patch, then per-class recall / precision /
   F1 / accuracy and macro means over the classes that occur in the targets.
 
 Both accumulate integer counts (int64), so the order of images and the batch size cannot change a result.
@@ -246,7 +246,7 @@ def multilabel_metrics(counts: np.ndarray) -> dict[str, Any]:
     * ``macro_accuracy`` / ``macro_recall``: plain means over valid classes (recall is always defined there).
     * ``macro_precision`` / ``macro_f1``: the **official** plain mean over valid classes. A valid class that
       is never predicted has precision 0/0 = NaN (and so F1 NaN), which makes these NaN, exactly as
-      ``torch.mean`` does in the official code and CSV (reference/protocols/patchseg.md "Pitfall").
+      ``torch.mean`` does in the official code and CSV (iancovert/patch-seg ``patchseg/loss.py``).
     * ``macro_precision_nanmean`` / ``macro_f1_nanmean``: NaN-aware means over valid classes, i.e. classes
       with no positive prediction are skipped. These are the usable numbers; report both.
     * ``num_valid_classes`` and ``per_class`` arrays (recall, precision, f1, accuracy, valid).

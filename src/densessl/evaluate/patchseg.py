@@ -1,6 +1,6 @@
 """Patch-Seg probing: patch-level semantic labels predicted from frozen backbone tokens.
 
-Follows iancovert/patch-seg @ fc14f36 (reference/protocols/patchseg.md): largest centred square crop,
+Follows iancovert/patch-seg @ fc14f36 (benchmark of arXiv 2410.11087): largest centred square crop,
 resize to the backbone's native size (bilinear image, nearest mask), backbone mean/std; the mask is reduced
 to one label set per patch (``union`` / ``majority``) or per image (``global-union``); a small head
 (``linear`` / ``mlp`` / ``transformer``) is trained with AdamW + timm's cosine schedule (per update, linear
@@ -26,8 +26,8 @@ Two deliberate additions, neither of which changes the official numbers when lef
   (dropout or drop-path with p > 0, BatchNorm), the train split is streamed instead so the result stays
   exact. With ``precision='bf16'`` the cache is stored in bfloat16, which is the dtype the head's first
   Linear sees under autocast anyway (for the transformer head its input LayerNorm sees rounded inputs).
-* ``class_balanced`` (default off): design.md ("Smoke scale") measured that on smoke data, where ~75 % of
-  patches are background, a plain probe predicts background everywhere. The official loss is plain
+* ``class_balanced`` (default off): on smoke data, where ~75 % of patches are background, a plain probe
+  predicts background everywhere (docs/learning_signal.md). The official loss is plain
   BCE / CE and stays the default; ``class_balanced=True`` weights positives of class c by
   ``neg_c / pos_c`` (``pos_weight`` in BCE) or, for majority, class c by ``N / (K n_c)`` in CE, both
   counted on the training targets and clipped at ``class_balance_max_weight``.
@@ -85,7 +85,7 @@ PRECISIONS = ("bf16", "fp32")
 
 @dataclass
 class PatchSegConfig:
-    """Defaults are the official ``scripts/train.py`` defaults (reference/protocols/patchseg.md "Schedule")."""
+    """Defaults are the official ``scripts/train.py`` defaults (iancovert/patch-seg @ fc14f36)."""
 
     dataset: str = "coco"  # --dataset coco | ade20k
     label_reduction: str = "union"  # --label-reduction (official default union)

@@ -1,10 +1,10 @@
 """CLoVE: contextualized local visual embeddings (Silva, Pedrini, Ramírez Rivera, arXiv 2310.00527).
 
-Follows the official code sthalles/CLoVE @ d706573 (reference/methods/clove.md): ``contrast/models/CLoVE.py``
+Follows the official code sthalles/CLoVE @ d706573: ``contrast/models/CLoVE.py``
 (encoder, projector, ``nn.MultiheadAttention`` contextualisation, momentum encoder), ``contrast/loss.py``
 (``TripletLoss``: PixPro positive geometry + ranking loss), ``contrast/data/transform.py`` (BYOL views plus six
 96-px local crops). Every default below is the official value for the working 400-epoch command
-(clove.md §2) unless noted.
+(``main_pretrain.py`` with the flags of the README's 400-epoch run) unless noted.
 
 One step: the student (ResNet → per-location MLP projector → multi-head self-attention over the H·W cells →
 L2 normalisation) embeds 2 global and L local crops; the EMA teacher (ResNet → projector → L2 normalisation, no
@@ -46,8 +46,9 @@ class CLoVEConfig:
     projector_out_dim: int = 256          # --feature-dim; also nn.MultiheadAttention embed_dim (hard-coded 256)
     attn_heads: int = 8                   # --clove-attn-heads
     # The paper calls the layer "normalized multi-head self-attention"; the released code applies no
-    # normalisation or temperature inside the attention, only L2 on its output (clove.md §1, [unverified]
-    # against the paper). True L2-normalises the projector output per location before the attention.
+    # normalisation or temperature inside the attention, only L2 on its output (contrast/models/CLoVE.py;
+    # `--attn-temp` is parsed but never used). True L2-normalises the projector output per location before
+    # the attention.
     normalize_attention_input: bool = False
     pos_ratio: float = 0.7                # --clove-pos-ratio (option default, config.json; 400-ep script passes 2)
     gamma: float = 2.0                    # --lamb: weight of the positives in the ranking loss
@@ -67,7 +68,7 @@ class CLoVEConfig:
     color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # ColorJitter(0.4, 0.4, 0.2, 0.1)
     color_jitter_prob: float = 0.8        # RandomApply(ColorJitter, p=0.8)
     grayscale_prob: float = 0.2           # RandomGrayscale(p=0.2)
-    # The official converters (transfer/detection/convert_pretrain_to_d2.py, clove.md §4) keep
+    # The official converters (transfer/detection/convert_pretrain_to_d2.py) keep
     # `module.encoder.`, the online (student) encoder; "teacher" exports the EMA encoder instead.
     export_weights: str = "student"       # student | teacher
 

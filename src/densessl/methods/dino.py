@@ -1,7 +1,7 @@
 """DINO: self-distillation with no labels (Caron et al., arXiv 2104.14294).
 
 Follows the official code facebookresearch/dino @ 7c446df (`main_dino.py`, `vision_transformer.py`); every
-default below is the `main_dino.py` argparse default (reference/methods/dino.md §2) unless noted.
+default below is the `main_dino.py` argparse default unless noted.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class DINOConfig:
     hidden_dim: int = 2048                # DINOHead hidden_dim
     bottleneck_dim: int = 256             # DINOHead bottleneck_dim
     use_bn_in_head: bool = False          # --use_bn_in_head
-    norm_last_layer: bool = True          # --norm_last_layer (authors used False for vit_small, dino.md §2)
+    norm_last_layer: bool = True          # --norm_last_layer (its help: authors used False for vit_small)
     warmup_teacher_temp: float = 0.04     # --warmup_teacher_temp
     teacher_temp: float = 0.04            # --teacher_temp
     warmup_teacher_temp_epochs: int = 0   # --warmup_teacher_temp_epochs (help text wrongly says 30)
@@ -47,7 +47,8 @@ class DINOConfig:
     color_jitter_prob: float = 0.8        # RandomApply(ColorJitter, p=0.8)
     grayscale_prob: float = 0.2           # RandomGrayscale(p=0.2)
     # Which weights are exported for evaluation. The paper and the official releases evaluate the teacher
-    # (dino.md §3); design.md measured the student ahead of the EMA teacher in short smoke runs.
+    # (facebookresearch/dino#44; arXiv 2104.14294 reports teacher results). In short smoke runs the student
+    # can score ahead of the EMA teacher, which "student" exports.
     export_weights: str = "teacher"       # teacher | student
 
 
@@ -134,7 +135,8 @@ class DINOLoss(nn.Module):
                 total = total + torch.sum(-q * F.log_softmax(student[v], dim=-1), dim=-1).mean()
                 pairs += 1
         loss = total / pairs
-        # Collapse diagnostics (dino.md §3): per-sample teacher entropy near ln(out_dim) = uniform collapse;
+        # Collapse diagnostics (facebookresearch/dino#246 logs the uniform plateau ln(65536) ≈ 11.09):
+        # per-sample teacher entropy near ln(out_dim) = uniform collapse;
         # entropy of the batch-mean distribution near 0 = every image on one prototype.
         with torch.no_grad():
             entropy = float(-(teacher_probs * torch.log(teacher_probs + 1e-12)).sum(-1).mean())
@@ -147,7 +149,7 @@ class DINOLoss(nn.Module):
     def update_center(self, teacher_out: torch.Tensor) -> None:
         batch_center = teacher_out.sum(dim=0, keepdim=True)
         count = torch.tensor(float(len(teacher_out)), device=teacher_out.device)
-        # The official code always all-reduces (and so needs NCCL even on one GPU, dino.md §3); skip it alone.
+        # The official code always all-reduces (utils.py, so it needs NCCL even on one GPU); skip it alone.
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(batch_center)
             dist.all_reduce(count)

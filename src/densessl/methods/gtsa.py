@@ -1,8 +1,8 @@
 """GTSA: geometric-transformation-sensitive teacher/student alignment (Kim & Lee, arXiv 2304.08014).
 
 Follows the official code bok3948/GTSA @ c0dfe2b (``model_pretrain/gtsa.py``, ``engine_pretrain.py``,
-``util/gtsa_transforms.py``); reference/methods/gtsa.md. The released objective is BYOL-style and dense — no DINO
-head, centring or prototypes:
+``util/gtsa_transforms.py``; paper arXiv 2304.08014). The released objective is BYOL-style and dense — no
+DINO head, centring or prototypes:
 
 * student = ViT → conv projector → conv predictor; teacher = EMA of ViT and projector (global crops only);
 * **crop loss**: RoIAlign the teacher map (of global view iq) and the student map (of view v ≠ iq) on the region
@@ -59,18 +59,19 @@ class GTSAConfig:
     predictor_dim: int = 768                # --predictor_dim
     predictor_layers: int = 1               # Predictor(predictor_layers=1)
     rot_hidden_dim: int = 768               # rot_predictor: Linear(384, 768) → Linear(768, 768); input width is
-    #                                         hard-coded 384 there (ViT-S only, gtsa.md §3); here it is embed_dim
+    #                                         hard-coded 384 there (ViT-S only); here it is embed_dim
     rot_bottleneck_dim: int = 128           # rot_predictor: Linear(768, 128) → LayerNorm(128) → Linear(128, 4)
     # --- losses: main_pretrain.py / engine_pretrain.py
     roi_out_size: tuple[int, int] = (10, 4)  # --roi_out_size [10, 4]: (student view global, student view local)
     num_matches: tuple[int, int] = (98, 18)  # --num_matches (98, 18): (global, local) student views
     pc_loss_coef: float = 0.5               # --pc_loss_coef
     pc_warmup_epochs: int = 10              # engine_pretrain.py: pc coef is 0 unless epoch > --warmup_epochs (10),
-    #                                         i.e. off for epochs 0..10 (gtsa.md §3: match)
+    #                                         i.e. off for epochs 0..10 (matched)
     rot_pre_coef: float = 0.5               # --rot_pre_coef
     # Which encoder is exported. The official repo has no export script and does not say which encoder the
-    # released checkpoints hold (gtsa.md §3); BYOL-style methods evaluate the online (student) network, and the
-    # reference's converter recipe names base_encoder first, so the student is the default. Recorded by convert.
+    # released checkpoints hold; BYOL-style methods evaluate the online (student) network, and MoCo v3's
+    # main_lincls.py (whose names GTSA uses) keeps base_encoder, so the student is the default. Recorded by
+    # convert.
     export_weights: str = "student"         # student | teacher
 
 

@@ -1,7 +1,7 @@
 """GTSA views: overlapping multi-crops, optional flip, four-fold rotation, with the geometry recorded.
 
 Follows the official ``util/gtsa_transforms.py`` (``GTSATransforms``, bok3948/GTSA @ c0dfe2b, adapted there from
-Leopart; reference/methods/gtsa.md §1 "Views"):
+Leopart):
 
 * RandomResizedCrop (bilinear) for ``global_count`` global and ``local_count`` local crops; every crop after the
   first is re-sampled until its intersection with each earlier global crop exceeds ``min_intersection`` of the

@@ -1,6 +1,6 @@
 """LOCA: location-aware self-supervised transformers (Caron et al., arXiv 2212.02400 v2).
 
-Follows the official code google-research/scenic @ 4a38d47, ``scenic/projects/loca/`` (reference/methods/loca.md):
+Follows the official code google-research/scenic @ 4a38d47, ``scenic/projects/loca/``:
 ``trainer.py`` (``loca_train_step``: forward passes and losses), ``vit.py`` (``ViT4LOCA``, ``ProjectionHead``,
 ``CrossAttentionEncoderBlock``, ``token_indexes_not_to_drop``), ``utils.py`` (``sinkhorn``) and
 ``configs/loca_imnet1k_base16.py`` (every default below, unless noted).
@@ -34,7 +34,7 @@ from densessl.methods.loca_views import POSITION_TARGETS, CropRecipe, LOCAViews
 from densessl.models.backbones import backbone_info, create_backbone
 from densessl.models.variants import ARCH_VARIANTS, INIT_KWARGS
 
-# The LOCA ViT (vit.py ViT4LOCA): no CLS token, tanh GELU, final LayerNorm on every token (loca.md §1 "Model").
+# The LOCA ViT (vit.py ViT4LOCA): no CLS token, tanh GELU, final LayerNorm on every token (`encoder_norm`).
 LOCA_ARCH_KWARGS: dict[str, Any] = ARCH_VARIANTS["loca"]
 
 TOKEN_SELECTIONS = ("consecutive", "unstructured", "first")
@@ -62,7 +62,7 @@ class LOCAConfig:
     reference_selection: str = "consecutive"  # config.reference_seqlen_selection
     query0_keep_tokens: int = 70          # config.query_max_seqlen (of 196); ≤ 0 keeps all
     query0_selection: str = "unstructured"    # ViT4LOCA.__call__ default seqlen_selection
-    # The official indices are drawn once per device step and shared by its images (loca.md §3).
+    # The official indices are drawn once per device step and shared by its images (trainer.py).
     per_image_token_drop: bool = False
     # --- views (config pp_train string, ops.py) ---
     reference_size: int = 224             # reference_resolution
@@ -77,7 +77,7 @@ class LOCAConfig:
     color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # random_color_jitter(0.8, …)
     color_jitter_prob: float = 0.8
     grayscale_prob: float = 0.2           # random_grayscale(0.2)
-    # "code": random_blur(p) passes p as the kernel height → kernel size 1, no blur (loca.md §3);
+    # "code": random_blur(p) passes p as the kernel height → kernel size 1, no blur (ops.py, pp_train);
     # "intended": blur with blur_probs (reference, query0, focal) [unverified intent].
     blur: str = "code"
     blur_probs: tuple[float, float, float] = (1.0, 0.1, 0.5)  # random_blur(1.0) / (0.1) / (0.5) arguments
@@ -86,7 +86,8 @@ class LOCAConfig:
     # "official": targets from ops.py's 14×14 id map carried through TF nearest resizes (loca_views.py);
     # "centres": the reference patch under each query patch's exact centre.
     position_targets: str = "official"
-    # Released checkpoints hold `teacher_weights` (EMA, loca.md §4): the teacher is what the paper evaluates.
+    # Released checkpoints hold `teacher_weights` (EMA; google-research/scenic#1104, #1106): the teacher is what
+    # the paper evaluates.
     export_weights: str = "teacher"       # teacher | student
 
 
@@ -427,7 +428,7 @@ class LOCA(PretrainMethod):
                 student_logits.append(out["focal_clusters"].reshape(-1, k))
             scaled = torch.cat(student_logits).float() / c.student_temperature
             cluster_loss = weighted_cross_entropy(scaled, soft_targets, valid)
-            # me-max over all query patches, including those outside the reference (loca.md §3), and ranks
+            # me-max over all query patches, including those outside the reference (trainer.py), and ranks
             mean_probs = _global_mean(F.softmax(scaled, dim=-1).mean(0))
             reg = me_max(mean_probs)
             total = total + c.cluster_loss_weight * cluster_loss + c.me_max_weight * reg

@@ -1,7 +1,7 @@
 """LOCA views: one reference crop and query crops whose patches know where they land on the reference.
 
 Follows the official preprocessing string of ``configs/loca_imnet1k_base16.py`` and the ops of
-``scenic/projects/loca/ops.py`` (reference/methods/loca.md §1 "Views"):
+``scenic/projects/loca/ops.py`` (google-research/scenic @ 4a38d47):
 
 - reference: area 32–100 %, **no flip** (``cropflip_generatemask(224, 32, flip=False)``);
 - query0: inception crop, area 32–100 %, flip p 0.5, solarize p 0.2;
@@ -187,7 +187,7 @@ class LOCAViews:
     """Callable applied to each PIL image; returns tensors only (default-collatable).
 
     ``blur``: ``"code"`` reproduces the shipped preprocessing, where ``random_blur(p)`` passes ``p`` as the
-    kernel ``height`` so the kernel has size 1 and blurring is a no-op (loca.md §3); ``"intended"`` blurs with
+    kernel ``height`` so the kernel has size 1 and blurring is a no-op; ``"intended"`` blurs with
     the probabilities the arguments suggest (reference 1.0, query0 0.1, focal 0.5 [unverified intent]) and
     ``ops.random_blur``'s kernel (size ``crop size // 10``, σ ~ U(0.1, 2.0)).
     """

@@ -1,7 +1,7 @@
 """SelfPatch: patch-level self-distillation on top of DINO (Yun et al., CVPR 2022, arXiv 2206.07990).
 
 Follows the official code alinlab/SelfPatch @ 81aef14 (``main_selfpatch.py``, ``selfpatch_vision_transformer.py``)
-as summarised in reference/methods/selfpatch.md. What SelfPatch adds to DINO:
+and the paper (arXiv 2206.07990). What SelfPatch adds to DINO:
 
 * a backbone with **no CLS token and no final LayerNorm** (every output token is a patch);
 * an aggregation head (``SelfPatchHead`` in the official code): two CaiT-style class-attention blocks that turn a
@@ -36,7 +36,7 @@ from densessl.models.variants import ARCH_VARIANTS
 from densessl.train.schedules import teacher_temperature_schedule
 
 # The SelfPatch ViT (selfpatch_vision_transformer.py ``VisionTransformer``): pos_embed (1, N, D), no cls_token,
-# ``forward`` returns the un-normalised patch tokens of the last block (selfpatch.md §1 "Backbone").
+# ``forward`` returns the un-normalised patch tokens of the last block.
 SELFPATCH_ARCH_KWARGS: dict[str, Any] = ARCH_VARIANTS["selfpatch"]
 
 
@@ -49,7 +49,8 @@ class SelfPatchConfig(DINOConfig):
     teacher temperature 0.04 → 0.04 with 0 warm-up epochs, student_temp 0.1 and centre momentum 0.9
     (``DINOLoss`` defaults), drop_path_rate 0.1 (hard-coded for the student in ``train_dino``), freeze_last_layer 1,
     224/96 px crops with 8 local crops and DINO's photometric recipe (``DataAugmentationDINO``), export of the
-    teacher (the released checkpoints and the converters take ``ckpt['teacher']``, selfpatch.md §4).
+    teacher (the released checkpoints and the converter ``segmentation/tools/model_converters/vit2mmseg.py``
+    take ``ckpt['teacher']``).
     """
 
     global_crops_scale: tuple[float, float] = (0.25, 1.0)  # main_selfpatch.py --global_crops_scale
@@ -61,8 +62,7 @@ class SelfPatchConfig(DINOConfig):
     ca_mlp_ratio: float = 4.0              # SelfPatchHead: mlp_ratio=4.0 (hard-coded)
     patch_loss_weight: float = 0.1         # DINOLoss.forward: c_loss + p_loss * 0.1 (hard-coded λ)
     # The official loss updates the image-level centre from the teacher outputs of all crops (DINO: the 2 global
-    # crops). The paper does not discuss it; reference/methods/selfpatch.md §3 says to match SelfPatch for
-    # SelfPatch runs. False gives DINO's rule.
+    # crops). The paper does not discuss it; SelfPatch runs match the official code. False gives DINO's rule.
     center_from_all_crops: bool = True     # DINOLoss.forward: update_center(torch.cat(teacher_cls)) over all crops
 
 

@@ -22,9 +22,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Standard ViT sizes (Dosovitskiy et al.; DINO vision_transformer.py uses the same widths/depths/heads for
-# S and B, see reference/methods/dino.md §1). qkv_bias=True and LayerNorm eps 1e-6 match DINO and timm.
+# S and B). qkv_bias=True and LayerNorm eps 1e-6 match DINO and timm.
 VIT_ARCHS: dict[str, dict[str, Any]] = {
-    # smoke scale: design.md "Smoke scale" (D=128, depth 4, 64 px, patch 8 worked best on 2 CPU cores)
+    # ours (smoke scale): D=128, depth 4, 64 px, patch 8 (docs/learning_signal.md)
     "vit-tiny-p8": dict(img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4),
     "vit-s16": dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6),
     "vit-b16": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12),
@@ -87,16 +87,16 @@ def create_backbone(arch: str, **overrides: Any) -> nn.Module:
     kwargs = vit_kwargs(arch, **overrides)
     pos_embed_init = kwargs.pop("pos_embed_init")
     gelu_tanh = kwargs.pop("gelu_tanh")
-    if gelu_tanh:  # LOCA's flax ViT uses the tanh approximation of GELU (reference/methods/loca.md §4)
+    if gelu_tanh:  # LOCA's flax ViT uses the tanh approximation of GELU (flax nn.gelu default, scenic vit.py)
         kwargs["act_layer"] = partial(nn.GELU, approximate="tanh")
     if not kwargs["class_token"] and kwargs["global_pool"] == "token":
         kwargs["global_pool"] = "avg"
         # timm would move the final LayerNorm after pooling (fc_norm) for avg pooling; LOCA's flax ViT
-        # normalises every token ("encoder_norm", reference/methods/loca.md §4), which dense evaluation needs.
+        # normalises every token ("encoder_norm" in scenic projects/loca/vit.py): dense evaluation needs it.
         kwargs.setdefault("fc_norm", False)
     kwargs["norm_layer"] = partial(nn.LayerNorm, eps=1e-6)
     model = ResampledViT(**kwargs)
-    if pos_embed_init == "flax":  # scenic ToTokenSequence posembed_input: normal(stddev=1/sqrt(D)) (loca.md §1)
+    if pos_embed_init == "flax":  # scenic ToTokenSequence posembed_input: normal(stddev=1/sqrt(D))
         with torch.no_grad():
             nn.init.normal_(model.pos_embed, std=1.0 / model.embed_dim**0.5)
     elif pos_embed_init != "timm":
@@ -108,7 +108,7 @@ class ResNetTokens(nn.Module):
     """A ResNet seen as a patch-token backbone: the cells of its last feature map are the tokens.
 
     Dense evaluations are written against the ViT interface (``forward_features`` → (B, N, D) tokens,
-    ``num_prefix_tokens``); CLoVE is evaluated on C5 "as a patch grid" (issue 3), which is exactly this view.
+    ``num_prefix_tokens``); CLoVE is evaluated on C5 as a patch grid, which is exactly this view.
     """
 
     num_prefix_tokens = 0
@@ -138,9 +138,10 @@ def timm_normalization(model: nn.Module) -> tuple[tuple[float, float, float], tu
     """The (mean, std) a model built by ``timm.create_model`` declares in its ``pretrained_cfg``, else None.
 
     Why: a published backbone was trained on inputs normalised its own way (OpenAI CLIP, SigLIP's 0.5/0.5,
-    ...), and Patch-Seg normalises with the backbone's timm mean/std (reference/protocols/patchseg.md
-    "Preprocessing"). Our own backbones are built from ``VisionTransformer(**kwargs)`` / torchvision and never
-    carry a ``pretrained_cfg``, so they keep the ImageNet statistics their pretraining views used.
+    ...), and Patch-Seg normalises with the backbone's timm mean/std (iancovert/patch-seg
+    ``patchseg/vision_backbones.py``). Our own backbones are built from ``VisionTransformer(**kwargs)`` /
+    torchvision and never carry a ``pretrained_cfg``, so they keep the ImageNet statistics their pretraining
+    views used.
     """
     cfg = getattr(model, "pretrained_cfg", None)
     if not isinstance(cfg, dict) or cfg.get("mean") is None or cfg.get("std") is None:

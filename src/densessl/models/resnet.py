@@ -1,7 +1,9 @@
 """ResNet backbones by name, with torchvision's module names so official checkpoints load unchanged.
 
 CLoVE and PixPro train a torchvision-named ResNet-50 and evaluate its last feature map (C5) as a dense grid
-(reference/methods/clove.md §1 "Encoder", §4 "To torchvision"). Every architecture here is an instance of
+(sthalles/CLoVE @ d706573 ``contrast/resnet.py``, ``head_type='early_return'``; its checkpoints load
+into ``torchvision.models.resnet50`` after stripping ``module.encoder.``). Every architecture here is an
+instance of
 ``torchvision.models.ResNet`` (never a hub download), so ``state_dict`` keys are torchvision's:
 ``conv1``, ``bn1``, ``layer1..4.<i>.{conv,bn}*``, ``downsample.{0,1}``, ``fc``.
 
@@ -10,7 +12,7 @@ CLoVE and PixPro train a torchvision-named ResNet-50 and evaluate its last featu
 - ``resnet-tiny`` (smoke scale): the same ``ResNet`` class with BasicBlock [1, 1, 1, 1], widths
   (16, 32, 64, 128), a 16-channel 3×3 stride-2 stem without max-pool and layer strides (1, 2, 2, 1):
   output stride 8 and 128 channels, so a 64-px image gives an 8×8 grid of 128-d features, the same grid and
-  width as the smoke ViT ``vit-tiny-p8`` (design.md "Smoke scale"); about 54 MFLOPs per 64-px image
+  width as the smoke ViT ``vit-tiny-p8``; about 54 MFLOPs per 64-px image
   (``vit-tiny-p8``: 105).
 
 The ``fc`` classifier is kept (so keys equal torchvision's) but dense methods never call it: they use

@@ -20,19 +20,21 @@ ARCH_VARIANTS: dict[str, dict[str, Any]] = {
     # scenic projects/loca/vit.py: flax ViT with no CLS token, tanh-approximated GELU, final encoder_norm kept,
     # positional embedding resized with jax.image.resize 'bilinear' (antialiased) at other grids
     "loca": {"class_token": False, "gelu_tanh": True, "pos_resample": "scenic"},
-    # reference/methods/selfpatch.md §1: no CLS token and no final LayerNorm (the aggregation head normalises)
+    # alinlab/SelfPatch selfpatch_vision_transformer.py: no CLS token and no final LayerNorm (the aggregation
+    # head normalises)
     "selfpatch": {"class_token": False, "final_norm": False},
 }
 
 # method name → create_backbone keyword arguments that only set the initial values. The random-init baseline is
 # the method's network at step 0, so it is drawn the same way (not stored with exported weights: loading
-# overwrites every value). LOCA: timm's flax-ViT init, as scenic's Encoder1DBlock (loca.md §4); it matters:
+# overwrites every value). LOCA: timm's flax-ViT init, as scenic's Encoder1DBlock; it matters:
 # a random LOCA ViT scores Patch-Seg 0.17 with it and 0.22 with timm's default init (measured, 2 seeds).
 # Both the methods and the convert stage's random-init rows build from this table, and
-# tests/test_variants.py checks that a random-init row equals the method's step-0 network (before session 6
-# the LOCA rows drew the positional embedding with timm's N(0, 0.02) while LOCA trains from N(0, 1/D)).
-# CLoVE: torchvision's ResNet with zero_init_residual=True (contrast/resnet.py, clove.md; CLoVEConfig's default);
-# the standard ResNet rows had it off, which scored Patch-Seg 0.08-0.09 against 0.105-0.113 with it (3 seeds).
+# tests/test_variants.py checks that a random-init row equals the method's step-0 network (e.g. LOCA's
+# positional embedding is N(0, 1/D), not timm's N(0, 0.02)).
+# CLoVE: torchvision's ResNet with zero_init_residual=True (sthalles/CLoVE contrast/resnet.py zero-initialises
+# each bottleneck's bn3.weight; CLoVEConfig's default); a ResNet with it off scores Patch-Seg 0.08-0.09
+# against 0.105-0.113 with it (3 seeds).
 INIT_KWARGS: dict[str, dict[str, Any]] = {
     "loca": {"weight_init": "jax", "pos_embed_init": "flax"},
     "clove": {"zero_init_residual": True},

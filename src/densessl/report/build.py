@@ -1,9 +1,9 @@
 """Rebuild the report tables from the metrics files, next to the published numbers.
 
 Every value in the report is read from a metrics.json that a run of this workflow wrote; published numbers
-come only from paper_tables.yaml (copied from reference/paper_tables.yaml) and are shown only where the row
-(method, architecture, pretraining data) and the protocol are the ones the paper reports, and never for
-synthetic data.
+come only from paper_tables.yaml (each table citing its paper, README or project page) and are shown only
+where the row (method, architecture, pretraining data) and the protocol are the ones the paper reports,
+and never for synthetic data.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ REPORTED_METRICS: dict[str, list[str]] = {
     "fasterrcnn_r50_c4_voc": ["AP", "AP50", "AP75"],
 }
 REPORTED_METRICS["patchseg_coco_things"] = REPORTED_METRICS["patchseg_coco"]
-# What a reader needs to read a protocol's columns (reference/protocols/patchseg.md "Pitfall": report both means).
+# What a reader needs to read a protocol's columns (iancovert/patch-seg patchseg/loss.py takes plain means,
+# which are NaN when a valid class is never predicted: report both means).
 PATCHSEG_NOTE = ("macro_f1 and macro_precision are the official benchmark's plain means over valid classes: a valid "
                  "class the head never predicts has precision 0/0, which makes both NaN (shown as –). The _nanmean "
                  "columns leave such classes out. macro_recall, the headline, has no such case.")
@@ -110,7 +111,7 @@ def published_value(tables: list[dict[str, Any]], protocol: str, run: Run, metri
     if synthetic:
         return None
     protocol_file = EVALUATIONS[protocol]["protocol_file"]
-    # protocols sharing a protocol file (Semantic FPN and UperNet; every detection table) name their tables
+    # protocols sharing a protocol key (Semantic FPN and UperNet; every detection table) name their tables
     wanted = EVALUATIONS[protocol].get("tables")
     # the paper's row names neither our epochs suffix (matched below) nor "released" (the paper's own weights)
     method, arch, data = display(dataclasses.replace(run, epochs=None, released=False))

@@ -2,8 +2,8 @@
 
 Why: Snakemake decides what to rerun from files, parameters and rule code, not from the densessl package, so
 after an edit to a method or an evaluation, results made by the old code stay "up to date" and would sit in
-one table beside new ones (it happened in session 6: the LOCA random-init rows kept their old positional
-embedding after the fix). DVC stages list their source folders as dependencies and do rerun; for Snakemake
+one table beside new ones (e.g. random-init rows made before a change to a method's initialisation). DVC
+stages list their source folders as dependencies and do rerun; for Snakemake
 the report is the safety net: every artifact records a fingerprint of the package source it ran
 (``provenance.code``) and the commit of the checkout (``provenance.git``). Results are grouped by the
 fingerprint, so commits that touch only documentation or tests do not split them; artifacts recorded before

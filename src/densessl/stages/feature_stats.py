@@ -1,4 +1,4 @@
-"""`python -m densessl feature-stats`: the diagnostics behind the README's learning-signal analysis, for every
+"""`python -m densessl feature-stats`: the diagnostics behind docs/learning_signal.md, for every
 exported backbone of the configuration (effective rank, colour-explained and position shares of the patch
 tokens on the first images of the Patch-Seg validation split)."""
 

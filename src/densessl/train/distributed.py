@@ -16,8 +16,8 @@ log = logging.getLogger(__name__)
 def pick_device(device: str | None, world: int, local_rank: int, cuda_available: bool) -> torch.device:
     """The device this rank trains on; always with an index on CUDA.
 
-    ``torch.cuda.set_device`` rejects a bare ``cuda`` (found on an H100: ``--device cuda`` failed before the
-    first step), and under torchrun a bare ``cuda`` must still mean this rank's own GPU, not GPU 0."""
+    ``torch.cuda.set_device`` rejects a bare ``cuda`` (``--device cuda`` would fail before the first step),
+    and under torchrun a bare ``cuda`` must still mean this rank's own GPU, not GPU 0."""
     wanted = torch.device(device) if device else torch.device("cuda" if cuda_available else "cpu")
     if wanted.type == "cuda" and wanted.index is None:
         return torch.device("cuda", local_rank if world > 1 else 0)

@@ -2,7 +2,7 @@
 
 Follows the official ``contrast/lars.py`` (sthalles/CLoVE @ d706573, identical in zdaxie/PixPro), which
 wraps ``torch.optim.SGD(momentum=0.9)`` and, before SGD's step, rewrites every gradient
-(reference/methods/clove.md §2 "optimizer"):
+(``--optimizer lars``; trust coefficient 1e-3, eps 1e-8):
 
 1. weight decay enters the gradient: g ← ∇ + wd·θ (only in groups with wd > 0);
 2. LARS scaling, for parameters not excluded: g ← g · η·‖θ‖ / (‖g‖ + ε) with trust coefficient η = 1e-3 and

@@ -17,7 +17,7 @@ signals, signals.py). torchrun does not pass a worker's exit code through: any f
 folder; rank 0 of a preempted run writes it after the checkpoint; when torchrun ends and the file exists the
 launcher exits ``REQUEUE_EXIT_CODE``, otherwise with torchrun's own code.
 
-Signals. ``--signals-to-handle`` adds SIGUSR1 to what torchrun traps, so a SIGUSR1 no longer kills torchrun
+Signals. ``--signals-to-handle`` adds SIGUSR1 to what torchrun traps, so a SIGUSR1 does not kill torchrun
 (the default action) but is forwarded to the workers, which then have ``--shutdown-timeout`` seconds to
 finish their step and write the checkpoint before torchrun SIGKILLs them (the default 30 s is tight for a
 ViT-L checkpoint on a network file system). SLURM, a terminal's Ctrl-C and process-group kills all signal

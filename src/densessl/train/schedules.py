@@ -1,6 +1,6 @@
 """Per-iteration schedules.
 
-Matches DINO ``utils.cosine_scheduler`` (reference/methods/dino.md §1 "Teacher and schedules"): linear warm-up
+Matches DINO ``utils.cosine_scheduler`` (facebookresearch/dino @ 7c446df ``utils.py``): linear warm-up
 from ``start_warmup_value`` over ``warmup_epochs``, then ``final + 0.5 (base - final)(1 + cos(pi t / T))``,
 evaluated once per iteration. Used for lr, weight decay and teacher momentum alike.
 """

@@ -2,8 +2,8 @@
 
 SLURM's time limit and preemption, ``timeout``, Snakemake's shutdown and a terminal's Ctrl-C signal the whole
 process group, DataLoader workers included. torch installs a SIGTERM handler in each worker that ends it
-(``torch/csrc/DataLoader.cpp``, ``handler_SIGTERM``), so the main process used to die with "DataLoader worker
-... killed by signal" before it could checkpoint. Workers therefore ignore the stop signals
+(``torch/csrc/DataLoader.cpp``, ``handler_SIGTERM``), so by default the main process dies with "DataLoader
+worker ... killed by signal" before it can checkpoint. Workers therefore ignore the stop signals
 (:func:`ignore_stop_signals`, passed as ``worker_init_fn``, which runs after torch's own handlers are set) and
 only the main process reacts: it records the signal (:class:`StopSignals`), finishes the step, writes its
 checkpoint and exits with the requeue code. Workers still exit when the main process closes the loader, and

@@ -18,7 +18,7 @@ class TrainConfig:
     clip_grad: float = 3.0              # DINO --clip_grad (per parameter; 0 disables)
     # how clip_grad is applied: "per_parameter" (DINO utils.clip_gradients; SelfPatch and GTSA inherit it) or
     # "global_norm" over all student gradients together (LOCA: jax.example_libraries.optimizers.clip_grads,
-    # max_grad_norm 1.0 in configs/loca_imnet1k_base16.py, loca.md §2)
+    # max_grad_norm 1.0 in google-research/scenic @ 4a38d47 projects/loca/configs/loca_imnet1k_base16.py)
     clip_mode: str = "per_parameter"
     # adamw | sgd | lars; null = the method's ``optimizer_name`` (CLoVE: lars), else adamw (DINO --optimizer)
     optimizer: str | None = None

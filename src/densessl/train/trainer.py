@@ -1,7 +1,8 @@
 """The one trainer every pretraining method shares.
 
 What it guarantees: per-iteration schedules as DINO's ``cosine_scheduler``; the official update order
-(backward → per-parameter clipping → cancel frozen grads → step → teacher EMA, reference/methods/dino.md §1);
+(backward → per-parameter clipping → cancel frozen grads → step → teacher EMA, facebookresearch/dino
+``main_dino.py`` ``train_one_epoch``);
 atomic checkpoints every N steps and at every epoch end, the previous one kept (``checkpointing``); resume
 that continues the exact same run (data order and augmentations are functions of (seed, epoch, index); the RNG
 is re-seeded from (seed, rank, step) before every step, so no RNG state has to survive) and refuses a

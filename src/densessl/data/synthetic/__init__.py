@@ -84,7 +84,7 @@ class SynthSize:
         }
         if dataset == "davis":
             out["frames"] = self.davis_frames
-        if dataset == "coco":  # the annotation files written: a copy made before the keypoint files is redone
+        if dataset == "coco":  # the annotation files written: a copy made without the keypoint files is redone
             out["annotation_files"] = ["instances", "stuffthingmaps", "person_keypoints"]
         return out
 

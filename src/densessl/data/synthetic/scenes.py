@@ -1,8 +1,8 @@
 """Scene renderer for the synthetic datasets: textured shapes ("things") over textured regions ("stuff").
 
 Every class is a fixed (shape, texture) pair for things and a fixed texture for stuff; every instance and every
-region draws its own random colours, so colour never identifies a class (design.md, "Smoke scale": with
-class colours a random-init backbone already scores as well as a trained one). The image, the semantic map and
+region draws its own random colours, so colour never identifies a class (with class colours a random-init
+backbone already scores as well as a trained one). The image, the semantic map and
 the instance map come from one rasterisation on a pixel grid, so the labels are exact. All randomness comes from
 the ``numpy.random.Generator`` passed in (see :func:`scene_rng`), so a scene is a pure function of its seed.
 

@@ -4,10 +4,10 @@ Key layouts (what the generated detectors hold; ``tests/test_mmdet_export.py`` l
 toolkit's model and finds zero missing and zero unexpected backbone keys):
 
 - ResNet + FPN: ``backbone.<torchvision name>`` (mmdet's ``ResNet`` with ``style='pytorch'`` has torchvision's
-  names: ``conv1``, ``bn1``, ``layer{1..4}.<i>.{conv,bn}<j>``, ``downsample.{0,1}``; clove.md "To mmdet");
+  names: ``conv1``, ``bn1``, ``layer{1..4}.<i>.{conv,bn}<j>``, ``downsample.{0,1}``; mmengine's ``Pretrained`` init strips ``module.``);
 - ResNet C4: stem and ``layer1..3`` as above, ``layer4.*`` as ``roi_head.shared_head.layer4.*`` (res5 is the
   RoI head). Loading res5 explicitly matters: mmdet's own Mask R-CNN C4 base leaves it randomly initialised
-  (no ``init_cfg`` on the shared head, mmdet issue #3289);
+  (no ``init_cfg`` on the shared head, open-mmlab/mmdetection#3289);
 - ViT: ``backbone.vit.<timm name>`` (``cls_token``, ``pos_embed``, ``patch_embed.proj.*``, ``blocks.*``) without
   the final ``norm`` (the adaptor reads block outputs, as the official SelfPatch/GTSA detection backbones).
   The adaptor (``backbone.fpn{1..4}``) is new in the detector and starts from its own init.

@@ -26,7 +26,7 @@ from densessl.errors import ConfigError
 
 # detector: "vit_fpn" (ViT + multi-level adaptor + FPN), "fpn" (ResNet + FPN), "c4" (ResNet C4 + res5 RoI head)
 # tables: the ids in report/paper_tables.yaml whose numbers this protocol reproduces (every detection table
-#         names the same protocol file, so the report needs the ids to pick the right one)
+#         names the same protocol key, so the report needs the ids to pick the right one)
 # evaluator: "coco" (pycocotools via mmdet CocoMetric), "lvis" (lvis API via LVISMetric),
 #            "cityscapes" (cityscapesscripts via CityScapesMetric), "voc" (mmdet VOCMetric)
 PROTOCOLS: dict[str, dict[str, Any]] = {
