@@ -43,7 +43,9 @@ def _build(config):
 
     register_all_modules()
     register_safetensors_loader()
-    return MODELS.build(config["model"])
+    from mmengine.config import ConfigDict
+
+    return MODELS.build(ConfigDict(config["model"]))  # as the Runner builds it (attribute access to train_cfg)
 
 
 def _backbone_keys(model_keys: set[str], family: str, detector: str) -> set[str]:

@@ -75,6 +75,19 @@ def lvis_numpy_compat() -> None:
         np.float = float  # type: ignore[attr-defined]
 
 
+def cityscapes_numpy_compat() -> None:
+    """cityscapesscripts 2.3.0 (the newest on PyPI), whose instance evaluator mmdet's CityScapesMetric calls,
+    uses ``np.in1d``, which numpy 2.4 removed in favour of ``np.isin``; numpy defined ``in1d(a, b)`` as
+    ``isin(a, b).ravel()``. Restoring that definition lets the kept evaluator run unchanged."""
+    import numpy as np
+
+    if "in1d" not in np.__dict__:
+        def in1d(ar1, ar2, assume_unique=False, invert=False):  # noqa: ANN001, ANN202 (numpy's signature)
+            return np.isin(ar1, ar2, assume_unique=assume_unique, invert=invert).ravel()
+
+        np.in1d = in1d  # type: ignore[attr-defined]
+
+
 def run_detection(protocol: str, backbone_path: Path, manifest: Path, cfg: DetectionConfig, work_dir: Path,
                   device: str | None = None, threads: int | None = None) -> dict[str, Any]:
     """Train and evaluate ``protocol`` on the backbone at ``backbone_path``; the toolkit's files (log, resolved
@@ -104,6 +117,8 @@ def run_detection(protocol: str, backbone_path: Path, manifest: Path, cfg: Detec
 
     if info["evaluator"] == "lvis":
         lvis_numpy_compat()
+    if info["evaluator"] == "cityscapes":
+        cityscapes_numpy_compat()
 
     raw = mmengine_run.train_and_test(config, mmengine_run.ToolkitRun(work_dir=work_dir, scope="mmdet",
                                                                       seed=cfg.seed, threads=threads,
