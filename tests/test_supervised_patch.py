@@ -143,3 +143,19 @@ def test_a_target_its_data_has_no_labels_for_is_named(tmp_path):
         get_method("supervised")("vit-tiny-p8", {"target": "pixel"}, epochs=1)
     with pytest.raises(ConfigError, match="crop_size: 20 is not a multiple of vit-tiny-p8's patch size 8"):
         get_method("supervised")("vit-tiny-p8", {"target": "patch", "crop_size": 20}, epochs=1)
+
+
+def test_a_resnet_labels_each_output_cell():
+    """ResNet: one label per output cell, the cell's side being the output stride, in the logits' order."""
+    torch.manual_seed(0)
+    method = get_method("supervised")("resnet-tiny", {"target": "patch", "num_classes": 16, "crop_size": 64,
+                                                      "crop_scale": (1.0, 1.0), "flip_prob": 0.0}, epochs=1)
+    stride = method.student.patch_size
+    labels = np.kron(np.arange(64 // stride).reshape(-1, 1) % 4 + 1, np.ones((stride, 64), np.int64)).astype(np.uint8)
+    view = method.views()((Image.fromarray(np.stack([labels * 20] * 3, axis=-1)), labels))
+    assert view["labels"].shape == (64 // stride, 64 // stride)
+    assert view["labels"][:, 0].tolist() == [r % 4 + 1 for r in range(64 // stride)]
+    logits = method.student(view["image"][None])
+    assert logits.shape == (1, (64 // stride) ** 2, 16)
+    loss, _ = method.loss({"image": view["image"][None], "labels": view["labels"][None]}, epoch=0)
+    assert torch.isfinite(loss)
