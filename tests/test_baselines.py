@@ -18,7 +18,7 @@ from densessl.errors import ConfigError
 RUNS = [{"method": "dino", "arch": "vit-tiny-p8", "data": "imagenet"},
         {"method": "selfpatch", "arch": "vit-tiny-p8", "data": "imagenet"},
         {"method": "clove", "arch": "resnet-tiny", "data": "imagenet"}]
-SUPERVISED = {"vit": "supervised/vit-tiny-p8-imagenet", "resnet": "supervised/resnet-tiny.clove-imagenet"}
+SUPERVISED = {"vit": "supervised/vit-tiny-p8-coco", "resnet": "supervised/resnet-tiny.clove-imagenet"}
 
 
 def _cfg(tmp_path, **extra):
@@ -123,4 +123,4 @@ def test_bad_baseline_settings_name_the_field(tmp_path):
         _cfg(tmp_path, baselines={"supervised_reference": [{"arch": "vit-tiny-p8", "data": "imagenet",
                                                              "variant": "clove"}]})
     with pytest.raises(ConfigError, match="baselines.supervised_reference.0.data"):
-        _cfg(tmp_path, baselines={"supervised_reference": [{"arch": "vit-tiny-p8", "data": "coco"}]})
+        _cfg(tmp_path, baselines={"supervised_reference": [{"arch": "vit-tiny-p8", "data": "ade20k"}]})

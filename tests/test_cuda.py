@@ -43,7 +43,13 @@ def _trainer(run_id: str, out_dir: Path, precision: str = "bf16", device: str = 
     torch.manual_seed(0)
     method = get_method(run.method)(run.arch, settings["method"], epochs=epochs)
     images = _images()
-    data = [(img, i % method.cfg.num_classes) for i, img in enumerate(images)] if method.needs_labels else images
+    data: list = images
+    if method.labels == "image":
+        data = [(img, i % method.cfg.num_classes) for i, img in enumerate(images)]
+    elif method.labels == "patch":  # a label map per image, every class id in range (0 = unlabelled)
+        rng = np.random.default_rng(1)
+        data = [(img, rng.integers(0, method.cfg.num_classes, (img.height, img.width)).astype(np.uint8))
+                for img in images]
     return Trainer(method, data, train_cfg, out_dir, device=device)
 
 

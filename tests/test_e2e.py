@@ -45,7 +45,7 @@ def test_smoke_dag_end_to_end(tmp_path):
     methods = {c["method"] for c in cells}
     assert "DINO" in methods and sum(m.startswith("random init") for m in methods) == 3
     reference = {(c["table"], c["run"]) for c in cells if c["role"] == "supervised-reference"}
-    assert reference == {(t, "supervised/vit-tiny-p8-imagenet") for t in ("patchseg_coco", "linear_ade20k", "davis2017")}
+    assert reference == {(t, "supervised/vit-tiny-p8-coco") for t in ("patchseg_coco", "linear_ade20k", "davis2017")}
     assert {c["method"] for c in cells if c["role"] == "supervised-reference"} == {"supervised reference"}
     assert all(c["published"] is None for c in cells)  # synthetic data is never compared with papers
     assert all(c["value"] is None or isinstance(c["value"], float) for c in cells)
@@ -57,7 +57,7 @@ def test_smoke_dag_end_to_end(tmp_path):
     # reference need not pass it; the full smoke report must, `make smoke` runs `densessl check-report`)
     checks = json.loads((report / "checks.json").read_text())
     assert sorted(c["protocol"] for c in checks) == ["davis2017", "linear_ade20k", "patchseg_coco"]
-    assert all(c["run"] == "supervised/vit-tiny-p8-imagenet" and c["seeds"] == 3 for c in checks)
+    assert all(c["run"] == "supervised/vit-tiny-p8-coco" and c["seeds"] == 3 for c in checks)
     assert "Check: the supervised reference beats the best random-init seed of its network" in md
     assert (report / "index.html").read_text().startswith("<!doctype html>")
     logs = list((tmp_path / "results/smoke/logs").rglob("*.log"))

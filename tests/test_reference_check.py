@@ -22,7 +22,7 @@ def _config(tmp_path):
         "preset": "smoke", "results_dir": str(tmp_path / "results"),
         "runs": [{"method": "dino", "arch": "vit-tiny-p8", "data": "imagenet"}], "random_init_seeds": [0, 1],
         "evaluations": ["patchseg_coco", "linear_ade20k"],
-        "baselines": {"supervised_reference": [{"arch": "vit-tiny-p8", "data": "imagenet"}]}}))
+        "baselines": {"supervised_reference": [{"arch": "vit-tiny-p8", "data": "coco"}]}}))
     return path, load_config([path], root=REPO)
 
 
@@ -35,9 +35,9 @@ def _results(cfg, reference_miou):
     for dataset in cfg.datasets:
         _write(cfg.data_manifest(dataset), {"fingerprint": {"content_sha256": "0" * 64, "listing_sha256": None},
                                             "provenance": {"wall_s": 1.0}})
-    recall = {"dino/vit-tiny-p8-imagenet": 0.19, "supervised/vit-tiny-p8-imagenet": 0.30,
+    recall = {"dino/vit-tiny-p8-imagenet": 0.19, "supervised/vit-tiny-p8-coco": 0.30,
               "random-init/vit-tiny-p8-seed0": 0.20, "random-init/vit-tiny-p8-seed1": 0.22}
-    miou = {"dino/vit-tiny-p8-imagenet": 2.2, "supervised/vit-tiny-p8-imagenet": reference_miou,
+    miou = {"dino/vit-tiny-p8-imagenet": 2.2, "supervised/vit-tiny-p8-coco": reference_miou,
             "random-init/vit-tiny-p8-seed0": 3.0, "random-init/vit-tiny-p8-seed1": 2.0}
     for protocol, run in cfg.evaluation_jobs():
         values = ({**PATCHSEG, "macro_recall": recall[run.id]} if protocol == "patchseg_coco"
@@ -62,7 +62,7 @@ def test_report_shows_the_check_and_check_report_fails_on_it(tmp_path, monkeypat
 
     assert main(["check-report", "--config", str(path)]) == 1
     err = capsys.readouterr().err
-    assert "linear_ade20k: supervised/vit-tiny-p8-imagenet mIoU 2.5 vs best random-init seed 3.0: FAILS" in err
+    assert "linear_ade20k: supervised/vit-tiny-p8-coco mIoU 2.5 vs best random-init seed 3.0: FAILS" in err
     assert "patchseg_coco" not in err
 
     _results(cfg, reference_miou=3.5)

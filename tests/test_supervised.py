@@ -93,9 +93,9 @@ def test_too_few_classes_and_unlabelled_data_are_named(tmp_path):
     cfg = _tiny(tmp_path, num_classes=4)
     run_data(cfg, "imagenet")
     with pytest.raises(ConfigError, match="8 classes, but pretrain.supervised.method.num_classes is 4"):
-        run_pretrain(cfg, "supervised/vit-tiny-p8-imagenet")
+        run_pretrain(cfg, "supervised/resnet-tiny.clove-imagenet")
     with pytest.raises(DataError, match="only imagenet has image-level labels"):
-        pretraining_images("coco", tmp_path, labelled=True)
+        pretraining_images("coco", tmp_path, labels="image")
 
 
 def test_the_classifier_reads_the_pooled_feature_it_is_told_to():

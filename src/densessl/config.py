@@ -516,9 +516,15 @@ def load_config(config_files: Iterable[str | Path] = ("config.yaml",), preset: s
     return cfg
 
 
+# The labels a supervised reference's data has: ImageNet's folders (one class per image), COCO's semantic maps
+# (one class per patch; methods/supervised.py)
+SUPERVISED_TARGET_OF_DATA = {"imagenet": "image", "coco": "patch"}
+
+
 def _check_baselines(cfg: Config, where: str) -> None:
-    """What the schema cannot say: ``baselines.protocols`` names protocols (the registry below), and a supervised
-    reference's variant belongs to its architecture's family."""
+    """What the schema cannot say: ``baselines.protocols`` names protocols (the registry below), a supervised
+    reference's variant belongs to its architecture's family, and its target is the kind of labels its data
+    has."""
     from densessl.models.variants import VARIANT_FAMILY
 
     for run in cfg.supervised_runs:
@@ -527,6 +533,13 @@ def _check_baselines(cfg: Config, where: str) -> None:
                               f"{backbone_family(run.arch)} variant; use one of "
                               f"{sorted(v for v, f in VARIANT_FAMILY.items() if f == backbone_family(run.arch))} "
                               f"or leave it out")
+        target = cfg.pretrain_settings(run)["method"].get("target", "image")
+        wanted = SUPERVISED_TARGET_OF_DATA.get(run.data)
+        if target != wanted:
+            raise ConfigError(f"{where}: baselines.supervised_reference {run.arch}-{run.data}: the supervised target "
+                              f"is {target!r}, but {run.data} has {wanted}-level labels; set "
+                              f"pretrain.supervised.arch.{run.arch}.method.target: {wanted}, or data: "
+                              f"{'coco' if target == 'patch' else 'imagenet'}")
     selections = (cfg.data.get("baselines") or {}).get("protocols") or {}
     for protocol in selections:
         if protocol not in EVALUATIONS:

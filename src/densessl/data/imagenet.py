@@ -1,6 +1,6 @@
 """ImageNet in ImageFolder layout (``<root>/<split>/<wnid>/*.JPEG``), as DINO reads it
 (``torchvision.datasets.ImageFolder``). Self-supervised pretraining ignores the labels; the supervised reference
-reads them (:class:`LabelledImageFolder`)."""
+reads them (:class:`LabelledImageFolder`), or COCO's semantic maps for its patch target."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+from densessl.data.coco import CocoStuffPatchSegDataset
 from densessl.errors import DataError
 
 
@@ -70,6 +71,10 @@ class LabelledImageFolder(ImageFolderImages):
 class ImageLabelPairs(LabelledImageFolder):
     """(image, ImageFolder class index) pairs: what the supervised reference trains on."""
 
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:  # type: ignore[override]
         return super().__getitem__(index), self.labels[index]
 
@@ -96,15 +101,24 @@ class FlatImageFolder(Dataset):
 
 
 def pretraining_images(dataset: str, root: str | Path, max_items: int | None = None,
-                       labelled: bool = False) -> Dataset:
-    """The training images of ``dataset`` in its real layout; ``labelled``: (image, class index) pairs, which
-    only ImageNet has (the supervised reference)."""
+                       labels: str | None = None) -> Dataset:
+    """The training images of ``dataset`` in its real layout. ``labels="image"``: (image, class index) pairs,
+    which only ImageNet has; ``labels="patch"``: (image, label map) pairs from the COCO train split's COCO-Stuff
+    maps (things + stuff, shifted to Patch-Seg's 183 classes), which only COCO has here. Both are for the
+    supervised reference; the validation split is never read."""
     root = Path(root)
-    if labelled:
+    if labels == "image":
         if dataset != "imagenet":
             raise DataError(f"supervised training on {dataset!r}: only imagenet has image-level labels; set "
-                            f"data: imagenet for the supervised reference")
+                            f"data: imagenet for the supervised reference with target: image")
         return ImageLabelPairs(root, "train", max_items=max_items)
+    if labels == "patch":
+        if dataset != "coco":
+            raise DataError(f"supervised training on {dataset!r}: only coco has the label maps of the patch target; "
+                            f"set data: coco for the supervised reference with target: patch")
+        return CocoStuffPatchSegDataset(root, "train", max_items=max_items)
+    if labels is not None:
+        raise DataError(f"pretraining labels {labels!r}: expected None, 'image' or 'patch'")
     if dataset == "imagenet":
         return ImageFolderImages(root, "train", max_items=max_items)
     if dataset == "coco":

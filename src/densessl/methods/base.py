@@ -111,8 +111,9 @@ class PretrainMethod(nn.Module, metaclass=abc.ABCMeta):
     optimizer_name: ClassVar[str | None] = None     # optimiser when train.optimizer is null (None → adamw)
     find_unused_parameters: ClassVar[bool] = False  # DDP: some student parameters get no gradient on some steps
     sync_batchnorm: ClassVar[bool | None] = None    # None: SyncBatchNorm under CUDA DDP when the method has BN
-    # True: the dataset yields (image, class index) pairs (the supervised reference); False: images only
-    needs_labels: ClassVar[bool] = False
+    # What the pretraining dataset yields with each image: None (images only), "image" ((image, class index)
+    # pairs) or "patch" ((image, label map) pairs). The supervised reference sets it from its target.
+    labels: str | None = None
 
     @abc.abstractmethod
     def views(self) -> Callable[[Any], Any]:

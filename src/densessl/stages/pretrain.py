@@ -43,9 +43,9 @@ def run_pretrain(cfg: Config, run_id: str, resume: str = "auto") -> Path:
     method = get_method(run.method)(run.arch, settings["method"], epochs=train_cfg.epochs)
     manifest = cfg.data_manifest(run.data)
     dataset = pretraining_images(run.data, data_root(manifest), max_items=train_cfg.max_train_images,
-                                 labelled=method.needs_labels)
-    if method.needs_labels:
-        method.check_classes(dataset.classes, str(manifest))
+                                 labels=method.labels)
+    if method.labels is not None:
+        method.check_classes(dataset.num_classes, str(manifest))
     out_dir = cfg.pretrain_dir(run)
     final = cfg.final_checkpoint(run)
     trainer = Trainer(method, dataset, train_cfg, out_dir, resume=resume_mode(resume, out_dir, final))
