@@ -221,6 +221,11 @@ class Config:
         ``supervised_reference`` (absent = true)."""
         return dict(((self.data.get("baselines") or {}).get("protocols") or {}).get(protocol) or {})
 
+    def reference_check_enforced(self, protocol: str) -> bool:
+        """Whether ``check-report`` fails on ``protocol``'s supervised-reference check
+        (``baselines.protocols.<protocol>.enforce_reference_check``, default true)."""
+        return bool(self.baseline_selection(protocol).get("enforce_reference_check", True))
+
     def _random_init_rows(self, compared: list[Run], seeds: list[int]) -> list[Run]:
         """Random-init rows for every (architecture, variant) of ``compared``, so each row is compared with the
         very network it trains (e.g. SelfPatch's ViT has no final LayerNorm)."""
