@@ -16,7 +16,10 @@ REDUCED = {
     "runs": [{"method": "dino", "arch": "vit-tiny-p8", "data": "imagenet"}],  # all five: test below
     "data": {"synthetic_size": "tiny"},
     # the ViT's supervised reference (the ResNet's runs in the test of every method below)
-    "baselines": {"supervised_reference": [{"arch": "vit-tiny-p8", "data": "imagenet"}]},
+    "baselines": {"supervised_reference": [{"arch": "vit-tiny-p8", "data": "coco"}]},
+    # the frozen-feature and fine-tuning protocols; each transfer protocol runs through the evaluate stage in its
+    # own tests and through the whole smoke DAG in `make smoke`
+    "evaluations": ["patchseg_coco", "linear_ade20k", "davis2017", "knn_imagenet"],
     "pretrain": {"dino": {"train": {"epochs": 1, "batch_size_per_gpu": 4, "num_workers": 0,
                                     "checkpoint_every_steps": 2}},
                  "supervised": {"train": {"epochs": 1, "batch_size_per_gpu": 4, "num_workers": 0}}},
@@ -45,7 +48,8 @@ def test_smoke_dag_end_to_end(tmp_path):
     methods = {c["method"] for c in cells}
     assert "DINO" in methods and sum(m.startswith("random init") for m in methods) == 3
     reference = {(c["table"], c["run"]) for c in cells if c["role"] == "supervised-reference"}
-    assert reference == {(t, "supervised/vit-tiny-p8-coco") for t in ("patchseg_coco", "linear_ade20k", "davis2017")}
+    assert reference == {(t, "supervised/vit-tiny-p8-coco") for t in ("patchseg_coco", "linear_ade20k", "davis2017",
+                                                                       "knn_imagenet")}
     assert {c["method"] for c in cells if c["role"] == "supervised-reference"} == {"supervised reference"}
     assert all(c["published"] is None for c in cells)  # synthetic data is never compared with papers
     assert all(c["value"] is None or isinstance(c["value"], float) for c in cells)
@@ -56,7 +60,7 @@ def test_smoke_dag_end_to_end(tmp_path):
     # one check per protocol: the reference against the best random-init seed of its network (a 4-step
     # reference need not pass it; the full smoke report must, `make smoke` runs `densessl check-report`)
     checks = json.loads((report / "checks.json").read_text())
-    assert sorted(c["protocol"] for c in checks) == ["davis2017", "linear_ade20k", "patchseg_coco"]
+    assert sorted(c["protocol"] for c in checks) == ["davis2017", "knn_imagenet", "linear_ade20k", "patchseg_coco"]
     assert all(c["run"] == "supervised/vit-tiny-p8-coco" and c["seeds"] == 3 for c in checks)
     assert "Check: the supervised reference beats the best random-init seed of its network" in md
     assert (report / "index.html").read_text().startswith("<!doctype html>")
