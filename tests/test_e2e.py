@@ -22,7 +22,9 @@ REDUCED = {
     "evaluations": ["patchseg_coco", "linear_ade20k", "davis2017", "knn_imagenet"],
     "pretrain": {"dino": {"train": {"epochs": 1, "batch_size_per_gpu": 4, "num_workers": 0,
                                     "checkpoint_every_steps": 2}},
-                 "supervised": {"train": {"epochs": 1, "batch_size_per_gpu": 4, "num_workers": 0}}},
+                 "supervised": {"train": {"epochs": 1, "batch_size_per_gpu": 4, "num_workers": 0},
+                                # the preset's ViT reference settings are per architecture: shrink those too
+                                "arch": {"vit-tiny-p8": {"train": {"epochs": 1, "batch_size_per_gpu": 4}}}}},
     "evaluate": {"patchseg": {"epochs": 2, "batch_size": 4, "warmup_steps": 2},
                  "linear_seg": {"iterations": 4, "batch_size": 2}},
 }
@@ -103,7 +105,8 @@ ALL_METHODS = {
     "random_init_seeds": [0],
     "evaluations": ["patchseg_coco"],
     "data": {"synthetic_size": "tiny"},
-    "pretrain": {m: {"train": TINY_TRAIN} for m in ("dino", "selfpatch", "loca", "gtsa", "clove", "supervised")},
+    "pretrain": {**{m: {"train": TINY_TRAIN} for m in ("dino", "selfpatch", "loca", "gtsa", "clove")},
+                 "supervised": {"train": TINY_TRAIN, "arch": {"vit-tiny-p8": {"train": TINY_TRAIN}}}},
     "evaluate": {"patchseg": {"epochs": 1, "batch_size": 4, "warmup_steps": 2}},
 }
 

@@ -32,7 +32,10 @@ def _mmseg_backbone(backbone: torch.nn.Module, final_norm: bool = False) -> torc
     cfg = build_mmseg_config(spec, s, Path("/unused"), "safetensors:///unused", (0.5,) * 3, (0.5,) * 3)
     bb = dict(cfg["model"]["backbone"])
     bb.pop("init_cfg")
-    return MODELS.build(bb).eval()
+    from mmengine.registry import DefaultScope
+
+    with DefaultScope.overwrite_default_scope("mmseg"):  # another toolkit's test may have set its own scope
+        return MODELS.build(bb).eval()
 
 
 @pytest.mark.parametrize("variant", [None, "selfpatch", "loca"])
