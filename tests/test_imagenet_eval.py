@@ -218,3 +218,26 @@ def test_report_finds_the_dino_readme_row_for_our_dino_run() -> None:
     released = Run(method="dino", arch="resnet50", data="imagenet", released=True)
     assert published_value(tables, "linear_imagenet", released, "linear_top1", False) == 75.3
     assert published_value(tables, "knn_imagenet", dino, "knn_top1", True, 100) is None  # synthetic data
+
+
+def test_a_vit_without_a_cls_token_is_read_by_its_mean_patch_token():
+    """SelfPatch's and LOCA's ViTs have no CLS token: k-NN and linear read the mean of the final-norm patch tokens
+    (per block for linear), checked against a manual forward."""
+    import torch
+
+    from densessl.evaluate.imagenet_features import global_feature, linear_feature
+    from densessl.models.backbones import create_backbone
+    from densessl.models.variants import variant_kwargs
+
+    torch.manual_seed(0)
+    vit = create_backbone("vit-tiny-p8", **variant_kwargs("loca")).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        tokens = vit.forward_features(x)
+        assert torch.allclose(global_feature(vit, x), tokens.mean(dim=1))
+        h = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+        outs = []
+        for block in vit.blocks:
+            h = block(h)
+            outs.append(vit.norm(h).mean(dim=1))
+        assert torch.allclose(linear_feature(vit, x, 2, False), torch.cat(outs[-2:], dim=-1), atol=1e-6)

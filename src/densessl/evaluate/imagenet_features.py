@@ -60,8 +60,9 @@ def global_feature(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
     if is_resnet(backbone):
         return tokens.mean(dim=1)  # ResNetTokens: the cells of the last map; their mean = avgpool + flatten
     if int(getattr(backbone, "num_prefix_tokens", 0)) < 1:
-        raise ConfigError(f"imagenet evaluation: {type(backbone).__name__} has no CLS token; DINO's k-NN "
-                          f"reads the CLS token (class_token=True ViTs) or a ResNet's pooled feature")
+        # SelfPatch's and LOCA's ViTs have no CLS token: their image feature is the mean patch token, as LOCA's
+        # own ViT pools (scenic, classifier "gap"); a deliberate difference from DINO's CLS readout
+        return tokens.mean(dim=1)
     return tokens[:, 0]
 
 
@@ -89,7 +90,9 @@ def linear_feature(backbone: nn.Module, images: torch.Tensor, n_last_blocks: int
     if is_resnet(backbone):
         return global_feature(backbone, images)
     inter = last_blocks(backbone, images, n_last_blocks)
-    output = torch.cat([x[:, 0] for x in inter], dim=-1)
+    # the CLS token of each block; a ViT without one (SelfPatch, LOCA) gives its mean patch token instead
+    cls = int(getattr(backbone, "num_prefix_tokens", 0)) >= 1
+    output = torch.cat([x[:, 0] if cls else x.mean(dim=1) for x in inter], dim=-1)
     if avgpool_patchtokens:
         if n_last_blocks != 1:  # the official cat of (B, nD, 1) with (B, D, 1) fails for n > 1
             raise ConfigError("imagenet linear: avgpool_patchtokens needs n_last_blocks 1 (the official code "

@@ -107,7 +107,7 @@ def run_detection(protocol: str, backbone_path: Path, manifest: Path, cfg: Detec
         raise ConfigError(f"evaluate.{protocol}.gpus is {cfg.gpus} (total batch {cfg.total_batch} at lr {cfg.lr}) "
                           f"but this run has {procs} process(es); launch {cfg.gpus} processes or set gpus (and lr) "
                           f"for the batch you run")
-    files = dataset_files(info["dataset"], data_root(manifest), converted=(Path(manifest).parent / "annotations").resolve())
+    files = dataset_files(info["dataset"], Path(data_root(manifest)).resolve(), converted=(Path(manifest).parent / "annotations").resolve())
     work_dir.mkdir(parents=True, exist_ok=True)
     exported = export_mmdet(backbone_path, work_dir / EXPORT_NAME, spec.family, info["detector"])
     config = build_config(protocol, spec, files, cfg, work_dir, exported)
