@@ -174,7 +174,9 @@ def _schedule(s: MMSegSettings) -> list[dict[str, Any]]:
     if s.warmup_iters == 0:
         return [poly]
     warm_end = min(s.warmup_iters, s.iterations)
-    return [dict(type="LinearLR", start_factor=s.warmup_ratio, by_epoch=False, begin=0, end=warm_end), poly]
+    warm = dict(type="LinearLR", start_factor=s.warmup_ratio, by_epoch=False, begin=0, end=warm_end)
+    # a run no longer than its warm-up (a few smoke iterations) has no poly phase: mmengine refuses begin == end
+    return [warm] if warm_end >= s.iterations else [warm, poly]
 
 
 def build_mmseg_config(spec: ViTSpec, s: MMSegSettings, data_root: Path, weights_uri: str,
