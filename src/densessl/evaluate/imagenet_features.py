@@ -24,8 +24,10 @@ from collections.abc import Callable
 import torch
 from PIL import Image
 from torch import nn
+from torch.utils.data import Dataset
 from torchvision import transforms as T
 
+from densessl.data.imagenet import LabelledImageFolder
 from densessl.errors import ConfigError
 from densessl.models.backbones import ResNetTokens
 
@@ -106,3 +108,16 @@ def linear_feature(backbone: nn.Module, images: torch.Tensor, n_last_blocks: int
 def feature_dim(backbone: nn.Module, embed_dim: int, n_last_blocks: int, avgpool_patchtokens: bool) -> int:
     """``embed_dim * (n_last_blocks + int(avgpool_patchtokens))`` for ViTs, the pooled width for ResNets."""
     return embed_dim if is_resnet(backbone) else embed_dim * (n_last_blocks + int(avgpool_patchtokens))
+
+
+class TransformedPairs(Dataset):
+    """(transformed image, class index) pairs of a labelled ImageFolder split, in its order."""
+
+    def __init__(self, folder: LabelledImageFolder, transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.folder, self.transform = folder, transform
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.folder[index]), self.folder.labels[index]

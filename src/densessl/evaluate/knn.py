@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from densessl.data.imagenet import LabelledImageFolder
 from densessl.errors import ConfigError
-from densessl.evaluate.imagenet_features import eval_sizes, eval_transform, global_feature
+from densessl.evaluate.imagenet_features import TransformedPairs, eval_sizes, eval_transform, global_feature
 from densessl.io import write_json
 from densessl.models.backbones import backbone_info
 
@@ -53,17 +53,6 @@ class KnnConfig:
             raise ConfigError(f"knn config: report_k={self.report_k} must be one of nb_knn={self.nb_knn}")
         if self.temperature <= 0 or self.batch_size < 1:
             raise ConfigError("knn config: temperature must be > 0 and batch_size >= 1")
-
-
-class _Transformed(Dataset):
-    def __init__(self, folder: LabelledImageFolder, transform: Any) -> None:
-        self.folder, self.transform = folder, transform
-
-    def __len__(self) -> int:
-        return len(self.folder)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.folder[index]), self.folder.labels[index]
 
 
 @torch.no_grad()
@@ -126,9 +115,9 @@ def run_knn(backbone: nn.Module, data_root: Path, cfg: KnnConfig, out_dir: Path 
     was_training = backbone.training
     backbone.to(dev)
     try:
-        train_f, train_y = extract(backbone, _Transformed(train, transform), cfg.batch_size, cfg.num_workers,
+        train_f, train_y = extract(backbone, TransformedPairs(train, transform), cfg.batch_size, cfg.num_workers,
                                    dev, "knn train features")
-        val_f, val_y = extract(backbone, _Transformed(val, transform), cfg.batch_size, cfg.num_workers, dev,
+        val_f, val_y = extract(backbone, TransformedPairs(val, transform), cfg.batch_size, cfg.num_workers, dev,
                                "knn val features")
     finally:
         backbone.train(was_training)

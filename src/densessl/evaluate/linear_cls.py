@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from densessl.data.imagenet import LabelledImageFolder
 from densessl.errors import ConfigError
 from densessl.evaluate.imagenet_features import (
+    TransformedPairs,
     eval_sizes,
     eval_transform,
     feature_dim,
@@ -214,7 +215,7 @@ def _train(backbone: nn.Module, train: LabelledImageFolder, val: LabelledImageFo
 
     augment = train_transform(crop, mean, std)
     items = SeededAugmentation(_Pairs(train), _AugmentPair(augment), cfg.seed)
-    val_loader = DataLoader(_EvalPairs(val, eval_transform(resize, crop, mean, std)),
+    val_loader = DataLoader(TransformedPairs(val, eval_transform(resize, crop, mean, std)),
                             batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers)
     n = len(train)
     per_epoch = math.ceil(n / cfg.batch_size)
@@ -261,13 +262,3 @@ def _train(backbone: nn.Module, train: LabelledImageFolder, val: LabelledImageFo
             "avgpool_patchtokens": None if is_resnet(backbone) else avgpool,
             "base_lr": base_lr, "history": progress["history"]}
 
-
-class _EvalPairs(Dataset):
-    def __init__(self, folder: LabelledImageFolder, transform: Any) -> None:
-        self.folder, self.transform = folder, transform
-
-    def __len__(self) -> int:
-        return len(self.folder)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.folder[index]), self.folder.labels[index]
