@@ -36,7 +36,8 @@ $(STAMP): envs/requirements.lock pyproject.toml Makefile envs/build_mmcv.py | $(
 	touch $(STAMP)
 
 # After the DAG: `densessl check-report` fails unless the supervised reference beats the best random-init seed of
-# its network on every protocol (docs/learning_signal.md); the methods' own margins are reported, not checked.
+# its network on every protocol that enforces the check (baselines.protocols.<p>.enforce_reference_check;
+# docs/learning_signal.md); the methods' own margins are reported, not checked.
 smoke: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --config preset=smoke $(SMOKE_ARGS)
 	@echo; cat results/smoke/report/report.md; echo; echo "report: results/smoke/report/index.html"
