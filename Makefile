@@ -25,7 +25,7 @@ $(BIN)/uv: | $(BIN)/python
 # machines) each one would recompile torch and timm from source: 9.4 s → 3.6 s per process (measured). A few
 # packages ship non-Python-3.11 test fixtures that compileall reports and skips, hence `|| true`.
 # envs/build_mmcv.py: mmcv has no wheel for our torch on PyPI; the script compiles the hash-pinned sdist once per
-# machine (about 15 minutes on 2 cores), keeps the wheel in $${DENSESSL_WHEEL_CACHE:-~/.cache/densessl/wheels}
+# machine (75 minutes measured on 2 busy cores), keeps the wheel in $${DENSESSL_WHEEL_CACHE:-~/.cache/densessl/wheels}
 # and installs it (seconds when cached). It runs after the lock install, which brings mmcv's build requirements.
 $(STAMP): envs/requirements.lock pyproject.toml Makefile envs/build_mmcv.py | $(BIN)/uv
 	$(BIN)/uv pip install --python $(BIN)/python --require-hashes -r envs/requirements.lock

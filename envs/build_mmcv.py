@@ -5,7 +5,7 @@ published against torch 2.14: torch's headers require C++20 while mmcv 2.1.0's `
 ``-std=c++14``/``-std=c++17`` to the compiler (and nvcc). We fetch the pinned sdist, refuse it unless its
 sha256 matches, rewrite those flags to ``-std=c++20``, build a wheel without build isolation against the torch
 that is installed (CPU ops on a machine without CUDA, CUDA ops where torch sees CUDA and nvcc exists), keep the
-wheel in a cache keyed by (mmcv version, torch version, python tag, CPU/CUDA) so the 14-minute compile happens
+wheel in a cache keyed by (mmcv version, torch version, python tag, CPU/CUDA) so the long compile happens
 once per machine, and install it. The build tree lives in the cache folder until its wheel exists, so an
 interrupted compile continues where it stopped on the next run. The build needs a setuptools that still ships ``pkg_resources`` (< 81,
 because mmcv's ``setup.py`` imports it); the lock pins one.
@@ -213,7 +213,7 @@ def build_wheel(target: Target, out_dir: Path, build_root: Path) -> Path:
     env["FORCE_CUDA"] = "1" if target.device.startswith("cuda") else "0"
     if not target.device.startswith("cuda"):
         env["CUDA_VISIBLE_DEVICES"] = ""  # setup.py asks torch.cuda.is_available() itself
-    print(f"build_mmcv: compiling {target.key} with MAX_JOBS={env['MAX_JOBS']} (about 14 min on 2 idle cores)",
+    print(f"build_mmcv: compiling {target.key} with MAX_JOBS={env['MAX_JOBS']} (long: 75 min measured on 2 busy cores)",
           flush=True)
     # pip builds a local folder in place, so the objects of an interrupted attempt stay in src/build
     cmd = [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-index",
