@@ -147,7 +147,7 @@ def test_grid_points_resolve_to_their_base_with_fixed_settings() -> None:
     assert EVALUATIONS["patchseg_coco_things.majority-mlp"]["fixed"]["class_set"] == "things"
     assert "patchseg_coco.union-linear" in EVALUATIONS and "patchseg_coco.union-cnn" not in EVALUATIONS
     assert protocol_base("patchseg_coco.majority-mlp") == "patchseg_coco" and protocol_base("davis2017") == "davis2017"
-    assert len(patchseg_grid("patchseg_coco")) == 9
+    assert len(patchseg_grid("patchseg_coco")) == 11  # 3 reductions x 3 heads + the 2 union-only heads
     assert "patchseg_coco.union-linear" not in list(EVALUATIONS)  # iteration lists the base protocols
 
 

@@ -3,7 +3,8 @@
 Follows iancovert/patch-seg @ fc14f36 (benchmark of arXiv 2410.11087): largest centred square crop,
 resize to the backbone's native size (bilinear image, nearest mask), backbone mean/std; the mask is reduced
 to one label set per patch (``union`` / ``majority``) or per image (``global-union``); a small head
-(``linear`` / ``mlp`` / ``transformer``) is trained with AdamW + timm's cosine schedule (per update, linear
+(``linear`` / ``mlp`` / ``transformer``, and for ``union`` the intervention heads ``transformer-cls`` /
+``transformer-separate``: patchseg_heads.py) is trained with AdamW + timm's cosine schedule (per update, linear
 warm-up from 0) and validated every epoch; the epoch with the best validation macro recall is reported.
 
 Also official, off by default as in ``scripts/train.py``: ``class_set='things'`` (``CocoPatchDataset``'s
@@ -46,7 +47,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 from tqdm.auto import tqdm
@@ -66,20 +66,27 @@ from densessl.evaluate.patchseg_data import (  # noqa: F401  (re-exported: the p
 )
 from densessl.evaluate.patchseg_features import (  # noqa: F401
     FeatureSource,
-    MLPHead,
-    TransformerHead,
     _train_mode_is_stochastic,
     estimate_cache_bytes,
     extract_features,
-    feature_mode,
     prune_blocks,
 )
+from densessl.evaluate.patchseg_heads import (  # noqa: F401
+    HEADS,
+    UNION_ONLY_HEADS,
+    MLPHead,
+    TransformerHead,
+    TransformerIntervention,
+    build_head,
+    check_head,
+    feature_mode,
+)
+from densessl.evaluate.patchseg_loss import class_weights, patchseg_loss  # noqa: F401
 from densessl.evaluate.patchseg_results import CSV_COLUMNS, csv_header, csv_row  # noqa: F401
 from densessl.io import write_json
 from densessl.models.backbones import backbone_info
 
 DATASETS = ("coco", "ade20k")
-HEADS = ("linear", "mlp", "transformer")
 PRECISIONS = ("bf16", "fp32")
 
 
@@ -89,7 +96,7 @@ class PatchSegConfig:
 
     dataset: str = "coco"  # --dataset coco | ade20k
     label_reduction: str = "union"  # --label-reduction (official default union)
-    head: str = "transformer"  # --output-head (official default transformer)
+    head: str = "transformer"  # --output-head (official default transformer; -cls / -separate: union only)
     hidden_size: int = 1024  # --hidden-size (mlp head)
     num_layers: int = 2  # --num-layers (transformer head)
     batch_size: int = 32  # --batch-size
@@ -113,6 +120,9 @@ class PatchSegConfig:
     full_finetune: bool = False  # --full-finetune: train the backbone with the head (no feature cache)
     size_buckets: int = 10  # SizeUnionMetricsHelper(num_buckets) of the union validation; 0 = off
 
+    def __post_init__(self) -> None:
+        self.validate()  # the settings check builds this class when the configuration loads: errors surface then
+
     def validate(self) -> None:
         for name, value, allowed in (("dataset", self.dataset, DATASETS),
                                      ("label_reduction", self.label_reduction, LABEL_REDUCTIONS),
@@ -131,62 +141,12 @@ class PatchSegConfig:
                               f"class_set: all for {self.dataset}")
         if self.skip_blocks < 0 or self.size_buckets < 0:
             raise ConfigError("patchseg config: skip_blocks and size_buckets must be >= 0")
+        check_head(self.head, self.label_reduction)
 
 
 def open_split(cfg: PatchSegConfig, data_root: Path, split: str) -> tuple[PairedSegmentationFolder, int]:
     limit = cfg.max_train_items if split == "train" else cfg.max_val_items
     return open_patchseg_split(cfg.dataset, cfg.class_set, data_root, split, limit)
-
-
-def build_head(cfg: PatchSegConfig, embed_dim: int, num_heads: int, num_prefix_tokens: int, num_patches: int,
-               num_classes: int) -> nn.Module:
-    if cfg.head == "linear":
-        return nn.Linear(embed_dim, num_classes)
-    if cfg.head == "mlp":
-        return MLPHead(embed_dim, cfg.hidden_size, num_classes)
-    if cfg.label_reduction == "global-union":
-        mode = "keep_prefix" if num_prefix_tokens > 0 else "mean"
-    else:
-        mode = "keep_suffix"
-    return TransformerHead(embed_dim, num_heads, num_classes, num_patches + num_prefix_tokens,
-                           num_prefix_tokens, mode, cfg.num_layers)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Loss
-# ----------------------------------------------------------------------------------------------------------
-
-def class_weights(source: FeatureSource, reduction: str, num_classes: int, max_weight: float) -> torch.Tensor:
-    """``pos_weight`` (BCE: neg_c / pos_c) or CE weights (N / (K n_c)) from the training targets."""
-    pos = torch.zeros(num_classes, dtype=torch.float64)
-    total = 0
-    for targets in source.all_targets():
-        if reduction == "majority":
-            pos += torch.bincount(targets.reshape(-1).long(), minlength=num_classes).double()
-            total += targets.numel()
-        else:
-            flat = targets.reshape(-1, num_classes)
-            pos += flat.double().sum(0)
-            total += flat.shape[0]
-    w = torch.ones(num_classes, dtype=torch.float64)
-    seen = pos > 0
-    if reduction == "majority":
-        w[seen] = total / (int(seen.sum()) * pos[seen])
-    else:
-        w[seen] = (total - pos[seen]) / pos[seen]
-    return w.clamp(max=max_weight).float()
-
-
-def patchseg_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str,
-                  weight: torch.Tensor | None) -> torch.Tensor:
-    """Official ``UnionLoss`` / ``MajorityLoss`` / ``GlobalUnionLoss`` (+ optional class weights)."""
-    c = logits.shape[-1]
-    if reduction == "majority":
-        return F.cross_entropy(logits.reshape(-1, c), targets.reshape(-1).long(), weight=weight)
-    if reduction == "global-union":
-        logits = logits[:, 0]
-    return F.binary_cross_entropy_with_logits(logits.reshape(-1, c), targets.reshape(-1, c).to(logits.dtype),
-                                              pos_weight=weight)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -311,8 +271,8 @@ def _run(backbone: nn.Module, data_root: Path, cfg: PatchSegConfig, out_dir: Pat
     total_steps = cfg.epochs * steps_per_epoch
 
     torch.manual_seed(cfg.seed)
-    head = build_head(cfg, info.embed_dim, info.num_heads, info.num_prefix_tokens, num_patches,
-                      num_classes).to(dev)
+    head = build_head(cfg.head, cfg.label_reduction, info.embed_dim, info.num_heads, info.num_prefix_tokens,
+                      num_patches, num_classes, cfg.hidden_size, cfg.num_layers).to(dev)
     weight = None
     if cfg.class_balanced:
         weight = class_weights(sources["train"], cfg.label_reduction, num_classes,

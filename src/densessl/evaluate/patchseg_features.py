@@ -1,8 +1,8 @@
-"""Patch-Seg features and heads: which backbone tokens the head reads, the official heads, and the batches of
-features (cached once in memory, or streamed through the backbone) the probe trains on.
+"""Patch-Seg features: the backbone tokens a head reads (cut to its token mode), block pruning, and the batches
+of features (cached once in memory, or streamed through the backbone) the probe trains on.
 
-iancovert/patch-seg @ fc14f36: ``scripts/train.py`` (``prepare_backbone``: token mode), ``patchseg/model.py``
-(``MLP``, ``Transformer``), ``patchseg/vision_backbones.py`` (``modify_backbone``).
+iancovert/patch-seg @ fc14f36: ``patchseg/vision_backbones.py`` (``modify_backbone``, ``keep_prefix``,
+``keep_suffix``, ``keep_mean``). The heads and the token mode each reads are in ``patchseg_heads.py``.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
-from timm.layers import Mlp
-from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -21,15 +19,6 @@ from tqdm.auto import tqdm
 from densessl.errors import ConfigError
 from densessl.evaluate.patchseg_data import PatchSegData
 from densessl.models.backbones import ResNetTokens
-
-
-def feature_mode(head: str, reduction: str, num_prefix_tokens: int) -> str:
-    """Which tokens the backbone hands to the head (official ``prepare_backbone``)."""
-    if head in ("linear", "mlp"):
-        if reduction == "global-union":
-            return "keep_prefix" if num_prefix_tokens > 0 else "mean"
-        return "keep_suffix"
-    return "keep_all"
 
 
 def extract_features(backbone: nn.Module, images: torch.Tensor, mode: str) -> torch.Tensor:
@@ -45,48 +34,6 @@ def extract_features(backbone: nn.Module, images: torch.Tensor, mode: str) -> to
     if mode == "mean":
         return tokens.mean(dim=1, keepdim=True)
     raise ValueError(f"unknown feature mode {mode!r}")
-
-
-class MLPHead(nn.Module):
-    """Official ``MLP``: Linear - GELU - Linear per token."""
-
-    def __init__(self, in_dim: int, hidden: int, out_dim: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(in_dim, hidden)
-        self.gelu = nn.GELU()
-        self.fc2 = nn.Linear(hidden, out_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.gelu(self.fc1(x)))
-
-
-class TransformerHead(nn.Module):
-    """Official ``Transformer`` head: learned PE N(0, 0.02) over all tokens, LN, timm Blocks (qkv_bias
-    False, LayerScale 0.01, mlp_ratio 4, no dropout), LN, Linear; output patch tokens (``keep_suffix``),
-    the prefix mean (``keep_prefix``) or the token mean (``mean``)."""
-
-    def __init__(self, embed_dim: int, num_heads: int, num_classes: int, num_tokens: int,
-                 num_prefix_tokens: int, mode: str, num_layers: int) -> None:
-        super().__init__()
-        self.num_prefix_tokens = num_prefix_tokens
-        self.mode = mode
-        self.pos_embed = nn.Parameter(torch.randn(num_tokens, embed_dim) * 0.02)
-        self.norm_pre = nn.LayerNorm(embed_dim)
-        self.blocks = nn.Sequential(*[
-            Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=4, qkv_bias=False, qk_norm=False,
-                  init_values=0.01, proj_drop=0.0, attn_drop=0.0, drop_path=0.0, norm_layer=nn.LayerNorm,
-                  act_layer=nn.GELU, mlp_layer=Mlp)
-            for _ in range(num_layers)])
-        self.norm = nn.LayerNorm(embed_dim)
-        self.head = nn.Linear(embed_dim, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.head(self.norm(self.blocks(self.norm_pre(x + self.pos_embed))))
-        if self.mode == "keep_suffix":
-            return x[:, self.num_prefix_tokens:]
-        if self.mode == "keep_prefix":
-            return x[:, : self.num_prefix_tokens].mean(dim=1, keepdim=True)
-        return x.mean(dim=1, keepdim=True)
 
 
 def _train_mode_is_stochastic(module: nn.Module) -> bool:
