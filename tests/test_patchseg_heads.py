@@ -41,8 +41,8 @@ class TokenBackbone(nn.Module):
         return x
 
 
-def _head(name: str, prefix: int) -> nn.Module:
-    torch.manual_seed(0)
+def _head(name: str, prefix: int, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
     return build_head(name, "union", D, HEADS_N, prefix, P, C, hidden_size=8, num_layers=2).eval()
 
 
@@ -215,13 +215,12 @@ def _train(head: nn.Module, batch: object, steps: int = 150) -> tuple[float, flo
     return before, accuracy()
 
 
-def test_cls_head_paints_a_layout_from_the_global_token_alone() -> None:
+def cls_task(seed: int) -> tuple[float, float, float]:
     """Each image is one of 4 types; its global token is the type's code (plus noise) and each type has its
-    own fixed layout of 3 classes over 16 patches. The answer needs both the global token (which type) and
-    the latent tokens (which patch): the best prediction from the position alone is right on 56 % of patches
-    (computed below); measured: 28-42 % before training, 100 % after 150 steps (seeds 0-3)."""
+    own fixed layout of 3 classes over 16 patches. Returns (accuracy before, after, best accuracy from the
+    patch position alone)."""
     torch.set_num_threads(1)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     codes, layouts = torch.randn(4, D, generator=g), torch.randint(0, C, (4, P), generator=g)
 
     def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,24 +228,36 @@ def test_cls_head_paints_a_layout_from_the_global_token_alone() -> None:
         return (codes[k] + 0.1 * torch.randn(n, D, generator=g))[:, None], layouts[k]
 
     position_only = sum(torch.bincount(layouts[:, p], minlength=C).max().item() for p in range(P)) / (4 * P)
-    before, after = _train(_head("transformer-cls", 1), batch)
-    assert position_only == pytest.approx(0.5625)
-    assert before < 0.5 and after > 0.95
+    return (*_train(_head("transformer-cls", 1, seed), batch), position_only)
 
 
-def test_separate_head_reads_each_patch_from_its_token() -> None:
-    """Patch token p = position code p + class code of its (random) class; the prefix token is noise. Latent
-    token p must find the backbone token carrying position code p: chance is 1/3; measured: 32-35 % before
-    training, 99.7-100 % after 150 steps (seeds 0-3)."""
+def separate_task(seed: int) -> tuple[float, float]:
+    """Patch token p = position code p + the code of its (random) class; the prefix token is noise. Latent
+    token p must find the backbone token that carries position code p. Returns (accuracy before, after)."""
     torch.set_num_threads(1)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     positions, classes = torch.randn(P, D, generator=g), torch.randn(C, D, generator=g)
 
     def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         y = torch.randint(0, C, (n, P), generator=g)
         return torch.cat([torch.randn(n, 1, D, generator=g), positions + classes[y]], 1), y
 
-    before, after = _train(_head("transformer-separate", 1), batch)
+    return _train(_head("transformer-separate", 1, seed), batch)
+
+
+def test_cls_head_paints_a_layout_from_the_global_token_alone() -> None:
+    """The answer needs both the global token (which type) and the latent tokens (which patch). Measured
+    (``cls_task``, seeds 0-3): 23-42 % of patches right before training, 100 % after 150 steps; from the
+    position alone at best 53-58 %."""
+    before, after, position_only = cls_task(0)
+    assert position_only == pytest.approx(36 / 64)
+    assert before < 0.5 and after > 0.95
+
+
+def test_separate_head_reads_each_patch_from_its_token() -> None:
+    """Chance is 1/3. Measured (``separate_task``, seeds 0-3): 31-35 % right before training, 100 % after
+    150 steps."""
+    before, after = separate_task(0)
     assert before < 0.45 and after > 0.95
 
 
