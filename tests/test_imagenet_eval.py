@@ -74,6 +74,21 @@ def test_knn_default_values_are_the_official_ones() -> None:
         KnnConfig(nb_knn=[10], report_k=20).validate()
 
 
+def test_linear_default_values_are_the_official_ones() -> None:
+    # eval_linear.py: --epochs 100, --lr 0.001 (at batch 256), --batch_size_per_gpu 128, SGD momentum 0.9 and
+    # weight_decay 0 (hard-coded), --val_freq 1; LinearClassifier: weight N(0, 0.01), bias 0
+    cfg = LinearClsConfig()
+    assert (cfg.epochs, cfg.lr, cfg.batch_size, cfg.momentum, cfg.weight_decay, cfg.val_freq) == \
+        (100, 0.001, 128, 0.9, 0.0, 1)
+    torch.manual_seed(0)
+    head = linear_cls.LinearClassifier(384 * 4, 1000)
+    assert torch.all(head.linear.bias == 0)
+    assert head.linear.weight.std().item() == pytest.approx(0.01, rel=0.01)  # 1.5M draws: within 1 %
+    # the schedule: CosineAnnealingLR(epochs, eta_min=0) per epoch from lr x 128 / 256; epoch 50 of 100 is half
+    assert cosine_epoch_lr(0.001 * 128 / 256, 0, 100) == 0.0005
+    assert cosine_epoch_lr(0.001 * 128 / 256, 50, 100) == pytest.approx(0.00025, rel=1e-12)
+
+
 # ---------------------------------------------------------------- the features each protocol reads
 
 def test_linear_input_of_vit_s_is_its_last_four_normed_cls_tokens() -> None:
