@@ -1,6 +1,6 @@
 """Patch-Seg output heads and the backbone tokens each one reads.
 
-iancovert/patch-seg @ fc14f36 (the files are unchanged since aa1a321):
+iancovert/patch-seg @ fc14f36:
 
 * ``scripts/train.py``: ``prepare_backbone`` (the token mode the backbone's forward is cut to) and
   ``prepare_output_head`` (which head, its output mode, ``assert label_reduction == "union"`` for the two
@@ -13,7 +13,7 @@ The heads (``--output-head``):
   tokens, for ``global-union``);
 * ``transformer`` (official default): a learned positional embedding over all backbone tokens, then blocks;
   predictions are read at the patch tokens (or pooled for ``global-union``);
-* ``transformer-cls`` and ``transformer-separate`` (the locality-alignment interventions, ``union`` only):
+* ``transformer-cls`` and ``transformer-separate`` (the official intervention heads, ``union`` only):
   ``TransformerIntervention`` appends one learned latent token per patch, with no positional embedding on the
   backbone tokens, and reads the predictions at the latent tokens. ``-cls`` gives it only the backbone's
   prefix token (the mean of the prefix tokens, or the mean of all tokens for a backbone without one), so every
