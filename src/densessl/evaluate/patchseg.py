@@ -76,7 +76,7 @@ from densessl.evaluate.patchseg_features import (  # noqa: F401
 from densessl.evaluate.patchseg_results import CSV_COLUMNS, csv_header, csv_row  # noqa: F401
 from densessl.io import write_json
 from densessl.models.backbones import backbone_info
-from densessl.progress import Progress
+from densessl.progress import Progress, track
 
 DATASETS = ("coco", "ade20k")
 HEADS = ("linear", "mlp", "transformer")
@@ -222,7 +222,9 @@ def evaluate_head(head: nn.Module, source: FeatureSource, cfg: PatchSegConfig, n
     batches = [list(range(i, min(n, i + cfg.batch_size))) for i in range(0, n, cfg.batch_size)]
     total_loss, total = 0.0, 0
     with torch.no_grad():
-        for feats, targets in source.iterate(batches):
+        # a streamed split runs the backbone here (a cached one is a quick pass over stored features)
+        for feats, targets in track(source.iterate(batches), f"patchseg {cfg.dataset} validate", total=len(batches),
+                                    unit="batch", items_of=lambda b: len(b[0]), bar=True, enabled=not source.cached):
             with autocast():
                 logits = head(feats)
                 loss = patchseg_loss(logits, targets, cfg.label_reduction, weight)
