@@ -139,3 +139,12 @@ def test_track_counts_items_and_closes_without_a_done_line_when_the_loop_breaks(
     for _ in track(batches, "broken", interval=0, clock=clock):
         break
     assert not any("done in" in m for m in _messages(records))
+
+
+def test_the_cli_refuses_a_bad_interval_before_any_work(tmp_path, monkeypatch, capsys) -> None:
+    from densessl.cli import main
+
+    monkeypatch.setenv(INTERVAL_ENV, "soon")
+    assert main(["synthesize", "--dataset", "imagenet", "--out", str(tmp_path / "out")]) == 2
+    assert f"densessl synthesize: error: {INTERVAL_ENV}='soon'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
+        from densessl.progress import progress_interval
+
+        progress_interval()  # a bad $DENSESSL_PROGRESS_INTERVAL fails here, not hours into a stage
         if args.stage == "doctor":
             doctor()
         elif args.stage == "synthesize":
