@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import tarfile
 import zipfile
 from pathlib import Path
@@ -118,11 +119,16 @@ def test_tar_gz_dataset_progress_lines_and_the_manifest_records_checksums(server
     serve(handler, "inat", archives)
     catalog = load_catalog(override_for("inat", archives))
     root = tmp_path / "inat"
-    with caplog.at_level("INFO", logger="densessl.data"):
-        ensure_dataset("inat", root, mirror=base, catalog=catalog, interval=0.0)
-    lines = [r.getMessage() for r in caplog.records]
-    assert any(m.startswith("download train_val2019.tar.gz:") and "/s" in m and "ETA" in m for m in lines)
-    assert any(m.startswith("extract train_val2019.tar.gz:") for m in lines)
+    monkeypatch.setenv("DENSESSL_PROGRESS_INTERVAL", "0")  # a line per block: the interval a user sets
+    with caplog.at_level("INFO", logger="densessl.progress"):
+        ensure_dataset("inat", root, mirror=base, catalog=catalog)
+    lines = [r.getMessage() for r in caplog.records if r.name == "densessl.progress"]
+    size = r"[\d.]+ [KMG]?B"
+    for verb in ("download", "SHA-256 of", "extract"):  # bytes/total (percent) · rate · elapsed · ETA, then the end
+        pattern = rf"{verb} train_val2019\.tar\.gz(\.part)? {size}/{size} \([\d.]+ %\) · {size}/s · elapsed \w+ · ETA \w+"
+        assert any(re.fullmatch(pattern, m) for m in lines), (verb, lines)
+        assert any(re.fullmatch(pattern + r" · done in \w+", m) for m in lines), (verb, lines)
+    assert not any("\r" in m for m in lines)
     # the paper-scale data stage records the verified checksums in the manifest
     from densessl.config import load_config
     from densessl.stages.data import run_data

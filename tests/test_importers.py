@@ -407,7 +407,7 @@ def loca_tree(seed: int) -> dict:
 
 
 def loca_heads() -> dict:
-    """Head subtrees as named in the released files (issues #1104, #1106) plus the position head."""
+    """Head subtrees as named in the released files (google-research/scenic#1104, #1106) plus the position head."""
     z = np.zeros
     return {"output_projection": {"Dense_0": {"kernel": z((D, 32), np.float32), "bias": z(32, np.float32)},
                                   "prototypes": {"kernel": z((32, 64), np.float32)}},

@@ -5,6 +5,7 @@ allow-list, the safetensors loader, and the device check."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -148,3 +149,17 @@ def test_run_fields_and_device_check(tmp_path: Path, monkeypatch: pytest.MonkeyP
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA device is visible"):
             train_and_test(toy_cfg(), ToolkitRun(work_dir=tmp_path / "w", scope="mmengine", device="cuda"))
+
+
+def test_the_toolkit_logs_iteration_lr_and_eta_lines_to_stdout(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    """mmengine's LoggerHook writes a line every ``interval`` iterations to stdout, which the evaluate rule sends
+    to the stage's log file (``> {log} 2>&1``), and the same lines to ``work_dir/<timestamp>/<timestamp>.log``."""
+    train_and_test(toy_cfg(iters=4), ToolkitRun(work_dir=tmp_path / "w", scope="mmengine", device="cpu"))
+    out = capfd.readouterr().out
+    lines = [line for line in out.splitlines() if "Iter(train)" in line]
+    assert len(lines) == 4, out  # interval 1
+    for i, line in enumerate(lines, start=1):
+        assert re.search(rf"Iter\(train\) \[{i}/4\]\s+lr: \S+\s+eta: \d+:\d\d:\d\d\s+time: ", line), line
+    assert "\r" not in out
+    logged = list((tmp_path / "w").glob("*/*.log"))
+    assert logged and "Iter(train) [4/4]" in logged[0].read_text()

@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coco-root", type=Path, default=None,
                    help="lvis only: a prepared COCO root; its images/{train2017,val2017} are linked into the LVIS root")
     p.add_argument("--retries", type=int, default=5, help="retries in a row per file (default 5)")
-    p.add_argument("--log-interval", type=float, default=10.0, help="seconds between progress lines (default 10)")
+    p.add_argument("--log-interval", type=float, default=None,
+                   help="seconds between progress lines (default: $DENSESSL_PROGRESS_INTERVAL, else 30)")
 
     p = sub.add_parser("datasets", help="list every dataset: files, sizes, checksums, manual or not, and what is "
                                         "present and verified under the configured roots")
@@ -194,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
+        from densessl.progress import progress_interval
+
+        progress_interval()  # a bad $DENSESSL_PROGRESS_INTERVAL fails here, not hours into a stage
         if args.stage == "doctor":
             doctor()
         elif args.stage == "synthesize":

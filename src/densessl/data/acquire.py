@@ -29,9 +29,9 @@ from densessl.data.catalog import DatasetSpec, FileSpec, dataset_spec, load_cata
 from densessl.data.download import VERIFIED_SUFFIX, download, identify, verify_file
 from densessl.data.extract import extract
 from densessl.data.prepare import PREPARERS, link_coco_images
-from densessl.data.progress import human_bytes
 from densessl.errors import DataError
 from densessl.io import read_json, write_json
+from densessl.progress import human_bytes
 
 MARKER = ".densessl-dataset.json"
 STATE = ".densessl-state"
@@ -90,7 +90,7 @@ def check_counts(ds: DatasetSpec, root: Path) -> dict[str, int]:
 
 def ensure_dataset(name: str, root: str | Path, mirror: str | None = None, catalog: dict[str, DatasetSpec] | None = None,
                    downloads: str | Path | None = None, retries: int = 5, backoff: float = 2.0,
-                   interval: float = 10.0, coco_root: str | Path | None = None) -> dict[str, Any]:
+                   interval: float | None = None, coco_root: str | Path | None = None) -> dict[str, Any]:
     """Bring dataset ``name`` to its prepared, verified layout under ``root``; return the completion marker.
 
     ``coco_root`` (LVIS only): a prepared COCO root whose images the LVIS root links to."""

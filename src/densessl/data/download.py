@@ -26,8 +26,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from densessl.data.progress import Progress
 from densessl.errors import DataError
+from densessl.progress import Progress
 
 CHUNK = 1 << 20
 RETRYABLE_HTTP = {408, 425, 429, 500, 502, 503, 504}
@@ -42,14 +42,15 @@ def _open(request: urllib.request.Request, timeout: float):  # noqa: ANN202 (an 
     return urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 (addresses come from the catalog/config)
 
 
-def file_digest(path: Path, algorithm: str = "sha256", what: str | None = None, interval: float = 10.0) -> str:
+def file_digest(path: Path, algorithm: str = "sha256", what: str | None = None, interval: float | None = None) -> str:
     digest = hashlib.new(algorithm)
     progress = Progress(what or f"{ALGORITHM_NAMES.get(algorithm, algorithm)} of {path.name}",
-                        path.stat().st_size, interval=interval)
+                        path.stat().st_size, unit="B", interval=interval)
     with open(path, "rb") as f:
         while block := f.read(CHUNK):
             digest.update(block)
             progress.update(len(block))
+    progress.finish()
     return digest.hexdigest()
 
 
@@ -76,7 +77,7 @@ def _set_aside(path: Path, actual: str) -> Path:
 
 
 def verify_file(path: Path, checksum: tuple[str, str] | None, size: int | None, source: str = "",
-                cache: bool = True, label: str | None = None, interval: float = 10.0) -> str | None:
+                cache: bool = True, label: str | None = None, interval: float | None = None) -> str | None:
     """Check ``path``'s size and checksum; return the digest (None where no checksum is published).
 
     A mismatching file is moved aside and a DataError names it with the expected and actual values. With
@@ -120,7 +121,7 @@ def verify_file(path: Path, checksum: tuple[str, str] | None, size: int | None, 
     return actual
 
 
-def identify(path: Path, interval: float = 10.0) -> str:
+def identify(path: Path, interval: float | None = None) -> str:
     """SHA-256 of a file that has no published checksum (cached like a verified one), so the data manifest still
     records the identity of exactly the bytes that were prepared."""
     path = Path(path)
@@ -146,7 +147,7 @@ def _write_sidecar(path: Path, algorithm: str, digest: str) -> None:
         + "\n", encoding="utf-8")
 
 
-def _transfer(url: str, part: Path, timeout: float, interval: float, label: str) -> bool:
+def _transfer(url: str, part: Path, timeout: float, interval: float | None, label: str) -> bool:
     """One HTTP request continuing ``part``. True when the server says the file is complete; raises
     ``_Retryable`` for faults worth another try and DataError for the rest."""
     offset = part.stat().st_size if part.is_file() else 0
@@ -170,7 +171,7 @@ def _transfer(url: str, part: Path, timeout: float, interval: float, label: str)
         total = start + length if length is not None else None
         if offset and not resumed:
             log.info(f"{label}: the server ignored the Range request; starting over")
-        progress = Progress(f"download {label}", total, initial=start, interval=interval)
+        progress = Progress(f"download {label}", total, unit="B", initial=start, interval=interval)
         got = 0
         try:
             with open(part, "ab" if resumed else "wb") as f:
@@ -196,7 +197,7 @@ class _Retryable(Exception):
 
 def download(url: str, dest: str | os.PathLike[str], checksum: tuple[str, str] | None = None,
              size: int | None = None, source: str = "", retries: int = 5, backoff: float = 2.0,
-             timeout: float = 60.0, interval: float = 10.0, cache: bool = True) -> Path:
+             timeout: float = 60.0, interval: float | None = None, cache: bool = True) -> Path:
     """Download ``url`` to ``dest`` unless ``dest`` already holds the verified file; return ``dest``.
 
     Faults are retried up to ``retries`` times in a row (a try that received bytes resets the count), waiting
@@ -235,4 +236,4 @@ def download(url: str, dest: str | os.PathLike[str], checksum: tuple[str, str] |
 def fetch(url: str, dest: str | Path, sha256: str, timeout: float = 60.0, progress: bool = True) -> Path:
     """Download ``url`` to ``dest`` unless ``dest`` already holds the file with checksum ``sha256``."""
     return download(url, dest, ("sha256", sha256.lower()), timeout=timeout, cache=False,
-                    interval=10.0 if progress else float("inf"))
+                    interval=None if progress else float("inf"))

@@ -18,8 +18,8 @@ import zipfile
 import zlib
 from pathlib import Path
 
-from densessl.data.progress import Progress
 from densessl.errors import DataError
+from densessl.progress import Progress
 
 
 class _Refused(DataError):
@@ -52,7 +52,7 @@ def _zip_link(info: zipfile.ZipInfo) -> bool:
     return stat.S_ISLNK(info.external_attr >> 16)
 
 
-def _extract_zip(archive: Path, target: Path, interval: float) -> int:
+def _extract_zip(archive: Path, target: Path, interval: float | None) -> int:
     root = str(target.resolve())
     try:
         zf = zipfile.ZipFile(archive)
@@ -63,7 +63,8 @@ def _extract_zip(archive: Path, target: Path, interval: float) -> int:
         infos = zf.infolist()
         for info in infos:
             _check(archive, root, info.filename, zf.read(info).decode("utf-8", "replace") if _zip_link(info) else None)
-        progress = Progress(f"extract {archive.name}", sum(i.compress_size for i in infos), interval=interval)
+        progress = Progress(f"extract {archive.name}", sum(i.compress_size for i in infos), unit="B",
+                            interval=interval)
         count = 0
         for info in infos:
             try:
@@ -91,13 +92,13 @@ def _check_tar_member(archive: Path, root: str, m: tarfile.TarInfo) -> None:
     _check(archive, root, m.name, m.linkname if (m.issym() or m.islnk()) else None, hard=m.islnk())
 
 
-def _extract_tar(archive: Path, target: Path, compressed: bool, interval: float) -> int:
+def _extract_tar(archive: Path, target: Path, compressed: bool, interval: float | None) -> int:
     root = str(target.resolve())
     size = archive.stat().st_size
     count = 0
     try:
         with open(archive, "rb") as raw:
-            progress = Progress(f"extract {archive.name}", size, interval=interval)
+            progress = Progress(f"extract {archive.name}", size, unit="B", interval=interval)
             if compressed:
                 tf = tarfile.open(fileobj=raw, mode="r|gz")
                 members = tf
@@ -128,7 +129,7 @@ def _extract_tar(archive: Path, target: Path, compressed: bool, interval: float)
 
 
 def extract(archive: str | os.PathLike[str], target: str | os.PathLike[str], fmt: str,
-            interval: float = 10.0) -> int:
+            interval: float | None = None) -> int:
     """Extract ``archive`` (``zip`` | ``tar`` | ``tar.gz``) into ``target``; return the number of files written."""
     archive, target = Path(archive), Path(target)
     target.mkdir(parents=True, exist_ok=True)

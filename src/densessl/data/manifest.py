@@ -14,6 +14,7 @@ from typing import Any
 
 from densessl.errors import DataError
 from densessl.io import read_json
+from densessl.progress import Progress
 
 FULL_HASH_LIMIT_BYTES = 2 << 30
 
@@ -73,6 +74,7 @@ def fingerprint(root: Path) -> dict[str, Any]:
     total = sum(p.stat().st_size for p in files)
     listing = hashlib.sha256()
     content = hashlib.sha256() if total <= FULL_HASH_LIMIT_BYTES else None
+    lines = Progress(f"fingerprint {root}", len(files), unit="files")  # stat (and hash) of every file
     for p in files:
         rel = p.relative_to(root).as_posix()
         size = p.stat().st_size
@@ -82,6 +84,8 @@ def fingerprint(root: Path) -> dict[str, Any]:
             with open(p, "rb") as f:
                 while block := f.read(1 << 20):
                     content.update(block)
+        lines.update(1)
+    lines.finish()
     counts: dict[str, int] = {}
     for p in files:
         top = p.relative_to(root).parts[0]

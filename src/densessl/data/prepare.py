@@ -27,8 +27,8 @@ import numpy as np
 from PIL import Image
 
 from densessl.data.extract import extract
-from densessl.data.progress import Progress
 from densessl.errors import DataError
+from densessl.progress import Progress
 
 COCO_STUFF_MAX_ID = 181
 ADE_MAX_ID = 150
@@ -48,9 +48,9 @@ def _pairs(images: Path, maps: Path, image_suffix: str) -> list[tuple[Path, Path
 
 
 def check_label_maps(pairs: list[tuple[Path, Path]], max_id: int, allow_void: bool, what: str,
-                     interval: float = 10.0) -> int:
+                     interval: float | None = None) -> int:
     """Decode every map: single channel (``L`` or ``P``), same size as its image, ids within range."""
-    progress = Progress(f"check {what}", len(pairs), unit="maps", interval=interval)
+    progress = Progress(f"check {what}", len(pairs), unit="", interval=interval)
     for image_path, map_path in pairs:
         with Image.open(map_path) as m:
             if m.mode not in ("L", "P"):
@@ -71,7 +71,7 @@ def check_label_maps(pairs: list[tuple[Path, Path]], max_id: int, allow_void: bo
     return len(pairs)
 
 
-def prepare_coco(root: Path, interval: float = 10.0) -> dict[str, int]:
+def prepare_coco(root: Path, interval: float | None = None) -> dict[str, int]:
     out = {}
     for split in ("train2017", "val2017"):
         pairs = _pairs(root / "images" / split, root / "annotations" / split, ".jpg")
@@ -79,7 +79,7 @@ def prepare_coco(root: Path, interval: float = 10.0) -> dict[str, int]:
     return out
 
 
-def prepare_ade20k(root: Path, interval: float = 10.0) -> dict[str, int]:
+def prepare_ade20k(root: Path, interval: float | None = None) -> dict[str, int]:
     base = root / "ADEChallengeData2016"
     out = {}
     for split in ("training", "validation"):
@@ -107,12 +107,12 @@ def _cityscapes_maps(polygons: Path) -> dict[str, Image.Image]:
             "_instanceTrainIds.png": Image.fromarray(instances.astype(np.uint16))}
 
 
-def prepare_cityscapes(root: Path, interval: float = 10.0) -> dict[str, int]:
+def prepare_cityscapes(root: Path, interval: float | None = None) -> dict[str, int]:
     polygons = sorted(p for split in ("train", "val") for p in (root / "gtFine" / split).glob("*/*_gtFine_polygons.json"))
     if not polygons:
         raise DataError(f"{root}/gtFine: no */*_gtFine_polygons.json under train/ or val/; extract "
                         f"gtFine_trainvaltest.zip into {root}")
-    progress = Progress("cityscapes trainIds label and instance maps", len(polygons), unit="images", interval=interval)
+    progress = Progress("cityscapes trainIds label and instance maps", len(polygons), unit="", interval=interval)
     for f in polygons:
         targets = {s: f.with_name(f.name.replace("_polygons.json", s))
                    for s in ("_labelTrainIds.png", "_instanceTrainIds.png")}
@@ -126,10 +126,10 @@ def prepare_cityscapes(root: Path, interval: float = 10.0) -> dict[str, int]:
     return {"polygons": len(polygons)}
 
 
-def expand_class_tars(folder: Path, what: str, interval: float = 10.0) -> int:
+def expand_class_tars(folder: Path, what: str, interval: float | None = None) -> int:
     """``folder/<wnid>.tar`` → ``folder/<wnid>/``; each tar is removed once its folder is complete."""
     tars = sorted(folder.glob("*.tar"))
-    progress = Progress(f"expand {what} class archives", len(tars), unit="classes", interval=interval)
+    progress = Progress(f"expand {what} class archives", len(tars), unit="", interval=interval)
     for tar in tars:
         partial = folder / f".{tar.stem}.partial"
         if partial.exists():
@@ -158,7 +158,7 @@ def _val_wnids(devkit_root: Path) -> list[str]:
     return [id_to_wnid[int(i)] for i in truth]
 
 
-def prepare_imagenet(root: Path, interval: float = 10.0) -> dict[str, int]:
+def prepare_imagenet(root: Path, interval: float | None = None) -> dict[str, int]:
     out = {"train_classes": expand_class_tars(root / "train", "ImageNet train", interval)}
     val = root / "val"
     flat = sorted(p for p in val.glob("*.JPEG") if p.is_file())
@@ -166,7 +166,7 @@ def prepare_imagenet(root: Path, interval: float = 10.0) -> dict[str, int]:
         wnids = _val_wnids(root / ".densessl-work" / "devkit")
         # the ground truth is in the order of the sorted file names (ILSVRC2012_val_00000001.JPEG, ...)
         index = {f"ILSVRC2012_val_{i + 1:08d}.JPEG": w for i, w in enumerate(wnids)}
-        progress = Progress("sort ImageNet val images into class folders", len(flat), unit="images", interval=interval)
+        progress = Progress("sort ImageNet val images into class folders", len(flat), unit="", interval=interval)
         for p in flat:
             if p.name not in index:
                 raise DataError(f"{p}: not an ILSVRC2012 validation image name; expected ILSVRC2012_val_<8 digits>.JPEG")
@@ -178,7 +178,7 @@ def prepare_imagenet(root: Path, interval: float = 10.0) -> dict[str, int]:
     return out
 
 
-def prepare_imagenet21k(root: Path, interval: float = 10.0) -> dict[str, int]:
+def prepare_imagenet21k(root: Path, interval: float | None = None) -> dict[str, int]:
     whole = root / "winter21_whole"
     train = root / "train"
     if whole.is_dir() and not train.exists():
@@ -214,7 +214,7 @@ def link_coco_images(lvis_root: Path, coco_root: Path) -> dict[str, int]:
 
 
 PREPARERS = {
-    "extract": lambda root, interval=10.0: {},
+    "extract": lambda root, interval=None: {},
     "coco": prepare_coco,
     "ade20k": prepare_ade20k,
     "cityscapes": prepare_cityscapes,

@@ -66,6 +66,7 @@ from densessl.errors import ConfigError, DataError
 from densessl.evaluate.davis_metrics import BOUND_TH, evaluate_results, format_tables, write_csvs
 from densessl.io import atomic_path
 from densessl.models.backbones import backbone_info, patch_tokens
+from densessl.progress import Progress
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -349,8 +350,12 @@ def run_davis_features(extract: FeatureFn, patch_size: int, data_root: str | Pat
     out_dir = Path(out_dir)
     dataset = Davis2017(data_root, cfg.split, cfg.resolution, max_sequences=cfg.max_sequences)
     frames = 0
+    lines = Progress(f"davis2017 {cfg.split} propagation", len(dataset), unit="sequence", item_unit="frame")
     for seq in dataset:
-        frames += propagate_sequence(extract, patch_size, seq, cfg, out_dir, dev, _autocast(cfg, dev))
+        n = propagate_sequence(extract, patch_size, seq, cfg, out_dir, dev, _autocast(cfg, dev))
+        frames += n
+        lines.update(1, items=n, last=seq.name)
+    lines.finish()
     t_prop = time.time() - t0
     scores = evaluate_results(out_dir, dataset, cfg.bound_th)
     global_csv, per_seq_csv = write_csvs(out_dir, scores)

@@ -57,7 +57,6 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
-from tqdm.auto import tqdm
 
 from densessl.data.inat import INat2019
 from densessl.errors import ConfigError
@@ -65,6 +64,7 @@ from densessl.evaluate.linear_seg import set_drop_path
 from densessl.evaluate.resume import ResumableBatches, StopSignals, TrainState, open_train_state, seed_step
 from densessl.io import write_json
 from densessl.models.backbones import backbone_info
+from densessl.progress import Progress, track
 from densessl.train.signals import ignore_stop_signals
 
 REF = "bok3948/GTSA@c0dfe2b downstream/classification/iNat19_classification/main_finetune.py"
@@ -398,7 +398,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
     model.eval()
     correct = [0, 0]
     loss_sum, n = 0.0, 0
-    for images, targets in tqdm(loader, desc="inat eval", disable=None, leave=False):
+    for images, targets in track(loader, "inat eval", unit="batch", items_of=lambda b: len(b[1]), bar=True):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with autocast():
             logits = model(images)
@@ -457,35 +457,36 @@ class _FinetuneLoop:
                 "progress": asdict(self.progress)}
 
     def run(self, out_dir: Path | None) -> _InatProgress:
-        with StopSignals(active=self.state is not None) as signals:
-            while self.progress.epoch < self.cfg.epochs:
-                self.train_epoch(signals)
-                self.finish_epoch(out_dir)
-                if self.state is not None and signals.received is not None and self.progress.epoch < self.cfg.epochs:
-                    self.state.preempt(self.snapshot(), signals.received,
-                                       f"after epoch {self.progress.epoch - 1} (update {self.progress.updates})")
+        p, total = self.progress, self.cfg.epochs * self.steps_per_epoch
+        self.bar = Progress("inat train", total, unit="batch", initial=p.epoch * self.steps_per_epoch + p.batch,
+                            items_per_step=self.cfg.batch_size // self.cfg.accum_iter, bar=True)
+        try:
+            with StopSignals(active=self.state is not None) as signals:
+                while self.progress.epoch < self.cfg.epochs:
+                    self.train_epoch(signals)
+                    self.finish_epoch(out_dir)
+                    if self.state is not None and signals.received is not None and p.epoch < self.cfg.epochs:
+                        self.state.preempt(self.snapshot(), signals.received,
+                                           f"after epoch {p.epoch - 1} (update {p.updates})")
+            self.bar.finish()
+        finally:
+            self.bar.close()
         return self.progress
 
     def train_epoch(self, signals: StopSignals) -> None:
         p, cfg = self.progress, self.cfg
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        bar = tqdm(total=self.steps_per_epoch, initial=p.batch, desc=f"inat train {p.epoch + 1}/{cfg.epochs}",
-                   disable=None, leave=False)
-        try:
-            for step, (images, targets) in enumerate(self.batches.epoch(p.epoch, p.batch), start=p.batch):
-                if step % cfg.accum_iter == 0:  # engine_finetune.py: lr set per update at the fractional epoch
-                    self._set_lr(p.epoch + step / self.steps_per_epoch)
-                # mixup/cutmix (numpy) and drop-path (torch) draws depend on the micro-batch only
-                seed_step(cfg.seed, p.epoch * self.steps_per_epoch + step)
-                value = self._forward_backward(images, targets, step)
-                p.batch, p.loss_sum, p.loss_n = step + 1, p.loss_sum + value, p.loss_n + 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{p.loss_sum / p.loss_n:.4f}", lr=f"{p.lr:.2e}")
-                if p.batch % cfg.accum_iter == 0:
-                    self._update(signals)
-        finally:
-            bar.close()
+        for step, (images, targets) in enumerate(self.batches.epoch(p.epoch, p.batch), start=p.batch):
+            if step % cfg.accum_iter == 0:  # engine_finetune.py: lr set per update at the fractional epoch
+                self._set_lr(p.epoch + step / self.steps_per_epoch)
+            # mixup/cutmix (numpy) and drop-path (torch) draws depend on the micro-batch only
+            seed_step(cfg.seed, p.epoch * self.steps_per_epoch + step)
+            value = self._forward_backward(images, targets, step)
+            p.batch, p.loss_sum, p.loss_n = step + 1, p.loss_sum + value, p.loss_n + 1
+            self.bar.update(1, epoch=(p.epoch + 1, cfg.epochs), loss=p.loss_sum / p.loss_n, lr=p.lr)
+            if p.batch % cfg.accum_iter == 0:
+                self._update(signals)
 
     def _set_lr(self, fractional_epoch: float) -> None:
         cfg = self.cfg

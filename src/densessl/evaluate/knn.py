@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from densessl.data.imagenet import LabelledImageFolder
 from densessl.errors import ConfigError
 from densessl.evaluate.imagenet_features import TransformedPairs, eval_sizes, eval_transform, global_feature
 from densessl.io import write_json
 from densessl.models.backbones import backbone_info
+from densessl.progress import track
 
 
 @dataclass
@@ -63,7 +63,7 @@ def extract(backbone: nn.Module, data: Dataset, batch_size: int, num_workers: in
     feats, labels = [], []
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
-    for images, target in tqdm(loader, desc=desc, disable=None, leave=False):
+    for images, target in track(loader, desc, unit="batch", items_of=lambda b: len(b[1]), bar=True):
         feats.append(global_feature(backbone, images.to(device, non_blocking=True)).float())
         labels.append(target.to(device))
     return torch.cat(feats), torch.cat(labels)

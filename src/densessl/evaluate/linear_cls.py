@@ -26,7 +26,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from densessl.data.imagenet import LabelledImageFolder
 from densessl.errors import ConfigError
@@ -42,6 +41,7 @@ from densessl.evaluate.imagenet_features import (
 from densessl.evaluate.resume import StopSignals, TrainState, open_train_state
 from densessl.io import write_json
 from densessl.models.backbones import backbone_info
+from densessl.progress import Progress, track
 from densessl.train.sampling import SeededAugmentation
 
 
@@ -140,7 +140,8 @@ def validate_network(backbone: nn.Module, head: LinearClassifier, loader: DataLo
     head.eval()
     correct1 = correct5 = 0
     loss_sum, total = 0.0, 0
-    for images, target in loader:
+    for images, target in track(loader, "linear_imagenet validate", unit="batch", items_of=lambda b: len(b[1]),
+                                bar=True):
         images, target = images.to(device), target.to(device)
         logits = head(linear_feature(backbone, images, n_last, avgpool))
         loss_sum += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
@@ -219,7 +220,9 @@ def _train(backbone: nn.Module, train: LabelledImageFolder, val: LabelledImageFo
                             batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers)
     n = len(train)
     per_epoch = math.ceil(n / cfg.batch_size)
-    with StopSignals(active=state is not None) as signals:
+    lines = Progress("linear_imagenet train", cfg.epochs * per_epoch, unit="batch",
+                     initial=progress["epoch"] * per_epoch + progress["batch"], bar=True)
+    with lines, StopSignals(active=state is not None) as signals:
         while progress["epoch"] < cfg.epochs:
             epoch = progress["epoch"]
             for group in optimizer.param_groups:
@@ -229,8 +232,7 @@ def _train(backbone: nn.Module, train: LabelledImageFolder, val: LabelledImageFo
             items.set_epoch(epoch)
             loader = DataLoader(items, batch_sampler=batches, num_workers=cfg.num_workers)
             head.train()
-            for images, target in tqdm(loader, desc=f"linear_imagenet epoch {epoch + 1}/{cfg.epochs}",
-                                       disable=None, leave=False):
+            for images, target in loader:
                 images, target = images.to(dev), target.to(dev)
                 with torch.no_grad():
                     feats = linear_feature(backbone, images, n_last, avgpool)
@@ -240,6 +242,8 @@ def _train(backbone: nn.Module, train: LabelledImageFolder, val: LabelledImageFo
                 optimizer.step()
                 progress["batch"] += 1
                 progress["loss_sum"] += loss.item()
+                lines.update(1, items=len(target), epoch=(epoch + 1, cfg.epochs),
+                             loss=progress["loss_sum"] / progress["batch"], lr=optimizer.param_groups[0]["lr"])
                 if state is not None and signals.received is not None:
                     state.preempt(snapshot(), signals.received, f"in epoch {epoch}, batch {progress['batch']}")
                 if state is not None and cfg.checkpoint_every and progress["batch"] % cfg.checkpoint_every == 0:

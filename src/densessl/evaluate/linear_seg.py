@@ -44,7 +44,6 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from densessl.data.ade20k import ADE_NUM_CLASSES, ADE20KSegmentation
 from densessl.errors import ConfigError
@@ -52,6 +51,7 @@ from densessl.evaluate.metrics import IoUAccumulator, reduce_zero_label_map
 from densessl.evaluate.resume import ResumableBatches, StopSignals, TrainState, open_train_state, seed_step
 from densessl.io import write_json
 from densessl.models.backbones import ResNetTokens, backbone_info
+from densessl.progress import Progress, track
 from densessl.train.signals import ignore_stop_signals
 
 IGNORE_INDEX = 255
@@ -422,7 +422,7 @@ def evaluate_linear_seg(model: LinearSegmenter, data: ADE20KVal, cfg: LinearSegC
         return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
 
     with torch.no_grad():
-        for img, labels, multi in tqdm(loader, desc="linear_seg eval", disable=None, leave=False):
+        for img, labels, multi in track(loader, "linear_seg eval", unit="image", bar=True):
             size = tuple(labels.shape)
             acc.update(logits_at(img, size).argmax(1)[0].cpu(), labels)
             if multi:
@@ -482,7 +482,7 @@ def _train_linear_seg(model: LinearSegmenter, optimizer: torch.optim.Optimizer, 
     criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
     log_every = max(1, cfg.iterations // 100)
     stream = batches.from_step(progress.step)
-    bar = tqdm(total=cfg.iterations, initial=progress.step, desc="linear_seg train", disable=None, leave=False)
+    bar = Progress("linear_seg train", cfg.iterations, initial=progress.step, items_per_step=cfg.batch_size, bar=True)
     try:
         with StopSignals(active=state is not None) as signals:
             while progress.step < cfg.iterations:
@@ -501,15 +501,14 @@ def _train_linear_seg(model: LinearSegmenter, optimizer: torch.optim.Optimizer, 
                 loss.backward()
                 optimizer.step()
                 progress.record(loss.item(), lr, log_every, cfg.iterations)
-                bar.update(1)
-                if progress.loss_curve:
-                    bar.set_postfix(loss=f"{progress.loss_curve[-1]['loss']:.4f}")
+                bar.update(1, loss=progress.loss_curve[-1]["loss"] if progress.loss_curve else loss.item(), lr=lr)
                 if state is None:
                     continue
                 if signals.received is not None:
                     state.preempt(snapshot(), signals.received, f"after iteration {progress.step}/{cfg.iterations}")
                 if cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0:
                     state.save(snapshot())
+        bar.finish()
     finally:
         stream.close()  # stops the current epoch's worker processes before evaluation starts its own
         bar.close()

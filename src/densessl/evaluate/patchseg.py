@@ -49,7 +49,6 @@ import numpy as np
 import torch
 from timm.scheduler import CosineLRScheduler
 from torch import nn
-from tqdm.auto import tqdm
 
 from densessl.data.coco import COCO_CLASS_SETS, PairedSegmentationFolder
 from densessl.errors import ConfigError
@@ -85,6 +84,7 @@ from densessl.evaluate.patchseg_loss import class_weights, patchseg_loss  # noqa
 from densessl.evaluate.patchseg_results import CSV_COLUMNS, csv_header, csv_row  # noqa: F401
 from densessl.io import write_json
 from densessl.models.backbones import backbone_info
+from densessl.progress import Progress, track
 
 DATASETS = ("coco", "ade20k")
 PRECISIONS = ("bf16", "fp32")
@@ -182,7 +182,9 @@ def evaluate_head(head: nn.Module, source: FeatureSource, cfg: PatchSegConfig, n
     batches = [list(range(i, min(n, i + cfg.batch_size))) for i in range(0, n, cfg.batch_size)]
     total_loss, total = 0.0, 0
     with torch.no_grad():
-        for feats, targets in source.iterate(batches):
+        # a streamed split runs the backbone here (a cached one is a quick pass over stored features)
+        for feats, targets in track(source.iterate(batches), f"patchseg {cfg.dataset} validate", total=len(batches),
+                                    unit="batch", items_of=lambda b: len(b[0]), bar=True, enabled=not source.cached):
             with autocast():
                 logits = head(feats)
                 loss = patchseg_loss(logits, targets, cfg.label_reduction, weight)
@@ -288,14 +290,14 @@ def _run(backbone: nn.Module, data_root: Path, cfg: PatchSegConfig, out_dir: Pat
     epochs: list[dict[str, Any]] = []
     best_epoch, best_recall, best_full = -1, float("-inf"), None
     num_updates = 0
+    lines = Progress(f"patchseg {cfg.dataset} train", cfg.epochs * steps_per_epoch, items_per_step=cfg.batch_size,
+                     bar=True)
     for epoch in range(cfg.epochs):
         head.train()
         perm = torch.randperm(n_train, generator=shuffle).tolist()
         batches = [perm[i * cfg.batch_size:(i + 1) * cfg.batch_size] for i in range(steps_per_epoch)]
         running, seen = 0.0, 0
-        bar = tqdm(sources["train"].iterate(batches), total=steps_per_epoch, disable=None, leave=False,
-                   desc=f"patchseg epoch {epoch + 1}/{cfg.epochs}")
-        for feats, targets in bar:
+        for feats, targets in sources["train"].iterate(batches):
             with autocast():
                 logits = head(feats)
                 loss = patchseg_loss(logits, targets, cfg.label_reduction, weight)
@@ -306,12 +308,14 @@ def _run(backbone: nn.Module, data_root: Path, cfg: PatchSegConfig, out_dir: Pat
             scheduler.step_update(num_updates=num_updates)
             running += loss.item()
             seen += 1
-            bar.set_postfix(loss=f"{running / seen:.4f}")
+            lines.update(1, epoch=(epoch + 1, cfg.epochs), loss=running / seen,
+                         lr=float(optimizer.param_groups[0]["lr"]))
         val = evaluate_head(head, sources["val"], cfg, num_classes, weight, autocast)
         epochs.append({"epoch": epoch, "train_loss": running / max(seen, 1),
                        "lr": float(optimizer.param_groups[0]["lr"]), "val": _scalar_metrics(val)})
         if val["macro_recall"] > best_recall:  # strict, as official: the first best epoch wins; NaN never wins
             best_epoch, best_recall, best_full = epoch, val["macro_recall"], val
+    lines.finish()
     if best_full is None:  # every epoch NaN (no valid class): report the last one
         best_epoch, best_full = cfg.epochs - 1, val
 

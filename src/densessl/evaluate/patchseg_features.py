@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from densessl.errors import ConfigError
 from densessl.evaluate.patchseg_data import PatchSegData
 from densessl.models.backbones import ResNetTokens
+from densessl.progress import track
 
 
 def extract_features(backbone: nn.Module, images: torch.Tensor, mode: str) -> torch.Tensor:
@@ -89,8 +89,8 @@ class FeatureSource:
         order = list(range(n))
         batches = [order[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
         pos = 0
-        for images, targets in tqdm(self._loader(batches), desc=f"{self.desc} features", disable=None,
-                                    leave=False):
+        for images, targets in track(self._loader(batches), f"{self.desc} features", unit="batch",
+                                     items_of=lambda b: len(b[0]), bar=True):
             feats = self._forward(images).to("cpu", dtype)
             if self.features is None:
                 self.features = torch.empty((n, *feats.shape[1:]), dtype=dtype)

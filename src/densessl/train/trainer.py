@@ -47,11 +47,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from densessl.errors import CheckpointError, ConfigError, DenseSSLError
 from densessl.io import save_torch
 from densessl.methods.base import PretrainMethod
+from densessl.progress import Progress
 from densessl.train import checkpointing
 from densessl.train.checkpointing import CHECKPOINT_NAME, DIVERGED_NAME
 from densessl.train.distributed import (
@@ -359,8 +359,9 @@ class Trainer:
         try:
             self._wrap_student()
             self.run_log.open_tensorboard(self.step)
-            progress = tqdm(total=self.total_steps, initial=self.step, desc=f"pretrain {self.method.name}",
-                            disable=None if self.rank == 0 else True, unit="step")
+            # a bar on a terminal, else a line every DENSESSL_PROGRESS_INTERVAL s in the stage's log (rank 0)
+            progress = Progress(f"pretrain {self.method.name}", self.total_steps, initial=self.step,
+                                items_per_step=self.total_batch, bar=True, enabled=self.rank == 0)
             clock, steps_since_log = time.perf_counter(), 0
             while self.epoch < self.cfg.epochs:
                 for batch in self._loader():
@@ -369,7 +370,8 @@ class Trainer:
                     self.batch_in_epoch += 1
                     steps_done += 1
                     steps_since_log += 1
-                    progress.update(1)
+                    progress.update(1, epoch=(self.epoch + 1, self.cfg.epochs), loss=last_loss,
+                                    lr=float(self.lr_schedule[it]))
                     if steps_done == 1:
                         self.check_replicas_in_sync(it)
                     if it % self.cfg.log_every_steps == 0 or self.step == self.total_steps:
@@ -379,7 +381,6 @@ class Trainer:
                                    "momentum": float(self.momentum_schedule[it]), **logs,
                                    "images_per_s": steps_since_log * self.total_batch / max(now - clock, 1e-9)})
                         clock, steps_since_log = now, 0
-                        progress.set_postfix(loss=f"{last_loss:.3f}")
                     if stop:
                         self.save_checkpoint()
                         self._barrier()
@@ -403,7 +404,7 @@ class Trainer:
                 self.batch_in_epoch = 0
                 self.check_replicas_in_sync(self.step - 1)
                 self.save_checkpoint()
-            progress.close()
+            progress.finish()
             self._barrier()
             self.run_log.attempt({"event": "finished", "step": self.step, "steps_this_run": steps_done})
         except Exception as exc:

@@ -43,7 +43,6 @@ from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
-from tqdm.auto import tqdm
 
 from densessl.errors import ConfigError
 from densessl.evaluate.resume import ResumableBatches, StopSignals, TrainState, open_train_state, seed_step
@@ -52,6 +51,7 @@ from densessl.evaluate.transfer.keypoints_data import KeypointTargets, collate
 from densessl.io import write_json
 from densessl.models.backbones import ResNetTokens
 from densessl.models.resnet import IMAGENET_MEAN, IMAGENET_STD, is_resnet
+from densessl.progress import Progress, track
 
 PROTOCOL = "keypointrcnn_r50_fpn_coco"
 STAGES = ("layer1", "layer2", "layer3", "layer4")  # detectron2 res2..res5
@@ -190,7 +190,7 @@ def train(model: KeypointRCNN, batches: ResumableBatches, cfg: KeypointRCNNConfi
     _set_sizes(model, cfg, train=True)
     every = max(1, cfg.iterations // 100)
     stream = batches.from_step(progress.step)
-    bar = tqdm(total=cfg.iterations, initial=progress.step, desc="keypoints train", disable=None, leave=False)
+    bar = Progress(f"{PROTOCOL} train", cfg.iterations, initial=progress.step, items_per_step=cfg.batch_size, bar=True)
     try:
         with StopSignals(active=state is not None) as signals:
             while progress.step < cfg.iterations:
@@ -210,13 +210,14 @@ def train(model: KeypointRCNN, batches: ResumableBatches, cfg: KeypointRCNNConfi
                 total.backward()
                 optimizer.step()
                 progress.record({k: v.item() for k, v in losses.items()}, lr, every, cfg.iterations)
-                bar.update(1)
+                bar.update(1, loss=total.item(), lr=lr)
                 if state is None:
                     continue
                 if signals.received is not None and progress.step < cfg.iterations:
                     state.preempt(snapshot(), signals.received, f"after iteration {progress.step}/{cfg.iterations}")
                 if cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0:
                     state.save(snapshot())
+        bar.finish()
     finally:
         stream.close()
         bar.close()
@@ -233,7 +234,7 @@ def predict(model: KeypointRCNN, data: KeypointTargets, cfg: KeypointRCNNConfig,
     loader = DataLoader(data, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers,
                         collate_fn=collate)
     results: list[dict[str, Any]] = []
-    for images, targets in tqdm(loader, desc="keypoints eval", disable=None, leave=False):
+    for images, targets in track(loader, f"{PROTOCOL} eval", unit="batch", items_of=lambda b: len(b[0]), bar=True):
         outputs = model([i.to(dev) for i in images])
         for out, target in zip(outputs, targets, strict=True):
             kps = out["keypoints"].cpu().clone()
