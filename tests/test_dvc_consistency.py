@@ -33,7 +33,7 @@ Jobs = dict[str, tuple[set[str], set[str]]]  # densessl call -> (input files, ou
 def densessl_call(shell: str) -> str:
     """`... python -m densessl evaluate --config c.yaml --preset smoke davis2017 --run x --threads 1 > log`
     -> `evaluate davis2017 --run x`: the stage and its own arguments, without where settings come from."""
-    words = shlex.split(shell.split(" > ")[0])
+    words = shlex.split(shell.split(" > ")[0], comments=True)  # DVC's ends in `# settings <hash>`
     words = words[words.index("densessl") + 1:]
     kept, skip = [], False
     for word in words:

@@ -9,6 +9,9 @@ Choices (docs/operations.md, "DVC"):
 * One pipeline per preset. The file is rendered for one preset (config.yaml's, or ``dvc-yaml --preset``) and
   every command passes ``--preset``, so a rendered file runs the preset it was rendered for whatever
   config.yaml's ``preset`` says.
+* A stage reruns when its own settings change, as under Snakemake: its command ends in a comment with their
+  hash (``_cmd``) instead of naming config.yaml as a params file, which would rerun every stage on any edit.
+  So dvc.yaml must be rendered again after each configuration change (a test checks the committed one).
 * Everything a stage writes that a later stage or the report reads is a cached output, metrics included, so
   ``dvc push`` / ``dvc pull`` carry a whole result tree and a pulled clone has nothing to rerun.
 * Real datasets are versioned by content hash without entering the cache: a dataset root that exists before
@@ -27,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from densessl.config import EVALUATIONS, Config
+from densessl.config import EVALUATIONS, Config, stable_hash
 
 CODE = {
     "data": ["src/densessl/data", "src/densessl/stages/data.py"],
@@ -47,13 +50,12 @@ def _name(*parts: str) -> str:
     return "_".join(p.replace("/", "_") for p in parts)
 
 
-def _params(cfg: Config) -> list[Any]:
-    return [{"config.yaml": None}, {f"workflow/presets/{cfg.preset}.yaml": None}]
-
-
-def _cmd(cfg: Config, stage: str, *args: str) -> str:
-    """The stage's CLI call, pinned to the preset the file was rendered for."""
-    return " ".join(["python -m densessl", stage, "--preset", cfg.preset, *args])
+def _cmd(cfg: Config, stage: str, *args: str, settings: Any) -> str:
+    """The stage's CLI call, pinned to the preset the file was rendered for, and ending in a shell comment with
+    the hash of the stage's own resolved settings (the hash the Snakemake rule's ``params.settings`` holds):
+    DVC reruns a stage whose command changed, so a configuration edit reruns the stages it changes and no
+    other (declaring config.yaml as a params file would rerun all of them, pretrainings included)."""
+    return " ".join(["python -m densessl", stage, "--preset", cfg.preset, *args, "# settings", stable_hash(settings)])
 
 
 def dataset_root(cfg: Config, dataset: str) -> str | None:
@@ -79,8 +81,8 @@ def data_stage(cfg: Config, dataset: str) -> dict[str, Any]:
         outs.append({root: {"cache": False, "persist": True}})
     elif root is not None:
         deps.append(root)
-    return {"cmd": _cmd(cfg, "data", "--dataset", dataset),
-            "deps": [*deps, *CODE["data"]], "params": _params(cfg), "outs": outs}
+    return {"cmd": _cmd(cfg, "data", "--dataset", dataset, settings=settings),
+            "deps": [*deps, *CODE["data"]], "outs": outs}
 
 
 def stages(cfg: Config) -> dict[str, Any]:
@@ -89,8 +91,8 @@ def stages(cfg: Config) -> dict[str, Any]:
         out[_name("data", dataset)] = data_stage(cfg, dataset)
     for run in cfg.pretrain_runs:
         out[_name("pretrain", run.id)] = {
-            "cmd": _cmd(cfg, "pretrain", "--run", run.id),
-            "deps": [str(cfg.data_manifest(run.data)), *CODE["pretrain"]], "params": _params(cfg),
+            "cmd": _cmd(cfg, "pretrain", "--run", run.id, settings=cfg.pretrain_settings(run)),
+            "deps": [str(cfg.data_manifest(run.data)), *CODE["pretrain"]],
             "outs": [str(cfg.final_checkpoint(run))],
             "metrics": [str(cfg.pretrain_dir(run) / "train_summary.json")],
         }
@@ -102,22 +104,21 @@ def stages(cfg: Config) -> dict[str, Any]:
         else:
             deps = [str(cfg.final_checkpoint(run))]
         out[_name("convert", run.id)] = {
-            "cmd": _cmd(cfg, "convert", "--run", run.id),
-            "deps": deps + CODE["convert"], "params": _params(cfg),
+            "cmd": _cmd(cfg, "convert", "--run", run.id, settings=cfg.convert_settings(run)),
+            "deps": deps + CODE["convert"],
             "outs": [str(cfg.backbone(run)), str(cfg.backbone(run).with_suffix(".json"))],
         }
     for protocol, run in cfg.evaluation_jobs():
         out[_name("eval", protocol, run.id)] = {
-            "cmd": _cmd(cfg, "evaluate", protocol, "--run", run.id),
+            "cmd": _cmd(cfg, "evaluate", protocol, "--run", run.id, settings=cfg.eval_settings(protocol)),
             "deps": [str(cfg.backbone(run)), str(cfg.data_manifest(EVALUATIONS[protocol]["dataset"])),
                      *CODE["evaluate"]],
-            "params": _params(cfg),
             "metrics": [str(cfg.eval_metrics(protocol, run))],
         }
     out["report"] = {
-        "cmd": _cmd(cfg, "report"),
+        # the report shows the whole configuration's hash: any edit rebuilds it (seconds)
+        "cmd": _cmd(cfg, "report", settings=cfg.data),
         "deps": [str(cfg.eval_metrics(p, r)) for p, r in cfg.evaluation_jobs()] + CODE["report"],
-        "params": _params(cfg),
         "outs": [str(p) for p in cfg.report_outputs()],
     }
     return out
