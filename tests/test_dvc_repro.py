@@ -1,9 +1,10 @@
-"""`dvc repro` of one stage in a copy of the repository, then the default remote round trip.
+"""`dvc repro` in a copy of the repository: one stage and the default remote round trip, and a whole pipeline.
 
 The copy holds the files git tracks (and new ones it does not ignore), as a fresh clone would, so the
 committed .dvc/config, .dvcignore and dvc.yaml are what is tested: the stage runs, a second `dvc repro` does
 nothing, a new byte-code cache changes nothing, `dvc push` fills the default remote beside the clone, and after
-the cache and the outputs are deleted `dvc pull` brings back the same bytes.
+the cache and the outputs are deleted `dvc pull` brings back the same bytes. The second test renders a
+pipeline of a few tiny stages, runs all of it with `dvc repro`, and checks that `dvc repro` then does nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO
 
 STAGE = "data_davis"  # the cheapest stage: a few MB of synthetic DAVIS clips
@@ -104,3 +106,39 @@ def test_repro_one_stage_then_push_and_pull_restore_the_same_bytes(dvc_project, 
     dvc("pull", STAGE)  # a bare `dvc pull` also asks for the stages that never ran, and fails on them
     assert snapshot(repo) == made
     assert "up to date" in dvc("status", STAGE)
+
+
+TINY_TRAIN = {"epochs": 1, "batch_size_per_gpu": 4, "num_workers": 0, "checkpoint_every_steps": 2}
+TINY = {  # one pretraining, its random-init row, one frozen-feature protocol, on tiny synthetic data
+    "threads": 1,
+    "runs": [{"method": "dino", "arch": "vit-tiny-p8", "data": "imagenet"}],
+    "random_init_seeds": [0],
+    "baselines": {"supervised_reference": []},
+    "evaluations": ["patchseg_coco"],
+    "data": {"synthetic_size": "tiny"},
+    "pretrain": {"dino": {"train": TINY_TRAIN}},
+    "evaluate": {"patchseg": {"epochs": 1, "batch_size": 4, "warmup_steps": 2}},
+}
+
+
+@pytest.mark.e2e
+def test_repro_of_a_whole_pipeline_then_repro_does_nothing(dvc_project):
+    repo, dvc = dvc_project
+    (repo / "config.yaml").write_text(yaml.safe_dump(TINY))
+    rendered = subprocess.run([sys.executable, "-m", "densessl", "dvc-yaml"], cwd=repo, capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(repo / "src")})
+    assert rendered.returncode == 0, rendered.stderr[-2000:]
+    (repo / "dvc.yaml").write_text(rendered.stdout)
+    names = list(yaml.safe_load(rendered.stdout)["stages"])
+    assert len(names) == 8 and names[-1] == "report"  # 2 datasets, pretrain, 2 converts, 2 evaluations, report
+
+    ran = dvc("repro")
+    assert all(f"Running stage '{name}'" in ran for name in names), ran[-3000:]
+    report = repo / "results/smoke/report/tables.json"
+    assert report.is_file()
+    written = report.stat().st_mtime_ns
+
+    again = dvc("repro")
+    assert "Running stage" not in again and "Data and pipelines are up to date." in again, again[-3000:]
+    assert report.stat().st_mtime_ns == written
+    assert "Data and pipelines are up to date." in dvc("status")
