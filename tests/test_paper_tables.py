@@ -13,8 +13,9 @@ from conftest import REPO
 
 from densessl.config import load_config
 from densessl.errors import ConfigError
+from densessl.report import paper_tables as pt
 from densessl.report.cells import RowStat, gain_verdict
-from densessl.report.paper_tables import accounting, load_tables, parse_tables, plan, published_count, table_jobs
+from densessl.report.paper_tables import accounting, load_tables, parse_tables, plan, published_count
 
 # The methods this project trains, and its baselines: the rows of the tables that are "ours"
 OWN_METHODS = {"dino", "selfpatch", "loca", "gtsa", "clove", "random-init", "supervised"}
@@ -57,7 +58,7 @@ def test_table_jobs_is_torch_free_and_fast():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO,
                          env={"PYTHONPATH": str(REPO / "src"), "DENSESSL_ROOT": str(REPO)}).stdout.split()
     assert float(out[0]) < 1.0 and out[1] == "False"
-    assert int(out[2]) == sum(len(v) for v in table_jobs(_paper()).values()) > 0
+    assert int(out[2]) == sum(len(v) for v in pt.table_jobs(_paper()).values()) > 0
 
 
 def test_smoke_preset_compares_nothing_with_the_papers():

@@ -30,13 +30,13 @@ def _published(value: float) -> str:
     return f"{value:g}"
 
 
-def stat_text(stat: RowStat | None, status: str) -> str:
+def stat_text(stat: RowStat | None, status: str, digits: int = 2) -> str:
     if stat is None or stat.status != "ok":
         shown = stat.status if stat is not None else ("not run" if status == "matched" else status)
         return "–" if shown == "unmatched" else shown
-    text = fmt(stat.mean)
+    text = fmt(stat.mean, digits)
     if stat.n >= 2:
-        text += f" ± {fmt(stat.sd)} ({stat.n} seeds)"
+        text += f" ± {fmt(stat.sd, digits)} ({stat.n} seeds)"
     return text
 
 
@@ -63,10 +63,11 @@ def table_view(table: PaperTable, plans: dict[tuple[int, str], CellPlan], stats:
                 tip.append("")
                 continue
             stat = stats.get((table.id, row.index, column.name))
-            ours = stat_text(stat, plan.status)
+            digits = 2 if column.scale == 1.0 else 4  # a fraction column (DAVIS script check) needs 4
+            ours = stat_text(stat, plan.status, digits)
             text = f"{ours} / {_published(plan.published)}"
             if stat is not None and stat.status == "ok" and stat.mean is not None:
-                text += f" ({stat.mean - plan.published:+.2f})"
+                text += f" ({stat.mean - plan.published:+.{digits}f})"
             line.append(text)
             tip.append("; ".join(_provenance_text(c) for c in cells.get((row.index, column.name), [])
                                  if c.provenance))
