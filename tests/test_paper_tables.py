@@ -19,6 +19,7 @@ from densessl.report.paper_tables import accounting, load_tables, parse_tables, 
 
 # The methods this project trains, and its baselines: the rows of the tables that are "ours"
 OWN_METHODS = {"dino", "selfpatch", "loca", "gtsa", "clove", "random-init", "supervised"}
+COMPARED_RELEASES = {"pixpro", "densecl", "slotcon", "imagenet-supervised"}
 
 
 def _paper():
@@ -31,7 +32,7 @@ def test_paper_preset_matches_or_explains_every_published_number():
     cells = plan(cfg, tables)
     assert published_count(tables) == len(cells) == 334
     counts = accounting(cells)
-    assert counts == {"published": 334, "matched": 118, "unmatched": 176, "not configured": 40}
+    assert counts == {"published": 334, "matched": 118, "unmatched": 93, "not configured": 123}
     # every number without a job says why, in the table itself (unmatched / not_configured)
     assert all(c.declared and c.reason for c in cells if c.status != "matched")
     jobs = set(cfg.evaluation_jobs())
@@ -39,14 +40,46 @@ def test_paper_preset_matches_or_explains_every_published_number():
         if c.status == "matched":
             assert c.jobs and all((j.protocol, j.run) in jobs for j in c.jobs), (c.table, c.row, c.column)
             assert all(j.metrics_path == cfg.eval_metrics(j.protocol, j.run) for j in c.jobs)
-    # the rows of this project's own methods and baselines: all matched, except the released weights whose
-    # checksums no source records and the ImageNet-supervised ResNet-50 (not_configured says so)
     by_id = {t.id: t for t in tables}
-    own = [c for c in cells if (k := by_id[c.table].rows[c.row].key) is not None and k.method in OWN_METHODS]
-    assert len(own) == 147
-    assert {c.status for c in own if by_id[c.table].rows[c.row].not_configured is None} == {"matched"}
-    gains = [c for c in cells if by_id[c.table].is_delta]
-    assert len(gains) == 11 and all(c.status == "matched" for c in gains)
+
+    def kind(c):
+        key = by_id[c.table].rows[c.row].key
+        if key is None:
+            return "gain" if by_id[c.table].is_delta else "none"
+        return ("released " if key.released else "") + ("own" if key.method in OWN_METHODS else "compared")
+
+    status: dict[tuple[str, str], int] = {}
+    for c in cells:
+        status[(kind(c), c.status)] = status.get((kind(c), c.status), 0) + 1
+    assert status == {
+        ("own", "matched"): 107,            # our trained runs and random-init baselines: every number has a job
+        ("gain", "matched"): 11,            # the abstracts' claimed gains, from the rows they compare
+        ("released own", "not configured"): 27,       # DINO / LOCA releases: no recorded checksum
+        ("released compared", "not configured"): 96,  # PixPro, DenseCL, SlotCon, ImageNet-supervised ResNet-50
+        ("none", "unmatched"): 93,          # other methods without usable weights, reference points, ...
+    }
+    assert {by_id[c.table].rows[c.row].key.method for c in cells if kind(c) == "released compared"} == COMPARED_RELEASES
+
+
+def test_a_released_entry_for_a_compared_method_fills_its_rows(tmp_path):
+    """Adding PixPro's 400-epoch release (format state_dict) to the configuration turns its rows from "not
+    configured" into jobs of the very protocols our CLoVE runs are evaluated by; the 100-epoch rows stay apart."""
+    path = tmp_path / "c.yaml"
+    release = {"method": "pixpro", "arch": "resnet50", "data": "imagenet", "epochs": 400, "format": "state_dict",
+               "path": str(tmp_path / "pixpro_base_r50_400ep.pth"),
+               "options": {"checkpoint_key": "model", "prefix": "module.encoder.", "layout": "torchvision_resnet"}}
+    path.write_text(yaml.safe_dump({"preset": "paper", "released": [release]}))
+    cfg = load_config([path], root=REPO, check_settings=False)
+    run = cfg.released_runs[0]
+    assert run.id == "pixpro/resnet50-imagenet-400ep-released" and cfg.released_spec(run)["epochs"] == 400
+    cells = [c for c in plan(cfg) if any(j.run == run for j in c.jobs)]
+    assert {c.table for c in cells} == {"clove_coco_maskrcnn_c4", "clove_coco_maskrcnn_fpn", "clove_lvis_maskrcnn_fpn",
+                                        "clove_cityscapes_maskrcnn_fpn", "clove_coco_keypoints", "pixpro_voc_c4",
+                                        "pixpro_coco_maskrcnn_c4"}
+    # every PixPro 400-epoch number (CLoVE tables 6 + 6 + 6 + 2 + 3, PixPro VOC 3 and C4 2); the 100-epoch rows stay
+    # unfilled
+    assert len(cells) == 28
+    assert accounting(plan(cfg))["matched"] == 118 + len(cells)
 
 
 def test_table_jobs_is_torch_free_and_fast():

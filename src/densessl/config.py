@@ -26,7 +26,10 @@ from densessl.protocol_names import ProtocolRegistry
 
 PRESETS = ("smoke", "paper")
 METHOD_DISPLAY = {"dino": "DINO", "loca": "LOCA", "selfpatch": "SelfPatch", "gtsa": "GTSA", "clove": "CLoVE",
-                  "random-init": "random init", "supervised": "supervised reference"}
+                  "random-init": "random init", "supervised": "supervised reference",
+                  # compared methods, evaluated from their released weights only (format state_dict)
+                  "pixpro": "PixPro", "densecl": "DenseCL", "slotcon": "SlotCon", "vicregl": "VICRegL",
+                  "mocov2": "MoCo v2", "imagenet-supervised": "ImageNet-supervised"}
 DATA_DISPLAY = {"imagenet": "ImageNet-1k", "coco": "COCO", "ade20k": "ADE20K", "davis": "DAVIS-2017",
                 "inat": "iNat-2019"}
 
@@ -201,12 +204,14 @@ class Config:
 
     @property
     def released_runs(self) -> list[Run]:
-        """Eval-only rows: official released weights, imported (and downloaded) by the convert stage."""
-        return [Run(r["method"], r["arch"], r["data"], released=True) for r in self.data.get("released", [])]
+        """Eval-only rows: official released weights, imported (and downloaded) by the convert stage. A release
+        that states its pretraining epochs (PixPro 100/400) is named by them, so two releases stay two rows."""
+        return [Run(r["method"], r["arch"], r["data"], r.get("epochs"), released=True)
+                for r in self.data.get("released", [])]
 
     def released_spec(self, run: Run) -> dict[str, Any]:
         for r in self.data.get("released", []):
-            if (r["method"], r["arch"], r["data"]) == (run.method, run.arch, run.data):
+            if (r["method"], r["arch"], r["data"], r.get("epochs")) == (run.method, run.arch, run.data, run.epochs):
                 return dict(r)
         raise ConfigError(f"run {run.id!r} is not listed under 'released' in the configuration")
 

@@ -224,8 +224,11 @@ def published_count(tables: tuple[PaperTable, ...] | list[PaperTable]) -> int:
 
 
 def run_epochs(cfg: Config, run: Run) -> int | None:
-    """Pretraining epochs of one of our runs (None for random init and released weights)."""
-    if run.is_random_init or run.released:
+    """Pretraining epochs of one of our runs: a release's stated epochs (None where unstated), None for random
+    init."""
+    if run.released:
+        return run.epochs
+    if run.is_random_init:
         return None
     epochs = cfg.pretrain_settings(run)["train"].get("epochs")
     return int(epochs) if epochs is not None else None
