@@ -164,6 +164,8 @@ def test_a_table_with_a_missing_cell_says_not_run(tmp_path, monkeypatch):
     keys = {"table", "protocol", "run", "role", "network", "seed", "metric", "value", "published", "source"}
     assert all(keys <= set(c) for c in data["cells"] + data["results"])
     assert data["accounting"]["published"] == 334
+    result = next(c for c in data["results"] if c["run"] == "dino/vit-s16-imagenet" and c["metric"] == "mIoU")
+    assert (result["value"], result["published"], result["source"]) == (38.0, 38.3, "README, official repo alinlab/SelfPatch")
     cells = {(c["table"], c["run"]): c for c in data["cells"] if c["table"] == "selfpatch_ade20k_semfpn"}
     dino = cells[("selfpatch_ade20k_semfpn", "dino/vit-s16-imagenet")]
     assert (dino["status"], dino["value"], dino["published"], dino["role"], dino["network"], dino["seed"]) == (

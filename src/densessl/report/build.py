@@ -24,7 +24,7 @@ from densessl.report import cells as cellmod
 from densessl.report import paper_tables, render_tables
 from densessl.report import reference_check as refcheck
 from densessl.report.code_versions import summarise as summarise_code_versions
-from densessl.report.paper_tables import published_value, run_epochs
+from densessl.report.paper_tables import published_entry, published_value, run_epochs
 from densessl.report.uncertainty import paired_standard_error
 
 # Metrics shown per protocol (headline first), with the unit they are reported in.
@@ -119,11 +119,12 @@ def build_report(cfg: Config) -> Path:
             prov_cell = cellmod.cell_provenance(run, result, str(path))
             method, arch, data = display(run)
             for metric in shown:
+                entry = published_entry(protocol, run, metric, synthetic, run_epochs(cfg, run))
                 cells.append(cellmod.Cell(
                     table=protocol, protocol=protocol, run=run.id, role=run.role, network=cellmod.network(cfg, run),
                     seed=cellmod.seed_of(cfg, run), metric=metric, value=_metric(result["metrics"], metric),
-                    published=published_value(protocol, run, metric, synthetic, run_epochs(cfg, run)),
-                    source=None, method=method, arch=arch, pretrain_data=data, provenance=prov_cell))
+                    published=entry[0] if entry else None, source=entry[1].source if entry else None,
+                    method=method, arch=arch, pretrain_data=data, provenance=prov_cell))
         header = ["method", "arch", "pretrain data", *shown, "published"]
         body = []
         for run, values in rows:

@@ -366,10 +366,10 @@ def accounting(cells: list[CellPlan]) -> dict[str, int]:
     return counts
 
 
-def published_value(protocol: str, run: Run, metric: str, synthetic: bool, epochs: int | None = None,
-                    tables: tuple[PaperTable, ...] | None = None) -> float | None:
-    """The published ``metric`` of the row whose run key is ``run``'s (epochs: the run's effective epochs)
-    on ``protocol``: the per-protocol sections' "published" column. None for synthetic data."""
+def published_entry(protocol: str, run: Run, metric: str, synthetic: bool, epochs: int | None = None,
+                    tables: tuple[PaperTable, ...] | None = None) -> tuple[float, PaperTable] | None:
+    """(published ``metric``, its table) of the row whose run key is ``run``'s (epochs: the run's effective
+    epochs) on ``protocol``: the per-protocol sections' "published" column. None for synthetic data."""
     if synthetic:
         return None
     for table in load_tables() if tables is None else tables:
@@ -377,6 +377,14 @@ def published_value(protocol: str, run: Run, metric: str, synthetic: bool, epoch
             if column.protocol != protocol or column.metric != metric or column.scale != 1.0:
                 continue
             for row in table.rows:
-                if row.key is not None and row.key.matches(run, epochs) and row.values[column.name] is not None:
-                    return row.values[column.name]
+                value = row.values[column.name]
+                if row.key is not None and row.key.matches(run, epochs) and value is not None:
+                    return value, table
     return None
+
+
+def published_value(protocol: str, run: Run, metric: str, synthetic: bool, epochs: int | None = None,
+                    tables: tuple[PaperTable, ...] | None = None) -> float | None:
+    """The number of :func:`published_entry`, or None."""
+    entry = published_entry(protocol, run, metric, synthetic, epochs, tables)
+    return None if entry is None else entry[0]
