@@ -82,6 +82,23 @@ def test_a_released_entry_for_a_compared_method_fills_its_rows(tmp_path):
     assert accounting(plan(cfg))["matched"] == 118 + len(cells)
 
 
+def test_run_keys_name_this_projects_identifiers():
+    """A misspelt key would never match and leave its row "not configured": every key is a valid run."""
+    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())["properties"]
+    released = schema["released"]["items"]["properties"]
+    runs = schema["runs"]["items"]["properties"]
+    for table in load_tables():
+        for row in table.rows:
+            keys = [row.key] if row.key else [row.gain.of, row.gain.over] if row.gain else []
+            for key in keys:
+                if key.method == "random-init":
+                    assert key.arch in runs["arch"]["enum"] and key.data is None, (table.id, row.index)
+                    continue
+                fields = released if key.released else runs
+                assert key.method in fields["method"]["enum"], (table.id, row.index, key)
+                assert key.arch in fields["arch"]["enum"] and key.data in fields["data"]["enum"], (table.id, row.index)
+
+
 def test_table_jobs_is_torch_free_and_fast():
     code = ("import sys, time; from densessl.config import load_config; "
             "from densessl.report.paper_tables import table_jobs; "

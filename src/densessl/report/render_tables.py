@@ -45,7 +45,7 @@ class TableView:
     header: list[str]
     body: list[list[str]]
     tooltips: list[list[str]]       # per body cell (HTML title)
-    reasons: list[str]              # one line per row without a job
+    reasons: list[str]              # one line per row without a job, and the notes of rows with one
 
 
 def table_view(table: PaperTable, plans: dict[tuple[int, str], CellPlan], stats: dict[tuple[str, int, str], RowStat],
@@ -76,6 +76,8 @@ def table_view(table: PaperTable, plans: dict[tuple[int, str], CellPlan], stats:
         body.append(line)
         tips.append(tip)
         reasons += [f"{row.label}: {r}" for r in row_reasons]
+        if row.note and runs:  # what the row's job differs in (e.g. LOCA's zoo recipe is unpublished)
+            reasons.append(f"{row.label}: {row.note}")
     return TableView(header, body, tips, reasons)
 
 
