@@ -18,8 +18,9 @@ NOTE = ("Each cell: ours / published (ours − published). \"not run\": the job 
         "its metrics yet; \"not configured\": this configuration lists no such run or protocol (reason below); "
         "\"–\": no job of this project reproduces the row (reason below). ± is the standard deviation over seed "
         "replicas.")
-SYNTHETIC_NOTE = ("Synthetic data (smoke scale): no run is compared with a published number, so every published "
-                  "number is \"not configured\" here; the counts show how the paper preset fills them.")
+SYNTHETIC_NOTE = ("Synthetic data (smoke scale): no run is compared with a published number, so every number a "
+                  "run key names is \"not configured\" here (the rest have no job of this project, with their "
+                  "reasons); docs/report.md gives the paper preset's counts.")
 
 
 def fmt(value: float | None, digits: int = 2) -> str:
