@@ -75,21 +75,29 @@ def test_report_marks_inapplicable_cells_and_explains_patchseg_means(tmp_path):
 
 def test_published_numbers_match_the_runs_epochs():
     from densessl.config import Run
-    from densessl.report.build import display, published_value
+    from densessl.report.build import display
+    from densessl.report.paper_tables import parse_tables, published_value
 
-    table = {"protocol": "protocols/patchseg.md", "columns": ["macro_recall"],
-             "rows": [{"method": "CLoVE", "arch": "ResNet-50", "pretrain_data": "ImageNet-1k", "epochs": 200,
-                       "values": {"macro_recall": 0.2}},
-                      {"method": "CLoVE", "arch": "ResNet-50", "pretrain_data": "ImageNet-1k", "epochs": 400,
-                       "values": {"macro_recall": 0.4}}]}
+    raw = {"id": "t", "title": "t", "source": "s", "evaluation": "patchseg_coco", "columns": ["macro_recall"],
+           "rows": [{"method": "CLoVE", "arch": "R50", "pretrain_data": None, "epochs": 200,
+                     "values": {"macro_recall": 0.2},
+                     "run": {"method": "clove", "arch": "resnet50", "data": "imagenet", "epochs": 200}},
+                    {"method": "CLoVE", "arch": "R50", "pretrain_data": None, "epochs": 400,
+                     "values": {"macro_recall": 0.4},
+                     "run": {"method": "clove", "arch": "resnet50", "data": "imagenet", "epochs": 400}},
+                    {"method": "CLoVE (released)", "arch": "R50", "pretrain_data": None, "epochs": None,
+                     "values": {"macro_recall": 0.3},
+                     "run": {"method": "clove", "arch": "resnet50", "data": "imagenet", "released": True}}]}
+    tables = tuple(parse_tables([raw]))
     ours = Run("clove", "resnet50", "imagenet", epochs=200)
     assert display(ours)[0] == "CLoVE (200 ep)"
-    assert published_value([table], "patchseg_coco", ours, "macro_recall", False, 200) == 0.2
-    assert published_value([table], "patchseg_coco", Run("clove", "resnet50", "imagenet"), "macro_recall", False,
-                           400) == 0.4
-    released = Run("clove", "resnet50", "imagenet", released=True)  # epochs unknown: the first row
-    assert published_value([table], "patchseg_coco", released, "macro_recall", False, None) == 0.2
-    assert published_value([table], "patchseg_coco", ours, "macro_recall", True, 200) is None  # synthetic data
+    assert published_value("patchseg_coco", ours, "macro_recall", False, 200, tables) == 0.2
+    assert published_value("patchseg_coco", Run("clove", "resnet50", "imagenet"), "macro_recall", False, 400,
+                           tables) == 0.4
+    released = Run("clove", "resnet50", "imagenet", released=True)  # released weights: only a released row
+    assert published_value("patchseg_coco", released, "macro_recall", False, None, tables) == 0.3
+    assert published_value("patchseg_coco", ours, "macro_recall", True, 200, tables) is None  # synthetic data
+    assert published_value("linear_ade20k", ours, "macro_recall", False, 200, tables) is None  # another protocol
 
 
 def test_evaluate_stage_refuses_a_pair_the_protocol_does_not_take(tmp_path):

@@ -79,10 +79,15 @@ def test_no_seeds_means_no_random_init_rows_and_no_reference_check(tmp_path):
     assert not cfg.supervised_runs and not any(r.is_supervised for r in cfg.all_runs)
 
 
-def test_paper_preset_evaluates_no_baseline_rows():
+def test_paper_preset_evaluates_baselines_only_where_a_table_publishes_them():
     cfg = load_config([REPO / "config.yaml"], preset="paper", root=REPO)
-    assert not cfg.baseline_runs and not cfg.supervised_runs
-    assert all(r.role in ("pretrained", "released") for _, r in cfg.evaluation_jobs())
+    assert not cfg.supervised_runs
+    assert [r.id for r in cfg.baseline_runs] == ["random-init/resnet50.clove-seed0"]
+    # the ResNet-50 transfer tables' "Rand init" / "Scratch" rows (report/paper_tables.yaml), nowhere else
+    assert {p for p, r in cfg.evaluation_jobs() if r.is_random_init} == {
+        "maskrcnn_r50_c4_coco", "maskrcnn_r50_fpn_coco", "maskrcnn_r50_fpn_lvis", "maskrcnn_r50_fpn_cityscapes",
+        "keypointrcnn_r50_fpn_coco"}
+    assert all(r.role in ("pretrained", "released", "random-init") for _, r in cfg.evaluation_jobs())
     # in particular no random-init ViT is fine-tuned on iNat for 300 epochs
     assert {r.method for p, r in cfg.evaluation_jobs() if p == "inat19_finetune"} <= {"dino", "selfpatch", "loca", "gtsa"}
 

@@ -223,16 +223,15 @@ def test_both_protocols_through_the_evaluate_stage(tmp_path: Path) -> None:
 
 def test_report_finds_the_dino_readme_row_for_our_dino_run() -> None:
     from densessl.config import Run
-    from densessl.report.build import load_paper_tables, published_value
+    from densessl.report.paper_tables import published_value
 
-    tables = load_paper_tables()
     dino = Run(method="dino", arch="vit-s16", data="imagenet")
-    assert published_value(tables, "knn_imagenet", dino, "knn_top1", False, 100) == 69.3  # vanilla recipe row
-    assert published_value(tables, "linear_imagenet", dino, "linear_top1", False, 100) == 74.0
-    assert published_value(tables, "linear_imagenet", dino, "linear_top1", False, 300) is None  # other epochs
+    assert published_value("knn_imagenet", dino, "knn_top1", False, 100) == 69.3  # vanilla recipe row
+    assert published_value("linear_imagenet", dino, "linear_top1", False, 100) == 74.0
+    assert published_value("linear_imagenet", dino, "linear_top1", False, 300) is None  # other epochs
     released = Run(method="dino", arch="resnet50", data="imagenet", released=True)
-    assert published_value(tables, "linear_imagenet", released, "linear_top1", False) == 75.3
-    assert published_value(tables, "knn_imagenet", dino, "knn_top1", True, 100) is None  # synthetic data
+    assert published_value("linear_imagenet", released, "linear_top1", False) == 75.3
+    assert published_value("knn_imagenet", dino, "knn_top1", True, 100) is None  # synthetic data
 
 
 def test_a_vit_without_a_cls_token_is_read_by_its_mean_patch_token():

@@ -519,7 +519,7 @@ def test_loca_wrong_weights_key(tmp_path):
 
 
 def test_registry_and_generic_entry(tmp_path):
-    assert set(IMPORTERS) == {"dino", "selfpatch", "gtsa", "clove", "loca"}
+    assert set(IMPORTERS) == {"dino", "selfpatch", "gtsa", "clove", "loca", "state_dict"}
     with pytest.raises(ConfigError, match=r"unknown checkpoint format 'moco'.*\['clove', 'dino'"):
         import_checkpoint("moco", tmp_path / "x.pth", ARCH)
     with pytest.raises(ConfigError, match="has no option"):
@@ -578,3 +578,30 @@ def test_imported_loca_tokens_at_a_non_square_size(tmp_path):
     assert model.pos_resample == "scenic"
     ours = _features(model, torch.from_numpy(x_nhwc).permute(0, 3, 1, 2).contiguous())
     torch.testing.assert_close(ours, flax_vit_forward(tree, x_nhwc, posemb), atol=ATOL, rtol=1e-5)
+
+
+def test_state_dict_importer_takes_an_entry_a_prefix_and_a_layout(tmp_path):
+    """A compared method's release (here MoCo-v2 style: `state_dict` / `module.encoder_q.` + a classifier `fc`)
+    imports through the generic format with its entry, prefix and drop options, strictly."""
+    from densessl.models.backbones import create_backbone
+
+    torch.manual_seed(0)
+    reference = create_backbone("vit-tiny-p8").eval()
+    state = {f"module.encoder_q.{k}": v.clone() for k, v in reference.state_dict().items()}
+    state["module.encoder_q.fc.weight"] = torch.zeros(10, 128)
+    state["module.encoder_k.cls_token"] = torch.zeros(1, 1, 128)  # the other encoder: not under the prefix
+    path = tmp_path / "release.pth"
+    torch.save({"state_dict": state, "epoch": 200}, path)
+    options = {"layout": "timm_vit", "checkpoint_key": "state_dict", "prefix": "module.encoder_q."}
+    model = import_checkpoint("state_dict", path, "vit-tiny-p8", **options, drop=["fc."])
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.forward_features(x), reference.forward_features(x))
+    with pytest.raises(CheckpointError, match=r"unexpected keys \[fc.weight\]"):
+        import_checkpoint("state_dict", path, "vit-tiny-p8", **options)
+    with pytest.raises(CheckpointError, match="no key starts with prefix 'module.encoder.'"):
+        import_checkpoint("state_dict", path, "vit-tiny-p8", **{**options, "prefix": "module.encoder."})
+    with pytest.raises(ConfigError, match="set options.layout"):
+        import_checkpoint("state_dict", path, "vit-tiny-p8", checkpoint_key="state_dict")
+    with pytest.raises(ConfigError, match="builds a ResNet-50"):
+        import_checkpoint("state_dict", path, "vit-tiny-p8", layout="torchvision_resnet")

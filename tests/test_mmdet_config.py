@@ -243,13 +243,13 @@ def test_synthetic_layouts_are_found_and_missing_files_named(tmp_path):
 
 
 def test_each_protocol_names_the_published_tables_it_reproduces():
-    from densessl.report.build import load_paper_tables
+    from densessl.report.paper_tables import load_tables
 
-    tables = {t["id"]: t for t in load_paper_tables()}
+    tables = {t.id: t for t in load_tables()}
     for name, spec in PROTOCOLS.items():
         assert spec["tables"], name
         for table_id in spec["tables"]:
-            assert tables[table_id]["protocol"] == EVALUATIONS[name]["protocol_file"]
+            assert {c.protocol for c in tables[table_id].columns} == {name}, table_id
 
 
 def test_toolkit_metric_keys_become_the_tables_names():
@@ -325,14 +325,14 @@ def test_detection_jobs_ask_for_their_published_gpus():
 
 def test_report_shows_the_tables_columns_and_picks_each_protocols_own_table():
     from densessl.config import Run
-    from densessl.report.build import REPORTED_METRICS, load_paper_tables, published_value
+    from densessl.report.build import REPORTED_METRICS
+    from densessl.report.paper_tables import load_tables, published_value
 
-    tables = load_paper_tables()
+    tables = load_tables()
     for name, spec in PROTOCOLS.items():
-        columns = {c for t in tables if t["id"] in spec["tables"] for c in t["columns"]}
+        columns = {c.metric for t in tables if t.id in spec["tables"] for c in t.columns}
         assert columns <= set(REPORTED_METRICS[name]), name
     dino = Run("dino", "vit-s16", "imagenet")
-    # selfpatch_coco_maskrcnn's DINO row; the same method/arch/metric must not leak into another protocol that
-    # shares the protocol key
-    assert published_value(tables, "maskrcnn_vit_fpn_coco", dino, "AP_bb", False, 100) == 40.8
-    assert published_value(tables, "maskrcnn_r50_fpn_coco", dino, "AP_bb", False, 100) is None
+    # selfpatch_coco_maskrcnn's DINO row; the same run and metric must not leak into another detection protocol
+    assert published_value("maskrcnn_vit_fpn_coco", dino, "AP_bb", False, 100) == 40.8
+    assert published_value("maskrcnn_r50_fpn_coco", dino, "AP_bb", False, 100) is None

@@ -138,10 +138,10 @@ def test_bad_settings_give_one_line() -> None:
 def test_report_takes_each_decoder_its_own_published_table() -> None:
     """Semantic FPN and UperNet share a protocol key; each protocol reads only its own tables."""
     from densessl.config import Run
-    from densessl.report.build import REPORTED_METRICS, load_paper_tables, published_value
+    from densessl.report.build import REPORTED_METRICS
+    from densessl.report.paper_tables import published_value
 
-    tables = load_paper_tables()
     dino = Run("dino", "vit-s16", "imagenet")
-    assert published_value(tables, "semfpn_ade20k", dino, "mIoU", synthetic=False) == 38.3
-    assert published_value(tables, "upernet_ade20k", dino, "mIoU", synthetic=False) == 42.3
+    assert published_value("semfpn_ade20k", dino, "mIoU", synthetic=False) == 38.3
+    assert published_value("upernet_ade20k", dino, "mIoU", synthetic=False) == 42.3
     assert REPORTED_METRICS["semfpn_ade20k"][0] == REPORTED_METRICS["upernet_ade20k"][0] == "mIoU"

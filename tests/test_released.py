@@ -152,3 +152,23 @@ def test_report_labels_released_rows():
     from densessl.report.build import display
 
     assert display(Run("dino", "vit-s16", "imagenet", released=True))[0] == "DINO (released weights)"
+
+
+def test_a_compared_methods_release_converts_through_the_state_dict_format(tmp_path):
+    """A compared method's file (here a MoCo-v2-style {state_dict: module.encoder_q.*}) becomes an evaluated row
+    named by its stated epochs, with the standard network (no method variant)."""
+    torch.manual_seed(5)
+    reference = create_backbone("vit-tiny-p8").eval()
+    file = tmp_path / "mocov2_800ep.pth.tar"
+    torch.save({"state_dict": {f"module.encoder_q.{k}": v.clone() for k, v in reference.state_dict().items()}}, file)
+    spec = {"method": "mocov2", "arch": "vit-tiny-p8", "data": "imagenet", "epochs": 800, "format": "state_dict",
+            "path": str(file), "options": {"layout": "timm_vit", "checkpoint_key": "state_dict",
+                                           "prefix": "module.encoder_q."}}
+    cfg = load_config([_config(tmp_path, spec)], root=REPO)
+    run = cfg.run("mocov2/vit-tiny-p8-imagenet-800ep-released")
+    assert run.role == "released" and cfg.variant_of(run) is None
+    model, meta = load_backbone(run_convert(cfg, run.id))
+    assert meta["source"]["format"] == "state_dict"
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.eval().forward_features(x), reference.forward_features(x))

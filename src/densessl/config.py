@@ -26,7 +26,10 @@ from densessl.protocol_names import ProtocolRegistry
 
 PRESETS = ("smoke", "paper")
 METHOD_DISPLAY = {"dino": "DINO", "loca": "LOCA", "selfpatch": "SelfPatch", "gtsa": "GTSA", "clove": "CLoVE",
-                  "random-init": "random init", "supervised": "supervised reference"}
+                  "random-init": "random init", "supervised": "supervised reference",
+                  # compared methods, evaluated from their released weights only (format state_dict)
+                  "pixpro": "PixPro", "densecl": "DenseCL", "slotcon": "SlotCon", "vicregl": "VICRegL",
+                  "mocov2": "MoCo v2", "imagenet-supervised": "ImageNet-supervised"}
 DATA_DISPLAY = {"imagenet": "ImageNet-1k", "coco": "COCO", "ade20k": "ADE20K", "davis": "DAVIS-2017",
                 "inat": "iNat-2019"}
 
@@ -114,14 +117,19 @@ class Run:
     released: bool = False  # backbone imported from an official release instead of our pretraining
     # random init and supervised reference: the architecture variant the network is drawn as (models/variants.py)
     variant: str | None = None
+    # a pretraining run listed with ``seeds``: one replica per seed (train.seed), so the report can tell a
+    # published gain from seed noise
+    train_seed: int | None = None
 
     @property
     def name(self) -> str:
-        """``<arch>[.<variant>]-<data>[-<E>ep][-released]``: a run that sets its own epochs is named by them, so
-        the papers' epoch variants of one recipe (CLoVE 200/400, SelfPatch 200/300) are separate rows."""
+        """``<arch>[.<variant>]-<data>[-<E>ep][-seed<S>][-released]``: a run that sets its own epochs is named by
+        them, so the papers' epoch variants of one recipe (CLoVE 200/400, SelfPatch 200/300) are separate rows;
+        a run listed with several seeds has one replica per seed."""
         arch = f"{self.arch}.{self.variant}" if self.variant else self.arch
         epochs = f"-{self.epochs}ep" if self.epochs is not None else ""
-        return f"{arch}-{self.data}{epochs}" + ("-released" if self.released else "")
+        seed = f"-seed{self.train_seed}" if self.train_seed is not None else ""
+        return f"{arch}-{self.data}{epochs}{seed}" + ("-released" if self.released else "")
 
     @property
     def id(self) -> str:
@@ -145,8 +153,11 @@ class Run:
         return "released" if self.released else "pretrained"
 
     @property
-    def seed(self) -> int:
-        return int(self.data.removeprefix("seed"))
+    def seed(self) -> int | None:
+        """A random-init row's seed; a seed replica's train seed; None for the other runs (their train.seed)."""
+        if self.is_random_init:
+            return int(self.data.removeprefix("seed"))
+        return self.train_seed
 
 
 class Config:
@@ -175,8 +186,10 @@ class Config:
 
     @property
     def method_runs(self) -> list[Run]:
-        """The self-supervised pretraining runs of ``runs``: the rows the papers' tables are about."""
-        return [Run(r["method"], r["arch"], r["data"], r.get("epochs")) for r in self.data.get("runs", [])]
+        """The self-supervised pretraining runs of ``runs``: the rows the papers' tables are about. An entry with
+        ``seeds`` is one run per seed (seed replicas of one row)."""
+        return [Run(r["method"], r["arch"], r["data"], r.get("epochs"), train_seed=seed)
+                for r in self.data.get("runs", []) for seed in (r.get("seeds") or [None])]
 
     @property
     def supervised_runs(self) -> list[Run]:
@@ -191,12 +204,14 @@ class Config:
 
     @property
     def released_runs(self) -> list[Run]:
-        """Eval-only rows: official released weights, imported (and downloaded) by the convert stage."""
-        return [Run(r["method"], r["arch"], r["data"], released=True) for r in self.data.get("released", [])]
+        """Eval-only rows: official released weights, imported (and downloaded) by the convert stage. A release
+        that states its pretraining epochs (PixPro 100/400) is named by them, so two releases stay two rows."""
+        return [Run(r["method"], r["arch"], r["data"], r.get("epochs"), released=True)
+                for r in self.data.get("released", [])]
 
     def released_spec(self, run: Run) -> dict[str, Any]:
         for r in self.data.get("released", []):
-            if (r["method"], r["arch"], r["data"]) == (run.method, run.arch, run.data):
+            if (r["method"], r["arch"], r["data"], r.get("epochs")) == (run.method, run.arch, run.data, run.epochs):
                 return dict(r)
         raise ConfigError(f"run {run.id!r} is not listed under 'released' in the configuration")
 
@@ -302,6 +317,8 @@ class Config:
         settings = deep_merge(settings, per_arch.get(run.arch, {}))
         if run.epochs is not None:
             settings["train"]["epochs"] = run.epochs
+        if run.train_seed is not None:
+            settings["train"]["seed"] = run.train_seed
         if run.is_supervised:  # the reference is drawn as the network it is compared with
             settings["method"]["variant"] = run.variant
         return settings
@@ -387,14 +404,6 @@ def backbone_family(arch: str) -> str:
 # Evaluation protocols: the dataset each reads, the settings block that configures it and the backbone families
 # it can evaluate. ``protocol_file`` is an identifier, not a path in this repository: the key that matches a
 # protocol to the published tables of report/paper_tables.yaml (their ``protocol:`` field).
-# Our (method, arch, data) display -> the DINO README table's row, for trained runs (DINO's code defaults, 100
-# epochs: the "vanilla" row) and for released weights.
-DINO_README_ROWS: dict[str, dict[tuple[str, str, str], tuple[str, str, str]]] = {
-    "trained": {("DINO", "ViT-S/16", "ImageNet-1k"): ("DINO (vanilla recipe, code defaults)", "ViT-S/16", "ImageNet")},
-    "released": {("DINO", ours, "ImageNet-1k"): ("DINO (released)", theirs, "ImageNet")
-                 for ours, theirs in (("ViT-S/16", "ViT-S/16"), ("ViT-S/8", "ViT-S/8"), ("ViT-B/16", "ViT-B/16"),
-                                      ("ViT-B/8", "ViT-B/8"), ("ResNet-50", "RN50"))},
-}
 # ``fixed``: settings the protocol's name fixes (they override its settings block). Patch-Seg grid points
 # (``patchseg_coco.majority-mlp``, ...) resolve through ProtocolRegistry (protocol_names.py).
 EVALUATIONS: ProtocolRegistry = ProtocolRegistry({
@@ -416,14 +425,12 @@ EVALUATIONS: ProtocolRegistry = ProtocolRegistry({
     "davis2017": {"dataset": "davis", "settings": "davis", "protocol_file": "protocols/davis2017.md",
                   "title": "DAVIS-2017 video object segmentation (label propagation, frozen features), J&F",
                   "backbones": ("vit", "resnet")},
-    # DINO's eval_knn.py / eval_linear.py; the published numbers are the DINO README's table (paper_tables id),
-    # whose rows are the code-default recipe (our trained DINO runs) and the released weights.
+    # DINO's eval_knn.py / eval_linear.py; the published numbers are the DINO README's table
+    # (report/paper_tables.yaml dino_imagenet_readme names these protocols per column).
     "knn_imagenet": {"dataset": "imagenet", "settings": "knn", "protocol_file": "methods/dino.md",
-                     "paper_tables": ("dino_imagenet_readme",), "row_aliases": DINO_README_ROWS,
                      "title": "ImageNet weighted 20-NN on frozen features (DINO eval_knn.py), top-1",
                      "backbones": ("vit", "resnet")},
     "linear_imagenet": {"dataset": "imagenet", "settings": "linear_cls", "protocol_file": "methods/dino.md",
-                        "paper_tables": ("dino_imagenet_readme",), "row_aliases": DINO_README_ROWS,
                         "title": "ImageNet linear classification on frozen features (DINO eval_linear.py), top-1",
                         "backbones": ("vit", "resnet")},
     "keypointrcnn_r50_fpn_coco": {"dataset": "coco", "settings": "keypoints",
@@ -512,8 +519,9 @@ def load_config(config_files: Iterable[str | Path] = ("config.yaml",), preset: s
     ids = [r.id for r in cfg.pretrain_runs + cfg.released_runs]
     repeated = sorted({i for i in ids if ids.count(i) > 1})
     if repeated:
-        raise ConfigError(f"{where}: runs {repeated} are listed more than once (a run is method, arch, data and "
-                          f"its epochs); remove the repeat, or give each copy its own 'epochs'")
+        raise ConfigError(f"{where}: runs {repeated} are listed more than once (a run is method, arch, data, "
+                          f"its epochs and seed); remove the repeat, or give each copy its own 'epochs' (or list "
+                          f"its replicas under 'seeds')")
     if check_settings:
         from densessl.settings_check import check_stage_settings
 

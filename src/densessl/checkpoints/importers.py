@@ -535,3 +535,50 @@ def import_loca(path: str | Path, arch: str, *, weights_key: str = "teacher_weig
                               + ". Check that --arch matches the checkpoint (loca_vsmall -> vit-s16, loca_vbase -> "
                                 "vit-b16, loca_vlarge -> vit-l16, loca_vhuge -> vit-h16)")
     return _load_checked(model, state, path, "loca", arch, sources=sources)
+
+
+# ------------------------------------------------------------------------------------ generic state dicts
+
+# Compared methods that publish a plain ResNet-50 or ViT (PixPro, DetCo, SlotCon, DenseCL, MoCo v2, ...) differ
+# only in where the backbone sits inside the file: which entry holds the state dict and which key prefix the
+# backbone carries (e.g. PixPro's `model` / `module.encoder.`, MoCo v2's `state_dict` / `module.encoder_q.`).
+GENERIC_LAYOUTS = ("timm_vit", "torchvision_resnet")
+
+
+@register("state_dict", arch_kwargs={},
+          description="any .pth holding a standard timm ViT or torchvision ResNet-50: an entry, a key prefix, a layout",
+          options={"layout": f"one of {list(GENERIC_LAYOUTS)} (required)",
+                   "checkpoint_key": "the entry holding the state dict, e.g. 'model' or 'state_dict' (absent: the "
+                                     "file is the state dict)",
+                   "prefix": "keep only keys with this prefix and strip it, e.g. 'module.encoder.' ('' keeps all)",
+                   "drop": "key prefixes (after stripping) to leave out, e.g. ['fc.'] for a classifier"})
+def import_state_dict(path: str | Path, arch: str, *, layout: str | None = None, checkpoint_key: str | None = None,
+                      prefix: str = "", drop: Iterable[str] = ()) -> nn.Module:
+    """A standard backbone from any state dict: ``ckpt[checkpoint_key]``, keys under ``prefix`` (stripped),
+    ``drop`` removed, then one strict load into ``create_backbone(arch)`` or torchvision's ResNet-50."""
+    path = Path(path)
+    if layout not in GENERIC_LAYOUTS:
+        raise ConfigError(f"state_dict option layout={layout!r}; set options.layout to one of {list(GENERIC_LAYOUTS)}")
+    if layout == "torchvision_resnet" and arch not in RESNET_ARCHS:
+        raise ConfigError(f"state_dict layout 'torchvision_resnet' builds a ResNet-50; arch must be one of "
+                          f"{list(RESNET_ARCHS)}, got {arch!r}")
+    ckpt = load_torch_checkpoint(path)
+    if checkpoint_key is not None:
+        if not isinstance(ckpt, Mapping) or checkpoint_key not in ckpt:
+            keys = list(ckpt) if isinstance(ckpt, Mapping) else type(ckpt).__name__
+            raise CheckpointError(f"{path}: no entry {checkpoint_key!r}; top-level keys {_preview(map(str, keys))} "
+                                  f"(set options.checkpoint_key)")
+        ckpt = ckpt[checkpoint_key]
+    state = _as_state_dict(ckpt, path, f"entry {checkpoint_key!r}" if checkpoint_key else "the file")
+    if prefix:
+        kept = _strip(state, prefix)
+        if not kept:
+            raise CheckpointError(f"{path}: no key starts with prefix {prefix!r}; key prefixes in the file: "
+                                  f"{sorted({k.split('.')[0] + '.' for k in state})} (set options.prefix)")
+        state = kept
+    drop = tuple(drop)
+    if drop:
+        state = {k: v for k, v in state.items() if not k.startswith(drop)}
+    model = clove_target_resnet50() if layout == "torchvision_resnet" else create_backbone(arch)
+    return _load_checked(model, state, path, "state_dict", arch,
+                         hint="check options.checkpoint_key, prefix and drop against the file's keys")

@@ -30,6 +30,10 @@ VIT_ARCHS: dict[str, dict[str, Any]] = {
     "vit-b16": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12),
     "vit-l16": dict(img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16),
     "vit-h16": dict(img_size=224, patch_size=16, embed_dim=1280, depth=32, num_heads=16),
+    # DINO's released patch-8 models (facebookresearch/dino README: DeiT-S/8, ViT-B/8; vision_transformer.py
+    # vit_small / vit_base with patch_size=8)
+    "vit-s8": dict(img_size=224, patch_size=8, embed_dim=384, depth=12, num_heads=6),
+    "vit-b8": dict(img_size=224, patch_size=8, embed_dim=768, depth=12, num_heads=12),
 }
 
 # Report names of architectures, as the papers write them.
@@ -39,6 +43,8 @@ ARCH_DISPLAY = {
     "vit-b16": "ViT-B/16",
     "vit-l16": "ViT-L/16",
     "vit-h16": "ViT-H/16",
+    "vit-s8": "ViT-S/8",
+    "vit-b8": "ViT-B/8",
     "resnet50": "ResNet-50",
     "resnet-tiny": "ResNet-Tiny (smoke)",
 }

@@ -1,23 +1,18 @@
-"""Rebuild the report tables from the metrics files, next to the published numbers.
+"""Rebuild the report from the metrics files: the papers' tables cell by cell, then one section per protocol.
 
 Every value in the report is read from a metrics.json that a run of this workflow wrote; published numbers
 come only from paper_tables.yaml (each table citing its paper, README or project page) and are shown only
-where the row (method, architecture, pretraining data) and the protocol are the ones the paper reports,
-and never for synthetic data.
+where the row's explicit run key and the protocol are the ones the paper reports (report/paper_tables.py),
+and never for synthetic data. docs/report.md describes the cells of tables.json.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import html
 import math
 import time
-from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from densessl import provenance
 from densessl.config import DATA_DISPLAY, EVALUATIONS, METHOD_DISPLAY, Config, Run
@@ -25,8 +20,11 @@ from densessl.io import read_json, write_json, write_text
 from densessl.models.backbones import ARCH_DISPLAY
 from densessl.models.variants import VARIANT_DISPLAY
 from densessl.protocol_names import protocol_base
+from densessl.report import cells as cellmod
+from densessl.report import paper_tables, render_tables
 from densessl.report import reference_check as refcheck
 from densessl.report.code_versions import summarise as summarise_code_versions
+from densessl.report.paper_tables import published_entry, published_value, run_epochs
 from densessl.report.uncertainty import paired_standard_error
 
 # Metrics shown per protocol (headline first), with the unit they are reported in.
@@ -68,27 +66,6 @@ DIAGNOSTICS: dict[str, list[str]] = {
 }
 
 
-@dataclass
-class Cell:
-    table: str
-    run: str            # run id
-    role: str           # pretrained | released | random-init | supervised-reference (Run.role)
-    method: str
-    arch: str
-    pretrain_data: str
-    metric: str
-    value: float | None
-    published: float | None
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-def load_paper_tables() -> list[dict[str, Any]]:
-    text = resources.files("densessl.report").joinpath("paper_tables.yaml").read_text(encoding="utf-8")
-    return yaml.safe_load(text)
-
-
 def display(run: Run) -> tuple[str, str, str]:
     method = METHOD_DISPLAY.get(run.method, run.method)
     data = "none" if run.is_random_init else DATA_DISPLAY.get(run.data, run.data)
@@ -96,49 +73,14 @@ def display(run: Run) -> tuple[str, str, str]:
         method = f"{method} ({run.data})"
     if run.epochs is not None:  # a run named by its epochs (Run.name): one of a recipe's epoch variants
         method = f"{method} ({run.epochs} ep)"
+    if run.train_seed is not None:  # one seed replica of a run
+        method = f"{method} (seed {run.train_seed})"
     if run.released:
         method = f"{method} (released weights)"
     arch = ARCH_DISPLAY.get(run.arch, run.arch)
     if run.variant:
         arch = f"{arch}, {VARIANT_DISPLAY[run.variant]}"
     return method, arch, data
-
-
-def published_value(tables: list[dict[str, Any]], protocol: str, run: Run, metric: str,
-                    synthetic: bool, epochs: int | None = None) -> float | None:
-    """The published number of ``run``'s row: same method, arch and data, and, where the paper states the
-    pretraining epochs and ``epochs`` (the run's) is known, the same epochs (CLoVE reports 200 and 400)."""
-    if synthetic:
-        return None
-    protocol_file = EVALUATIONS[protocol]["protocol_file"]
-    # protocols sharing a protocol key (Semantic FPN and UperNet; every detection table) name their tables
-    wanted = EVALUATIONS[protocol].get("tables")
-    # the paper's row names neither our epochs suffix (matched below) nor "released" (the paper's own weights)
-    method, arch, data = display(dataclasses.replace(run, epochs=None, released=False))
-    # a table that names rows its own way (the DINO README: "DINO (released)", "ImageNet") maps ours onto them
-    aliases = EVALUATIONS[protocol].get("row_aliases", {}).get("released" if run.released else "trained", {})
-    method, arch, data = aliases.get((method, arch, data), (method, arch, data))
-    for table in tables:
-        named = table.get("id") in EVALUATIONS[protocol].get("paper_tables", ())  # e.g. the DINO README table
-        if (table.get("protocol") != protocol_file and not named) or metric not in table.get("columns", []):
-            continue
-        if wanted is not None and table.get("id") not in wanted:
-            continue
-        for row in table.get("rows", []):
-            if (row.get("method"), row.get("arch"), row.get("pretrain_data")) != (method, arch, data):
-                continue
-            if epochs is not None and row.get("epochs") is not None and row["epochs"] != epochs:
-                continue
-            return row["values"].get(metric)
-    return None
-
-
-def _run_epochs(cfg: Config, run: Run) -> int | None:
-    """Pretraining epochs of one of our runs (None for random init and released weights)."""
-    if run.is_random_init or run.released:
-        return None
-    epochs = cfg.pretrain_settings(run)["train"].get("epochs")
-    return int(epochs) if epochs is not None else None
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -149,9 +91,8 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 def build_report(cfg: Config) -> Path:
     started = time.time()
-    tables = load_paper_tables()
     synthetic = bool(cfg.data.get("data", {}).get("synthetic", False))
-    cells: list[Cell] = []
+    cells: list[cellmod.Cell] = []  # the per-protocol sections' cells
     sections_md: list[str] = []
     sections_html: list[str] = []
     stage_times: list[tuple[str, float | None]] = []
@@ -164,22 +105,34 @@ def build_report(cfg: Config) -> Path:
         metrics = REPORTED_METRICS[base]
         shown = metrics + DIAGNOSTICS.get(base, [])
         rows: list[tuple[Run, dict[str, Any]]] = []
+        not_run: set[str] = set()
         for run in cfg.protocol_runs(protocol):  # a row the protocol does not apply to: "n/a" in the summary
-            result = read_json(cfg.eval_metrics(protocol, run))
+            path = cfg.eval_metrics(protocol, run)
+            if not path.is_file():  # a report built before every job has run: the row says "not run"
+                not_run.add(run.id)
+                rows.append((run, {}))
+                continue
+            result = read_json(path)
             rows.append((run, result["metrics"]))
             stage_times.append((f"evaluate {protocol} {run.id}", result["provenance"].get("wall_s")))
             artifacts.append((f"evaluate {protocol} {run.id}", result["provenance"]))
+            prov_cell = cellmod.cell_provenance(run, result, str(path))
+            method, arch, data = display(run)
             for metric in shown:
-                method, arch, data = display(run)
-                cells.append(Cell(protocol, run.id, run.role, method, arch, data, metric, _metric(result["metrics"], metric),
-                                  published_value(tables, protocol, run, metric, synthetic,
-                                                  _run_epochs(cfg, run))))
+                entry = published_entry(protocol, run, metric, synthetic, run_epochs(cfg, run))
+                cells.append(cellmod.Cell(
+                    table=protocol, protocol=protocol, run=run.id, role=run.role, network=cellmod.network(cfg, run),
+                    seed=cellmod.seed_of(cfg, run), metric=metric, value=_metric(result["metrics"], metric),
+                    published=entry[0] if entry else None, source=entry[1].source if entry else None,
+                    method=method, arch=arch, pretrain_data=data, provenance=prov_cell))
         header = ["method", "arch", "pretrain data", *shown, "published"]
         body = []
         for run, values in rows:
             method, arch, data = display(run)
-            pub = published_value(tables, protocol, run, metrics[0], synthetic, _run_epochs(cfg, run))
-            body.append([method, arch, data, *[_fmt(_metric(values, m)) for m in shown], _fmt(pub)])
+            pub = published_value(protocol, run, metrics[0], synthetic, run_epochs(cfg, run))
+            shown_values = (["not run"] * len(shown) if run.id in not_run
+                            else [_fmt(_metric(values, m)) for m in shown])
+            body.append([method, arch, data, *shown_values, _fmt(pub)])
         margins = baseline_margins(cfg, rows, metrics, protocol)
         checks += refcheck.reference_checks(cfg, protocol, rows, metrics[0])
         summary_columns.append(f"{protocol} {metrics[0]}")
@@ -226,11 +179,24 @@ def build_report(cfg: Config) -> Path:
         data_hashes[dataset] = fp["content_sha256"] or fp["listing_sha256"]
         stage_times.append((f"data {dataset}", manifest["provenance"].get("wall_s")))
 
+    tables = paper_tables.load_tables()
+    plans = paper_tables.plan(cfg, tables)
+    paper_cells = cellmod.paper_cells(cfg, tables, plans)
+    stats = cellmod.row_stats(paper_cells)
+    gain_results = cellmod.gains(tables, plans, stats)
+    # at paper scale the papers' tables come first; at smoke scale (synthetic data) only their counts, last
+    at = len(sections_md) if synthetic else 0
+    sections_md.insert(at, render_tables.markdown(tables, plans, paper_cells, stats, gain_results, synthetic))
+    sections_html.insert(at, render_tables.html_section(tables, plans, paper_cells, stats, gain_results, synthetic))
+
     prov = provenance.collect("report", cfg.hash, {"data": data_hashes}, started)
     versions, version_warnings = summarise_code_versions(artifacts)
     prov["code_versions"], prov["code_version_warnings"] = versions, version_warnings
     out = cfg.report_dir
-    write_json(out / "tables.json", [c.as_dict() for c in cells])
+    write_json(out / "tables.json", {
+        "schema": cellmod.SCHEMA, "accounting": paper_tables.accounting(plans),
+        "cells": [c.as_dict() for c in paper_cells], "gains": [g.as_dict() for g in gain_results],
+        "results": [c.as_dict() for c in cells]})
     write_json(out / refcheck.CHECKS_NAME, refcheck.checks_json(checks))
     md = _markdown(cfg, sections_md, prov, stage_times, synthetic)
     write_text(out / "report.md", md)
