@@ -99,7 +99,8 @@ def test_run_keys_name_this_projects_identifiers():
                 assert key.arch in fields["arch"]["enum"] and key.data in fields["data"]["enum"], (table.id, row.index)
 
 
-def test_table_jobs_is_torch_free_and_fast():
+def test_table_jobs_is_torch_free():
+    # Its speed is a benchmark figure (benchmarks/dag_timing.py), not a timed test.
     code = ("import sys, time; from densessl.config import load_config; "
             "from densessl.report.paper_tables import table_jobs; "
             f"cfg = load_config([{str(REPO / 'config.yaml')!r}], preset='paper', check_settings=False); "
@@ -107,7 +108,7 @@ def test_table_jobs_is_torch_free_and_fast():
             "print(dt, 'torch' in sys.modules, sum(map(len, jobs.values())))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO,
                          env={"PYTHONPATH": str(REPO / "src"), "DENSESSL_ROOT": str(REPO)}).stdout.split()
-    assert float(out[0]) < 1.0 and out[1] == "False"
+    assert out[1] == "False"
     assert int(out[2]) == sum(len(v) for v in pt.table_jobs(_paper()).values()) > 0
 
 
