@@ -25,6 +25,7 @@ from densessl.io import read_json, write_json, write_text
 from densessl.models.backbones import ARCH_DISPLAY
 from densessl.models.variants import VARIANT_DISPLAY
 from densessl.protocol_names import protocol_base
+from densessl.report import plots_html
 from densessl.report import reference_check as refcheck
 from densessl.report.code_versions import summarise as summarise_code_versions
 from densessl.report.uncertainty import paired_standard_error
@@ -234,6 +235,7 @@ def build_report(cfg: Config) -> Path:
     write_json(out / refcheck.CHECKS_NAME, refcheck.checks_json(checks))
     md = _markdown(cfg, sections_md, prov, stage_times, synthetic)
     write_text(out / "report.md", md)
+    sections_html.append(plots_html.html_section(cfg, [c.as_dict() for c in cells]))
     write_text(out / "index.html", _html(cfg, sections_html, prov, stage_times, synthetic))
     return out / "report.md"
 
