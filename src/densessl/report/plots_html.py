@@ -46,7 +46,8 @@ def render_svg(figure: Figure) -> str:
         fig.savefig(buffer, format="svg", metadata={"Date": None, "Creator": None})
         plt.close(fig)
     text = buffer.getvalue()
-    return text[text.index("<svg"):].strip()
+    # scales down to the page width (the viewBox keeps the proportions): ADE20K's 150 classes draw wide
+    return text[text.index("<svg"):].strip().replace("<svg ", "<svg style='max-width:100%;height:auto' ", 1)
 
 
 def _categories(figure: Figure) -> int:
