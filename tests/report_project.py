@@ -11,6 +11,7 @@ import yaml
 from conftest import REPO
 
 from densessl.config import Config, load_config
+from densessl.train.run_log import METRICS_NAME, RunLog
 
 CONFIG = {
     "preset": "smoke",
@@ -38,12 +39,15 @@ def make(tmp_path: Path, *, pretrain_logs: bool = True) -> Config:
                                            "provenance": {"wall_s": 1.0}})
     if pretrain_logs:
         dino, supervised = cfg.pretrain_runs
-        folder = cfg.pretrain_dir(dino)
-        folder.mkdir(parents=True, exist_ok=True)
-        lines = [{"step": s, "epoch": 0, "loss": 5.0 - 0.1 * s, "teacher_entropy": 2.0 - 0.05 * s,
-                  "teacher_batch_entropy": 2.5} for s in range(0, 20, 2)]
-        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 20, "lo')
-        write(cfg.pretrain_dir(supervised) / "metrics.jsonl", {"step": 0, "epoch": 0, "loss": 2.0})
+        for run in (dino, supervised):  # written by the trainer's own writer, as a run writes them
+            cfg.pretrain_dir(run).mkdir(parents=True, exist_ok=True)
+        log = RunLog(cfg.pretrain_dir(dino), rank=0, tensorboard=False)
+        for s in range(0, 20, 2):
+            log.metrics({"step": s, "epoch": 0, "loss": 5.0 - 0.1 * s, "teacher_entropy": 2.0 - 0.05 * s,
+                         "teacher_batch_entropy": 2.5})
+        with open(cfg.pretrain_dir(dino) / METRICS_NAME, "a") as f:
+            f.write('{"step": 20, "lo')  # a run killed mid-write: a torn last line
+        RunLog(cfg.pretrain_dir(supervised), rank=0, tensorboard=False).metrics({"step": 0, "epoch": 0, "loss": 2.0})
     for index, (protocol, run) in enumerate(cfg.evaluation_jobs()):
         if protocol == "patchseg_coco":
             values: dict = dict(PATCHSEG)
