@@ -118,3 +118,13 @@ def test_build_report_puts_the_plots_into_index_html(cfg):
     page = (cfg.report_dir / "index.html").read_text()
     plots_at, provenance_at = page.index("<section id='plots'>"), page.index("<h2>Provenance</h2>")
     assert plots_at < provenance_at and page.count("class='densessl-plot'") == 4
+
+
+def test_a_long_curve_is_drawn_from_every_n_th_step_and_says_so():
+    steps = list(range(10_001))
+    x, y, stride = plots_html.thinned(steps, [float(s) for s in steps])
+    assert stride == 6 and len(x) <= plots_html.MAX_POINTS + 1 and (x[0], x[-1]) == (0, 10_000) and y == x
+    figure = plots.Figure("plot-long", "pretraining", "long", "line", "step",
+                          [plots.Panel("loss", [plots.Series("loss", steps, [1.0] * len(steps))])])
+    assert "drawn from every 6-th logged step (of up to 10001)." in plots_html.figure_html(figure)
+    assert plots_html.thinned([1, 2], [3.0, 4.0]) == ([1, 2], [3.0, 4.0], 1)

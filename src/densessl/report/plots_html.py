@@ -25,6 +25,22 @@ GROUP_TITLES = {"pretraining": "Pretraining: loss and teacher entropy per step",
 RC = {"svg.fonttype": "none", "svg.hashsalt": "densessl-report", "font.size": 9, "axes.grid": True,
       "grid.alpha": 0.3, "figure.dpi": 72}
 MAX_TICK_LABELS = 40  # more categories than this (ADE20K's 150 classes): every n-th label only
+# A paper-scale pretraining run logs tens of thousands of steps; a curve draws at most this many of them (every
+# n-th and the last), which a 7.5-inch figure cannot tell apart, and keeps index.html a few MB at most.
+MAX_POINTS = 2000
+
+
+def stride_of(points: int) -> int:
+    return max(1, -(-points // MAX_POINTS))
+
+
+def thinned(x: list[Any], y: list[Any]) -> tuple[list[Any], list[Any], int]:
+    """(every n-th x, the same y, n): the first and last point always kept."""
+    stride = stride_of(len(x))
+    keep = list(range(0, len(x), stride))
+    if keep and keep[-1] != len(x) - 1:
+        keep.append(len(x) - 1)
+    return [x[i] for i in keep], [y[i] for i in keep], stride
 
 
 def render_svg(figure: Figure) -> str:
@@ -58,8 +74,9 @@ def _draw_panel(figure: Figure, p: int, panel: data.Panel, ax: Any) -> None:
     if figure.kind == "line":
         for k, series in enumerate(panel.series):
             # markers where the points are few (a short run logs a handful of steps; one point draws no line)
-            (line,) = ax.plot(series.x, series.y, label=series.label, linewidth=1.2,
-                              marker="o" if len(series.x) < 30 else None, markersize=3)
+            x, y, _ = thinned(series.x, series.y)
+            (line,) = ax.plot(x, y, label=series.label, linewidth=1.2, marker="o" if len(x) < 30 else None,
+                              markersize=3)
             line.set_gid(f"{figure.id}-s{p}-{k}")
     else:
         labels = list(dict.fromkeys(x for s in panel.series for x in s.x))  # first-seen order, each once
@@ -83,9 +100,15 @@ def _draw_panel(figure: Figure, p: int, panel: data.Panel, ax: Any) -> None:
 
 
 def figure_html(figure: Figure) -> str:
-    notes = "".join(f"<p class='plot-note'>{html.escape(n)}</p>" for n in figure.notes)
+    notes = list(figure.notes)
+    if figure.kind == "line":
+        lengths = [len(s.x) for panel in figure.panels for s in panel.series]
+        stride = stride_of(max(lengths, default=0))
+        if stride > 1:
+            notes.append(f"drawn from every {stride}-th logged step (of up to {max(lengths)}).")
+    notes_html = "".join(f"<p class='plot-note'>{html.escape(n)}</p>" for n in notes)
     return (f"<figure class='densessl-plot' id='{figure.id}' data-group='{figure.group}'>{render_svg(figure)}"
-            f"<figcaption>{html.escape(figure.title)}</figcaption>{notes}</figure>")
+            f"<figcaption>{html.escape(figure.title)}</figcaption>{notes_html}</figure>")
 
 
 def html_section(cfg: Config, cells: list[dict[str, Any]]) -> str:
