@@ -46,13 +46,12 @@ def thinned(x: list[Any], y: list[Any]) -> tuple[list[Any], list[Any], int]:
 def render_svg(figure: Figure) -> str:
     """The figure as an ``<svg>`` element (no XML prolog or DOCTYPE, so it can sit inside HTML)."""
     import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure as MplFigure  # no pyplot: no global figure state, no GUI backend
 
     with matplotlib.rc_context(RC):
         width = 7.5 if figure.kind == "line" else min(12.0, 6.0 + 0.12 * _categories(figure))
-        fig, axes = plt.subplots(len(figure.panels), 1, figsize=(width, 2.6 * len(figure.panels)), squeeze=False)
+        fig = MplFigure(figsize=(width, 2.6 * len(figure.panels)))
+        axes = fig.subplots(len(figure.panels), 1, squeeze=False)
         for p, (panel, ax) in enumerate(zip(figure.panels, axes[:, 0])):
             _draw_panel(figure, p, panel, ax)
         axes[-1, 0].set_xlabel(figure.xlabel)
@@ -60,7 +59,6 @@ def render_svg(figure: Figure) -> str:
         fig.tight_layout()
         buffer = io.StringIO()
         fig.savefig(buffer, format="svg", metadata={"Date": None, "Creator": None})
-        plt.close(fig)
     text = buffer.getvalue()
     # scales down to the page width (the viewBox keeps the proportions): ADE20K's 150 classes draw wide
     return text[text.index("<svg"):].strip().replace("<svg ", "<svg style='max-width:100%;height:auto' ", 1)
