@@ -70,6 +70,9 @@ def test_smoke_dag_end_to_end(tmp_path):
     assert all(c["run"] == "supervised/vit-tiny-p8-coco" and c["seeds"] == 3 for c in checks)
     assert "Check: the supervised reference beats the best random-init seed of its network" in md
     assert (report / "index.html").read_text().startswith("<!doctype html>")
+    page = (report / "index.html").read_text()  # the plots of what the stages recorded (docs/report_plots.md)
+    for figure in ("plot-pretrain-dino-vit-tiny-p8-imagenet", "plot-per-class-linear-ade20k", "plot-davis-sequences"):
+        assert f"id='{figure}'" in page, figure
     logs = list((tmp_path / "results/smoke/logs").rglob("*.log"))
     assert len(logs) >= 3 + 1 + 4 + 8 + 1
 

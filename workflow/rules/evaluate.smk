@@ -3,7 +3,9 @@ rule evaluate:
         backbone=lambda w: str(CFG.backbone(run_of(w))),
         manifest=lambda w: str(CFG.data_manifest(EVALUATIONS[w.protocol]["dataset"])),
     output:
-        metrics=f"{RESULTS}/eval/{{protocol}}/{{method}}/{{name}}/metrics.json",
+        metrics=report(f"{RESULTS}/eval/{{protocol}}/{{method}}/{{name}}/metrics.json",
+                       caption="../report/evaluate.rst", category="Evaluations", subcategory="{protocol}",
+                       labels={"protocol": "{protocol}", "run": "{method}/{name}"}),
     params:
         cli=PY,
         config=CONFIG_ARGS,

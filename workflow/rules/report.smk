@@ -1,8 +1,17 @@
+# `snakemake --report workflow.html`: the workflow view (DAG, run times) with the report stage's outputs and the
+# evaluations' metrics.json, each with its caption in workflow/report/.
+report: "../report/workflow.rst"
+
+REPORT_CAPTIONS = {"index.html": "index_html.rst", "report.md": "report_md.rst", "tables.json": "tables_json.rst",
+                   "checks.json": "checks_json.rst"}
+
+
 rule report:
     input:
         metrics=[str(CFG.eval_metrics(p, r)) for p, r in CFG.evaluation_jobs()],
     output:
-        [str(p) for p in CFG.report_outputs()],
+        [report(str(p), caption=f"../report/{REPORT_CAPTIONS[p.name]}", category="Report")
+         for p in CFG.report_outputs()],
     params:
         cli=PY,
         config=CONFIG_ARGS,

@@ -21,7 +21,7 @@ from densessl.models.backbones import ARCH_DISPLAY
 from densessl.models.variants import VARIANT_DISPLAY
 from densessl.protocol_names import protocol_base
 from densessl.report import cells as cellmod
-from densessl.report import paper_tables, render_tables
+from densessl.report import paper_tables, plots_html, render_tables
 from densessl.report import reference_check as refcheck
 from densessl.report.code_versions import summarise as summarise_code_versions
 from densessl.report.paper_tables import published_entry, published_value, run_epochs
@@ -200,6 +200,7 @@ def build_report(cfg: Config) -> Path:
     write_json(out / refcheck.CHECKS_NAME, refcheck.checks_json(checks))
     md = _markdown(cfg, sections_md, prov, stage_times, synthetic)
     write_text(out / "report.md", md)
+    sections_html.append(plots_html.html_section(cfg, [c.as_dict() for c in paper_cells]))  # the papers' tables
     write_text(out / "index.html", _html(cfg, sections_html, prov, stage_times, synthetic))
     return out / "report.md"
 
