@@ -140,3 +140,27 @@ def test_toolkit_run_resumes_from_the_previous_checkpoint_when_the_newest_is_tor
     metrics = train_and_test(toy.toy_cfg(iters=4), run)
     assert toy.STARTS == [0, 2] and "mse" in metrics  # resumed after iteration 2, not from scratch
     assert (work / "iter_4.pth").is_file()
+
+
+def test_toolkit_loader_workers_leave_the_stop_signals_to_the_main_process(tmp_path: Path) -> None:
+    """SLURM's warning reaches every process of the step: mmengine's workers must not die of it first."""
+    pytest.importorskip("mmengine")
+    import signal
+
+    import test_mmengine_run as toy
+
+    from densessl.evaluate.transfer.mmengine_run import WORKER_INIT, ToolkitRun, _worker_init, run_config
+
+    cfg = toy.toy_cfg()
+    cfg["train_dataloader"]["num_workers"] = 2
+    out = run_config(cfg, ToolkitRun(work_dir=tmp_path, scope="mmengine", seed=5))
+    assert out["train_dataloader"]["worker_init_fn"] == dict(type=WORKER_INIT, num_workers=2, rank=0, seed=5)
+    assert "worker_init_fn" not in out["test_dataloader"]  # no workers there
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    try:
+        _worker_init(1, num_workers=2, rank=0, seed=5)
+        assert all(signal.getsignal(s) is signal.SIG_IGN for s in previous)
+        assert torch.initial_seed() == 2 * 0 + 1 + 5  # mmengine's own worker seeding is kept
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

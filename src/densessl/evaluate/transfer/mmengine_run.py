@@ -13,7 +13,8 @@ which adds what belongs to the run rather than to the protocol and drives the to
   fail on at every retry: the one ``last_checkpoint`` names is verified first (its zip CRCs) and, when torn,
   the newest complete one takes its place (:func:`usable_resume_checkpoint`); the checkpoint hook keeps at
   least two (``max_keep_ckpts`` ≥ 2) so that a complete previous one exists;
-* preemption: SIGTERM/SIGINT/SIGUSR1 during training → checkpoint at the end of the current iteration, then
+* preemption: SIGTERM/SIGINT/SIGUSR1 during training (SLURM signals every process of the step, DataLoader
+  workers too, which therefore ignore them: :data:`WORKER_INIT`) → checkpoint at the end of the current iteration, then
   :class:`densessl.train.trainer.Preempted`, which the CLI turns into exit code 3 and, inside a SLURM job, a
   requeue of the job (``densessl.train.requeue``), as ``evaluate/resume.py`` does for our own fine-tunings;
 * the metrics: ``Runner.test()`` returns what the toolkit's evaluator computed (never re-implemented).
@@ -41,6 +42,7 @@ import torch
 from densessl.errors import ConfigError
 from densessl.evaluate.resume import StopSignals
 from densessl.io import write_text
+from densessl.train.signals import ignore_stop_signals
 from densessl.train.trainer import Preempted
 
 log = logging.getLogger(__name__)
@@ -206,6 +208,23 @@ def _preemption_hook(signals: StopSignals) -> Any:
 
 
 KEEP_CHECKPOINTS = 2  # the newest and the one before it, for when the newest is torn
+WORKER_INIT = "densessl_worker_init"  # mmengine FUNCTIONS name of :func:`_worker_init`
+
+
+def _worker_init(worker_id: int, num_workers: int, rank: int, seed: int) -> None:
+    """mmengine's own worker seeding (what its Runner uses when a seed is set), then the stop signals left to
+    the main process: torch's workers otherwise die of the SIGTERM that reaches the whole job step, and the
+    main process fails on the lost worker before its preemption hook can save (``densessl.train.signals``)."""
+    from mmengine.dataset import worker_init_fn
+
+    worker_init_fn(worker_id, num_workers=num_workers, rank=rank, seed=seed)
+    ignore_stop_signals()
+
+
+def register_worker_init() -> None:
+    from mmengine.registry import FUNCTIONS
+
+    FUNCTIONS.register_module(name=WORKER_INIT, module=_worker_init, force=True)
 
 
 def _complete(path: Path) -> bool:
@@ -257,6 +276,11 @@ def run_config(cfg: dict[str, Any], run: ToolkitRun) -> dict[str, Any]:
         experiment_name=name,
         log_level=run.log_level,
     )
+    for key in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        loader = out.get(key)
+        if isinstance(loader, dict) and int(loader.get("num_workers") or 0) > 0 and "worker_init_fn" not in loader:
+            out[key] = {**loader, "worker_init_fn": dict(type=WORKER_INIT, num_workers=int(loader["num_workers"]),
+                                                         rank=int(os.environ.get("RANK", "0")), seed=run.seed)}
     hooks = dict(out.get("default_hooks") or {})
     checkpoint = dict(hooks.get("checkpoint") or {})
     if checkpoint and 0 < int(checkpoint.get("max_keep_ckpts", -1)) < KEEP_CHECKPOINTS:
@@ -287,6 +311,7 @@ def train_and_test(cfg: dict[str, Any], run: ToolkitRun) -> dict[str, Any]:
     if run.threads:
         torch.set_num_threads(run.threads)
     register_safetensors_loader()
+    register_worker_init()
     _pickle_buffers_plainly()
     run.work_dir.mkdir(parents=True, exist_ok=True)
     usable_resume_checkpoint(run.work_dir)
