@@ -44,6 +44,7 @@ def test_nothing_happens_outside_slurm_or_when_turned_off(tmp_path: Path) -> Non
     env = _fake_scontrol(tmp_path)
     assert requeue.requeue_slurm_job(env) is False
     assert requeue.requeue_slurm_job({**env, "SLURM_JOB_ID": "9", requeue.REQUEUE_ENV: "0"}) is False
+    assert requeue.requeue_slurm_job({**env, "SLURM_JOB_ID": "9", "SLURM_PROCID": "3"}) is False
     assert _calls(tmp_path) == []
 
 
@@ -57,7 +58,7 @@ def test_the_cli_requeues_only_a_stopped_stage_once(tmp_path: Path, monkeypatch:
                                                     torchrun_worker: bool, requeued: bool) -> None:
     for key, value in {**_fake_scontrol(tmp_path), "SLURM_JOB_ID": "11"}.items():
         monkeypatch.setenv(key, value)
-    for key in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "WORLD_SIZE", requeue.REQUEUE_ENV):
+    for key in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "WORLD_SIZE", "SLURM_PROCID", requeue.REQUEUE_ENV):
         monkeypatch.delenv(key, raising=False)
     if torchrun_worker:
         monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")

@@ -36,8 +36,8 @@ def requeue_slurm_job(env: Mapping[str, str] | None = None, timeout_s: float = 6
     from torchrun's workers). Outside SLURM, or when turned off, it does nothing and returns False."""
     env = os.environ if env is None else env
     job = env.get("SLURM_JOB_ID")
-    if not job or env.get(REQUEUE_ENV, "1") == "0":
-        return False
+    if not job or env.get(REQUEUE_ENV, "1") == "0" or env.get("SLURM_PROCID", "0") != "0":
+        return False  # outside SLURM, turned off, or one of several tasks of a step (task 0 speaks for them)
     scontrol = shutil.which("scontrol", path=env.get("PATH"))
     if scontrol is None:
         print(f"densessl: SLURM job {job}: no scontrol on PATH, cannot requeue; exiting for a Snakemake retry",
