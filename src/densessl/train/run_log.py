@@ -86,8 +86,7 @@ class RunLog:
         if self.rank != 0:
             return
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **record,
-                  "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-                  "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0"))}
+                  "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
         with open(self.out_dir / ATTEMPTS_NAME, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
