@@ -15,7 +15,7 @@ run must fall back to `checkpoint.previous.pt`.
 
 A second test submits a pretraining with a two-minute time limit and the warning `--signal=B:TERM@60` straight
 to `sbatch` (no Snakemake: its start-up would eat the short limit): the job must requeue itself before the
-limit as often as it takes and finish with the uninterrupted run's steps.
+limit and resume at the checkpointed step; a plain `scancel` afterwards must stop it for good.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO
-from slurm_cluster import free_port, jobs, sacct, sbin, slurm_env, wait_for
+from slurm_cluster import CRED_EXPIRE_S, free_port, jobs, sacct, sbin, slurm_env, wait_for
 
 __all__ = ["slurm_env"]  # the fixture, for other SLURM test modules: `from test_slurm import slurm_env`
 
@@ -161,12 +161,12 @@ def test_dag_on_slurm_survives_a_preemption_without_a_retry(tmp_path: Path, slur
     assert (tmp_path / "results/smoke/report/report.md").exists()
 
 
-LIMITED_STEPS = 80  # about 35 s of training on one busy core: longer than one two-minute job has left
-
-
 @pytest.mark.timeout(600)
 def test_time_limit_warning_requeues_and_resumes(tmp_path: Path, slurm_env: dict[str, str]) -> None:
-    config = {**CONFIG, "pretrain": {"dino": {"train": {**CONFIG["pretrain"]["dino"]["train"], "epochs": 20}}}}
+    """A job with a two-minute limit and the warning 60 s before it: the run checkpoints and requeues itself
+    before the limit and resumes at the checkpointed step in the same job. Then a plain `scancel`: the run
+    still checkpoints, but a cancelled job is not requeued, so it stays stopped."""
+    config = {**CONFIG, "pretrain": {"dino": {"train": {**CONFIG["pretrain"]["dino"]["train"], "epochs": 500}}}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     cli = [sys.executable, "-m", "densessl"]
     stage_env = {**slurm_env, "DENSESSL_ROOT": str(REPO), "PYTHONPATH": str(REPO / "src")}
@@ -175,22 +175,35 @@ def test_time_limit_warning_requeues_and_resumes(tmp_path: Path, slurm_env: dict
                    capture_output=True)
     command = " ".join([*cli, "pretrain", *args, "--run", "dino/vit-tiny-p8-imagenet", "--threads", "1"])
     started = time.time()
+    # with --wrap the stage is the batch shell itself (exec), hence B: (the profile signals the job step)
     job = subprocess.run(["sbatch", "--parsable", "--requeue", "-t", "2", "--signal=B:TERM@60", "--gpus=1",
-                          "-c", "1", "-o", str(tmp_path / "job.log"), "-D", str(tmp_path), "--wrap", f"exec {command}"],
+                          "-c", "1", "--open-mode=append", "-o", str(tmp_path / "job.log"), "-D", str(tmp_path),
+                          "--wrap", f"exec {command}"],
                          env=stage_env, capture_output=True, text=True, check=True).stdout.strip()
-    wait_for(lambda: [r["State"] for r in sacct(slurm_env, job)] in (["COMPLETED"], ["FAILED"], ["TIMEOUT"]),
-             540, "the time-limited job to end")
-    print(f"the time-limited pretraining on SLURM: {time.time() - started:.0f} s")
+    run_dir = tmp_path / "results/smoke/pretrain/dino/vit-tiny-p8-imagenet"
+
+    def starts() -> list[dict]:
+        return [a for a in _attempts(run_dir) if a["event"] == "start"]
+
+    wait_for(lambda: len(starts()) >= 2, 400, "the requeued run to start")
+    print(f"time-limit warning, requeue and restart: {time.time() - started:.0f} s")
+    resumed_at = starts()[1]["step"]
+    metrics = run_dir / "metrics.jsonl"
+    wait_for(lambda: len(metrics.read_text().splitlines()) > resumed_at + CHECKPOINT_EVERY, 120, "training to go on")
+    subprocess.run(["scancel", job], env=slurm_env, check=True)
+    wait_for(lambda: [r["State"] for r in sacct(slurm_env, job)] == ["CANCELLED"], 120, "the job to be cancelled")
+    wait_for(lambda: _attempts(run_dir)[-1]["event"] != "start", 60, "the cancelled run's checkpoint")
+    time.sleep(2 * CRED_EXPIRE_S)  # past the requeue delay: a requeued job would be running again by now
+
     history = [r["State"] for r in sacct(slurm_env, job, duplicates=True)]
     log = (tmp_path / "job.log").read_text()[-3000:]
-    assert history[-1] == "COMPLETED" and set(history[:-1]) == {"REQUEUED"}, (history, log)
-    run_dir = tmp_path / "results/smoke/pretrain/dino/vit-tiny-p8-imagenet"
+    assert history == ["REQUEUED", "CANCELLED"], (history, log)
     attempts = _attempts(run_dir)
-    kinds = [a["event"] for a in attempts]
-    assert kinds == ["start", "preempted"] * len(history[:-1]) + ["start", "finished"], (kinds, log)
+    assert [a["event"] for a in attempts] == ["start", "preempted", "start", "preempted"], (attempts, log)
     assert {a["slurm_job_id"] for a in attempts} == {job}
-    for stop, start in zip(attempts[1::2], attempts[2::2], strict=False):  # each warning: nothing lost
-        assert stop["signal"] == "SIGTERM" and start["step"] == stop["step"] and start["checkpoint"] == "checkpoint.pt"
-    assert attempts[-1]["step"] == LIMITED_STEPS
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(LIMITED_STEPS))
+    warned, resumed = attempts[1], attempts[2]
+    assert warned["signal"] == "SIGTERM" and warned["step"] > 0
+    assert resumed["step"] == warned["step"] and resumed["checkpoint"] == "checkpoint.pt"  # nothing lost
+    assert "requeued" in log and "requeue refused" in log, log
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(attempts[-1]["step"]))  # every step once, across the requeue
