@@ -14,10 +14,12 @@ from densessl.train import requeue
 from densessl.train.launch import REQUEUE_EXIT_CODE
 
 
-def _fake_scontrol(folder: Path, exit_code: int = 0, message: str = "") -> dict[str, str]:
+def _fake_scontrol(folder: Path, exit_code: int = 0, message: str = "", state: str = "RUNNING") -> dict[str, str]:
+    """`scontrol show job -o N` answers JobState=<state>; `scontrol requeue N` is recorded and answers exit_code."""
     folder.mkdir(exist_ok=True)
     tool = folder / "scontrol"
-    tool.write_text(f'#!/bin/sh\necho "$@" >> {folder}/calls\necho "{message}" >&2\nexit {exit_code}\n')
+    tool.write_text(f'#!/bin/sh\nif [ "$1" = show ]; then echo "JobId=$4 JobName=x JobState={state} Reason=None"; '
+                    f'exit 0; fi\necho "$@" >> {folder}/calls\necho "{message}" >&2\nexit {exit_code}\n')
     tool.chmod(0o755)
     return {"PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"}
 
@@ -38,6 +40,13 @@ def test_a_refused_requeue_leaves_the_retry_to_snakemake(tmp_path: Path, capsys:
     env = {**_fake_scontrol(tmp_path, 1, "Requested operation is presently disabled for job 7"), "SLURM_JOB_ID": "7"}
     assert requeue.requeue_slurm_job(env) is False
     assert "requeue refused (Requested operation is presently disabled for job 7)" in capsys.readouterr().err
+
+
+def test_a_cancelled_job_is_not_requeued(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """scancel marks the job CANCELLED before its SIGTERM reaches the stage: requeueing would undo the cancel."""
+    env = {**_fake_scontrol(tmp_path, state="CANCELLED"), "SLURM_JOB_ID": "8"}
+    assert requeue.requeue_slurm_job(env) is False
+    assert _calls(tmp_path) == [] and "SLURM job 8 is CANCELLED, not requeued" in capsys.readouterr().err
 
 
 def test_nothing_happens_outside_slurm_or_when_turned_off(tmp_path: Path) -> None:

@@ -13,9 +13,10 @@ and ERROR). The requeued job runs the same command, which resumes from the newes
 
 SLURM lets a job run again only after its credential lifetime (``AuthInfo=cred_expire``, 120 s by default), and
 only batch jobs submitted requeueable (``sbatch --requeue``, what the profile's ``slurm-requeue: true`` adds, or
-the cluster's ``JobRequeue=1`` default) can be requeued. When the requeue is refused (an interactive ``srun``,
-``--no-requeue``, a job already cancelled by ``scancel``, which therefore still stops the run) the stage exits
-3 as before and a Snakemake retry resubmits it. ``DENSESSL_SLURM_REQUEUE=0`` turns the requeue off.
+the cluster's ``JobRequeue=1`` default) can be requeued. A job that is no longer RUNNING is left alone: ``scancel``
+marks it CANCELLED before its SIGTERM arrives, and SLURM would requeue even that, so the requeue would undo the
+cancel. When the requeue is refused (an interactive ``srun``, ``--no-requeue``) or skipped, the stage exits 3 as
+before and Snakemake treats the job as failed. ``DENSESSL_SLURM_REQUEUE=0`` turns the requeue off.
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ import sys
 from collections.abc import Mapping
 
 REQUEUE_ENV = "DENSESSL_SLURM_REQUEUE"  # "0": exit with the requeue code only, leave the retry to Snakemake
+
+
+def job_state(scontrol: str, job: str, env: Mapping[str, str], timeout_s: float = 60.0) -> str | None:
+    """The controller's ``JobState`` of ``job`` (RUNNING, CANCELLED, ...), None when it cannot say."""
+    shown = subprocess.run([scontrol, "show", "job", "-o", job], env=dict(env), capture_output=True, text=True,
+                           timeout=timeout_s)
+    fields = dict(part.split("=", 1) for part in shown.stdout.split() if "=" in part)
+    return fields.get("JobState") if shown.returncode == 0 else None
 
 
 def requeue_slurm_job(env: Mapping[str, str] | None = None, timeout_s: float = 60.0) -> bool:
@@ -44,6 +53,13 @@ def requeue_slurm_job(env: Mapping[str, str] | None = None, timeout_s: float = 6
               file=sys.stderr)
         return False
     try:
+        state = job_state(scontrol, job, env, timeout_s)
+        if state != "RUNNING":
+            # scancel marks the job CANCELLED before its SIGTERM arrives, and SLURM would requeue even a
+            # cancelled job: only a job that is still running (a warning signal, a preemption's grace
+            # signal) goes back to the queue, so that scancel stops a run for good
+            print(f"densessl: SLURM job {job} is {state or 'unknown to scontrol'}, not requeued", file=sys.stderr)
+            return False
         done = subprocess.run([scontrol, "requeue", job], env=dict(env), capture_output=True, text=True,
                               timeout=timeout_s)
     except (OSError, subprocess.TimeoutExpired) as exc:
