@@ -217,11 +217,14 @@ def jobs(env: dict[str, str]) -> list[tuple[str, str, str, str]]:
 
 
 def sacct(env: dict[str, str], *job_ids: str, duplicates: bool = False) -> list[dict[str, str]]:
-    """The accounting records of the given jobs (all when none): JobIDRaw, JobName, State, ExitCode, Reason.
+    """The accounting records of the given jobs (all when none): JobIDRaw, JobName, State, ExitCode, Submit.
     ``duplicates``: also the earlier records of a requeued job (``sacct -D``), oldest first."""
     fields = ("JobIDRaw", "JobName", "State", "ExitCode", "Submit")
     cmd = ["sacct", "-X", "-n", "--parsable2", f"--format={','.join(fields)}", "--starttime", "now-1days"]
     cmd += ["-D"] if duplicates else []
     cmd += ["-j", ",".join(job_ids)] if job_ids else ["-a"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-    return [dict(zip(fields, line.split("|"), strict=True)) for line in out.splitlines() if line.strip()]
+    records = [dict(zip(fields, line.split("|"), strict=True)) for line in out.splitlines() if line.strip()]
+    for record in records:
+        record["State"] = record["State"].split()[0]  # "CANCELLED by 0" → "CANCELLED"
+    return records
