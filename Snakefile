@@ -18,7 +18,10 @@ CONFIG_FILES = snakemake_config_files(workflow.configfiles, Path.cwd())
 CFG = load_config(CONFIG_FILES, preset=config.get("preset"), root=Path(workflow.basedir))
 CONFIG_ARGS = " ".join(f"--config {f}" for f in CONFIG_FILES) + f" --preset {CFG.preset}"
 # The interpreter running Snakemake (the project venv) also runs every stage, locally or on SLURM nodes.
-PY = f"DENSESSL_ROOT={workflow.basedir} {sys.executable} -m densessl"
+# `exec`: the stage replaces the rule's bash, which would otherwise die of the SIGTERM that SLURM sends every
+# process of the job step before a time limit or preemption, and end the step before the stage has saved its
+# state and requeued the job (each rule's shell is this one command).
+PY = f"DENSESSL_ROOT={workflow.basedir} exec {sys.executable} -m densessl"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"

@@ -1,39 +1,43 @@
 """The DAG through the SLURM profile on a real one-node SLURM cluster that the test starts on loopback.
 
-Opt-in (`make test-slurm`, which installs Debian's slurm-wlm and munge when they are missing): it needs the
-SLURM daemons, root (slurmd starts job steps as the submitting user) and a few minutes. `make test` skips it.
+Opt-in (`make test-slurm`, which installs Debian's SLURM daemons, slurmdbd, MariaDB and munge when they are
+missing): it needs the daemons, root (slurmd starts job steps as the submitting user) and a few minutes.
+`make test` skips it. The cluster (`tests/slurm_cluster.py`) has accounting (slurmdbd on MariaDB, so `sacct`
+answers and the executor polls it) and two fake GPUs (gres on /dev/null).
 
 What it runs is what a user runs: `snakemake --profile workflow/profiles/slurm` (the snakemake SLURM
 executor: every rule an `sbatch` job, the rule itself an `srun` step inside it), with only the site-specific
-resources overridden on the command line (partition, no GPUs, small memory). Mid-pretraining the test sends
-the job's steps SIGTERM, exactly what the profile's `--signal=TERM@180` makes SLURM send before a time limit:
-the trainer must checkpoint and exit 3, Snakemake must resubmit the job (profile `retries`), and the new job
-must resume from the checkpoint, so that the run ends with every step logged once.
+resources overridden on the command line (partition, one fake GPU, small memory). Once its first
+checkpoint exists, the pretraining job's steps get `scancel --signal=TERM` (what the profile's time-limit
+warning and a preemption with GraceTime send); the job must requeue itself under its own job id, spending
+none of Snakemake's retries. While it waits in the queue the test tears its newest checkpoint, so the requeued
+run must fall back to `checkpoint.previous.pt`.
 
-The cluster lives in a temporary folder: its own munge key and socket, `slurm.conf`, state and spool folders,
-free loopback ports. The snakemake executor strips every `SLURM_*` variable (`SLURM_CONF` included) from
-the environment of the inner `srun`, which on a real cluster then reads /etc/slurm/slurm.conf; a two-line
-`srun` on PATH that sets `SLURM_CONF` stands in for that file, so the test never writes outside its folder.
+A second test submits a pretraining with a two-minute time limit and the warning `--signal=B:TERM@60` straight
+to `sbatch` (no Snakemake: its start-up would eat the short limit): the job must requeue itself before the
+limit and resume at the checkpointed step; a plain `scancel` afterwards must stop it for good.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import REPO
+from slurm_cluster import CRED_EXPIRE_S, free_port, jobs, sacct, sbin, slurm_env, wait_for
 
-DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "srun", "sinfo", "scontrol")
+__all__ = ["slurm_env"]  # the fixture, for other SLURM test modules: `from test_slurm import slurm_env`
+
+# names this module exported before the cluster moved to slurm_cluster.py
+_free_port, _jobs, _wait = free_port, jobs, wait_for
+sbin = sbin
 
 pytestmark = [
     pytest.mark.slurm,
@@ -41,99 +45,8 @@ pytestmark = [
                        reason="opt-in: `make test-slurm` (starts a one-node SLURM cluster on loopback)"),
 ]
 
-
-def sbin(name: str) -> str:
-    """Debian installs the daemons in /usr/sbin, which a non-login root shell may not have on PATH."""
-    return shutil.which(name) or f"/usr/sbin/{name}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"waited {timeout:.0f} s for {what}")
-
-
-@pytest.fixture(scope="module")
-def slurm_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    missing = [d for d in DAEMONS if shutil.which(d) is None and not Path("/usr/sbin", d).exists()]
-    if missing:
-        pytest.skip(f"SLURM not installed (missing {missing}); `make test-slurm` installs it")
-    if os.geteuid() != 0:
-        pytest.skip("slurmd needs root to start job steps")
-    root = tmp_path_factory.mktemp("slurm")
-    for d in ("state", "spool", "munge", "bin"):
-        (root / d).mkdir()
-    key = root / "munge.key"
-    key.write_bytes(os.urandom(1024))
-    key.chmod(0o400)
-    sock = root / "munge" / "munge.sock"
-    subprocess.run([sbin("munged"), f"--key-file={key}", f"--socket={sock}", f"--pid-file={root}/munge/pid",
-                    f"--log-file={root}/munge/log", f"--seed-file={root}/munge/seed", "--force"], check=True)
-    ctld_port, slurmd_port = _free_port(), _free_port()
-    user = "root"
-    conf = root / "slurm.conf"
-    conf.write_text(f"""ClusterName=densessl-test
-SlurmctldHost=localhost(127.0.0.1)
-SlurmctldPort={ctld_port}
-SlurmdPort={slurmd_port}
-AuthType=auth/munge
-AuthInfo=socket={sock}
-CredType=cred/munge
-StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
-SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
-SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-SchedulerType=sched/builtin
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-SlurmUser={user}
-SlurmdUser={user}
-ReturnToService=2
-MinJobAge=3600
-MpiDefault=none
-NodeName=localhost NodeAddr=127.0.0.1 CPUs={os.cpu_count() or 2} RealMemory=8000 State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
-""")
-    shim = root / "bin" / "srun"
-    shim.write_text(f'#!/bin/sh\nSLURM_CONF={conf} exec {shutil.which("srun")} "$@"\n')
-    shim.chmod(0o755)
-    env = {**os.environ, "SLURM_CONF": str(conf), "PATH": f"{root / 'bin'}{os.pathsep}{os.environ['PATH']}"}
-    subprocess.run([sbin("slurmctld"), "-i"], env=env, check=True)
-    subprocess.run([sbin("slurmd"), "-N", "localhost"], env=env, check=True)
-    try:
-        _wait(lambda: "idle" in subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True,
-                                              text=True).stdout, 30, "the node to come up idle")
-        yield env
-    finally:
-        subprocess.run(["scontrol", "shutdown"], env=env, capture_output=True)
-        pid = root / "munge" / "pid"
-        if pid.exists():
-            subprocess.run(["kill", pid.read_text().strip()], capture_output=True)
-
-
-def _jobs(env: dict[str, str]) -> list[tuple[str, str, str, str]]:
-    """(job id, state, exit code, stdout path) of every job the controller remembers (MinJobAge 1 h)."""
-    out = subprocess.run(["squeue", "-h", "-t", "all", "-O", "JobID:12,State:14,exit_code:8,STDOUT:400"],
-                         env=env, capture_output=True, text=True, check=True).stdout
-    return [tuple(line.split(None, 3)) for line in out.splitlines() if line.strip()]  # type: ignore[misc]
-
-
+CHECKPOINT_EVERY = 2
+STEPS = 160  # 16 tiny images, 4 per step, 40 epochs
 CONFIG = {
     "results_dir": "results",
     "threads": 1,
@@ -142,66 +55,156 @@ CONFIG = {
     "baselines": {"supervised_reference": []},  # the DINO run and its random init are what this test needs
     "evaluations": ["davis2017"],
     "data": {"synthetic_size": "tiny"},
-    # 16 tiny images, 4 per step: 160 steps, long enough to be interrupted, checkpointed every 2 steps
     "pretrain": {"dino": {"train": {"epochs": 40, "batch_size_per_gpu": 4, "num_workers": 0,
-                                    "checkpoint_every_steps": 2, "log_every_steps": 1}}},
+                                    "checkpoint_every_steps": CHECKPOINT_EVERY, "log_every_steps": 1}}},
 }
 
 
-@pytest.mark.timeout(1500)
-def test_dag_on_slurm_survives_a_preemption(tmp_path: Path, slurm_env: dict[str, str]) -> None:
+def test_gpu_requests_are_scheduled_on_the_fake_gres(tmp_path: Path, slurm_env: dict[str, str]) -> None:
+    out = tmp_path / "gpu.out"
+    job = subprocess.run(["sbatch", "--parsable", "--gpus=1", "-o", str(out), "--wrap",
+                          "echo CUDA=$CUDA_VISIBLE_DEVICES JOB_GPUS=$SLURM_JOB_GPUS ON_NODE=$SLURM_GPUS_ON_NODE"],
+                         env=slurm_env, capture_output=True, text=True, check=True).stdout.strip()
+    wait_for(lambda: sacct(slurm_env, job) and sacct(slurm_env, job)[0]["State"] == "COMPLETED", 60,
+             "the GPU job to complete")
+    assert out.read_text().split() == ["CUDA=0", "JOB_GPUS=0", "ON_NODE=1"]
+    tres = subprocess.run(["sacct", "-X", "-n", "-j", job, "-o", "AllocTRES%80"], env=slurm_env,
+                          capture_output=True, text=True, check=True).stdout
+    assert "gres/gpu=1" in tres, tres
+    # more GPUs than the node has: refused at submission, not left pending forever
+    refused = subprocess.run(["sbatch", "--gpus=3", "--wrap", "true"], env=slurm_env, capture_output=True, text=True)
+    assert refused.returncode != 0 and "not available" in refused.stderr, refused.stderr
+
+
+def _attempts(run_dir: Path) -> list[dict]:
+    path = run_dir / "attempts.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _state(env: dict[str, str], job: str) -> str:
+    return next((j[1] for j in jobs(env) if j[0] == job), "")
+
+
+def _dag_jobs(env: dict[str, str]) -> list[dict[str, str]]:
+    """Accounting records of the jobs Snakemake submitted (named after its run id, not `wrap`)."""
+    return [r for r in sacct(env) if r["JobName"] != "wrap"]
+
+
+@pytest.mark.timeout(900)
+def test_dag_on_slurm_survives_a_preemption_without_a_retry(tmp_path: Path, slurm_env: dict[str, str]) -> None:
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(CONFIG))
     pretrain_dir = tmp_path / "results/smoke/pretrain/dino/vit-tiny-p8-imagenet"
-    signalled: list[str] = []
+    events: list[str] = []
 
     def preempt_once() -> None:
-        """Wait for the pretraining job's first checkpoint, then signal its steps as a time limit would."""
+        """At the first checkpoint, signal the job's steps as a preemption would; once the job is back in
+        the queue, tear its newest checkpoint (the previous one is what the requeued run must use)."""
         try:
-            _wait(lambda: (pretrain_dir / "checkpoint.pt").exists(), 600, "the first checkpoint")
-            job = next(j for j in _jobs(slurm_env) if "rule_pretrain" in j[3] and j[1] == "RUNNING")
-            subprocess.run(["scancel", "--signal=TERM", job[0]], env=slurm_env, check=True)
-            signalled.append(job[0])
+            wait_for(lambda: (pretrain_dir / "checkpoint.pt").exists(), 700, "the first checkpoint", every=0.2)
+            job = next(j[0] for j in jobs(slurm_env) if "rule_pretrain" in j[3] and j[1] == "RUNNING")
+            subprocess.run(["scancel", "--signal=TERM", job], env=slurm_env, check=True)
+            events.append(job)
+            wait_for(lambda: _state(slurm_env, job) == "PENDING", 120, "the job to be requeued", every=0.1)
+            newest = pretrain_dir / "checkpoint.pt"
+            newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # torn, as by a dying node
+            events.append(f"torn while {_state(slurm_env, job)}")
         except (TimeoutError, StopIteration) as exc:
-            signalled.append(f"failed: {exc}")
+            events.append(f"failed: {exc!r}")
 
     watcher = threading.Thread(target=preempt_once, daemon=True)
     watcher.start()
+    started = time.time()
     run = subprocess.run(
         [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
          "--configfile", str(tmp_path / "config.yaml"), "--profile", str(REPO / "workflow/profiles/slurm"),
          # site-specific resources only; everything else is the shipped profile
          "--default-resources", "slurm_partition=debug", "mem_mb=1000", "cpus_per_task=1", "runtime=30",
-         "--set-resources", "pretrain:gpu=0", "pretrain:cpus_per_task=1", "pretrain:mem_mb=2000",
-         "evaluate:gpu=0",
-         # no slurmdbd here, so no sacct; squeue sees finished jobs for MinJobAge
-         "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2",
-         "--seconds-between-status-checks", "2", "--latency-wait", "5", "--jobs", "2"],
-        env=slurm_env, capture_output=True, text=True, timeout=1400)
+         "--set-resources", "pretrain:gpu=1", "pretrain:cpus_per_task=1", "pretrain:mem_mb=2000", "evaluate:gpu=0",
+         "--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2",
+         "--latency-wait", "5", "--jobs", "2"],
+        env=slurm_env, capture_output=True, text=True, timeout=840)
     watcher.join(timeout=5)
-    log = run.stdout[-4000:] + run.stderr[-4000:]
+    log = run.stdout[-6000:] + run.stderr[-6000:]
+    print(f"the DAG on SLURM: {time.time() - started:.0f} s")
     assert run.returncode == 0, log
-    assert signalled and not signalled[0].startswith("failed"), signalled
+    assert len(events) == 2 and events[1] == "torn while PENDING", (events, log)
 
-    # every rule ran as its own sbatch job; the pretraining twice: preempted (exit 3), then resumed
-    jobs = _jobs(slurm_env)
-    pretrain_jobs = sorted((j for j in jobs if "rule_pretrain" in j[3]), key=lambda j: int(j[0]))
-    assert [j[0] for j in pretrain_jobs][:1] == signalled, (pretrain_jobs, signalled)
-    assert len(pretrain_jobs) == 2, pretrain_jobs
-    assert pretrain_jobs[0][1] == "FAILED" and pretrain_jobs[1][1] == "COMPLETED", pretrain_jobs
-    # the run's own history (Snakemake deletes a failed job's log before the retry): preempted by SIGTERM in
-    # the first job, resumed at that step in the second
-    attempts = [json.loads(line) for line in (pretrain_dir / "attempts.jsonl").read_text().splitlines()]
-    first, second = pretrain_jobs[0][0], pretrain_jobs[1][0]
-    assert [(r["event"], r["slurm_job_id"]) for r in attempts] == [
-        ("start", first), ("preempted", first), ("start", second), ("finished", second)], attempts
-    assert attempts[1]["signal"] == "SIGTERM" and attempts[2]["resumed"]
-    assert attempts[2]["step"] == attempts[1]["step"] > 0 and attempts[3]["step"] == 160
-    rules = {part for j in jobs for part in Path(j[3].strip()).parts if part.startswith("rule_")}
+    # every rule ran as its own sbatch job, polled through sacct, and completed; the pretraining as ONE job,
+    # requeued in place: Snakemake never saw it fail, so no retry was spent
+    pretrain_job = events[0]
+    rules = {part for j in jobs(slurm_env) for part in Path(j[3].strip()).parts if part.startswith("rule_")}
     assert {"rule_data", "rule_pretrain", "rule_convert", "rule_evaluate", "rule_report"} <= rules, rules
+    assert {j[0] for j in jobs(slurm_env) if "rule_pretrain" in j[3]} == {pretrain_job}
+    records = _dag_jobs(slurm_env)
+    assert len(records) >= 8 and all(r["State"] == "COMPLETED" for r in records), records
+    history = [r["State"] for r in sacct(slurm_env, pretrain_job, duplicates=True)]
+    assert history == ["REQUEUED", "COMPLETED"], history
+    assert "Trying to restart" not in run.stderr and "Error in rule pretrain" not in run.stderr, log
+    tres = subprocess.run(["sacct", "-X", "-n", "-j", pretrain_job, "-o", "AllocTRES%80"], env=slurm_env,
+                          capture_output=True, text=True, check=True).stdout
+    assert "gres/gpu=1" in tres, tres  # scheduled on the fake GPU
 
-    # the resumed run continued: every step logged exactly once, and the second job trained only the rest
+    # the run's own history: preempted by SIGTERM, resumed in the same job from the PREVIOUS checkpoint
+    attempts = _attempts(pretrain_dir)
+    assert [(a["event"], a["slurm_job_id"]) for a in attempts] == [
+        ("start", pretrain_job), ("preempted", pretrain_job), ("start", pretrain_job), ("finished", pretrain_job)]
+    stop, resumed = attempts[1], attempts[2]
+    assert stop["signal"] == "SIGTERM" and resumed["checkpoint"] == "checkpoint.previous.pt", attempts
+    # the same final step as an uninterrupted run, every step logged once, at most one checkpoint interval
+    # trained twice (the steps between the previous checkpoint and the torn one)
+    recomputed = stop["step"] - resumed["step"]
+    assert 0 < recomputed <= CHECKPOINT_EVERY and attempts[3]["step"] == STEPS, attempts
     steps = [json.loads(line)["step"] for line in (pretrain_dir / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((pretrain_dir / "train_summary.json").read_text())
-    assert steps == list(range(summary["steps"])) and summary["steps"] == 160
-    assert 0 < summary["steps_this_run"] < 160, summary
+    assert steps == list(range(STEPS)) and summary["steps"] == STEPS, summary
+    assert summary["steps_this_run"] == STEPS - resumed["step"], summary
     assert (tmp_path / "results/smoke/report/report.md").exists()
+
+
+@pytest.mark.timeout(600)
+def test_time_limit_warning_requeues_and_resumes(tmp_path: Path, slurm_env: dict[str, str]) -> None:
+    """A job with a two-minute limit and the warning 60 s before it: the run checkpoints and requeues itself
+    before the limit and resumes at the checkpointed step in the same job. Then a plain `scancel`: the run
+    still checkpoints, but a cancelled job is not requeued, so it stays stopped."""
+    config = {**CONFIG, "pretrain": {"dino": {"train": {**CONFIG["pretrain"]["dino"]["train"], "epochs": 500}}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    cli = [sys.executable, "-m", "densessl"]
+    stage_env = {**slurm_env, "DENSESSL_ROOT": str(REPO), "PYTHONPATH": str(REPO / "src")}
+    args = ["--config", "config.yaml", "--preset", "smoke"]
+    subprocess.run([*cli, "data", *args, "--dataset", "imagenet"], cwd=tmp_path, env=stage_env, check=True,
+                   capture_output=True)
+    command = " ".join([*cli, "pretrain", *args, "--run", "dino/vit-tiny-p8-imagenet", "--threads", "1"])
+    started = time.time()
+    # with --wrap the stage is the batch shell itself (exec), hence B: (the profile signals the job step)
+    job = subprocess.run(["sbatch", "--parsable", "--requeue", "-t", "2", "--signal=B:TERM@60", "--gpus=1",
+                          "-c", "1", "--open-mode=append", "-o", str(tmp_path / "job.log"), "-D", str(tmp_path),
+                          "--wrap", f"exec {command}"],
+                         env=stage_env, capture_output=True, text=True, check=True).stdout.strip()
+    run_dir = tmp_path / "results/smoke/pretrain/dino/vit-tiny-p8-imagenet"
+
+    def starts() -> list[dict]:
+        return [a for a in _attempts(run_dir) if a["event"] == "start"]
+
+    wait_for(lambda: len(starts()) >= 2, 400, "the requeued run to start")
+    print(f"time-limit warning, requeue and restart: {time.time() - started:.0f} s")
+    resumed_at = starts()[1]["step"]
+    metrics = run_dir / "metrics.jsonl"
+    wait_for(lambda: len(metrics.read_text().splitlines()) > resumed_at + CHECKPOINT_EVERY, 120, "training to go on")
+    subprocess.run(["scancel", job], env=slurm_env, check=True)
+    wait_for(lambda: [r["State"] for r in sacct(slurm_env, job)] == ["CANCELLED"], 120, "the job to be cancelled")
+    wait_for(lambda: _attempts(run_dir)[-1]["event"] != "start", 60, "the cancelled run's checkpoint")
+    time.sleep(2 * CRED_EXPIRE_S)  # past the requeue delay: a requeued job would be running again by now
+
+    history = [r["State"] for r in sacct(slurm_env, job, duplicates=True)]
+    log = (tmp_path / "job.log").read_text()[-3000:]
+    assert history == ["REQUEUED", "CANCELLED"], (history, log)
+    attempts = _attempts(run_dir)
+    assert [a["event"] for a in attempts] == ["start", "preempted", "start", "preempted"], (attempts, log)
+    assert {a["slurm_job_id"] for a in attempts} == {job}
+    warned, resumed = attempts[1], attempts[2]
+    assert warned["signal"] == "SIGTERM" and warned["step"] > 0
+    assert resumed["step"] == warned["step"] and resumed["checkpoint"] == "checkpoint.pt"  # nothing lost
+    # scancel: the controller holds the job as CANCELLED/COMPLETING when the stage asks
+    assert f"SLURM job {job} requeued" in log and "not requeued" in log.split("requeued (restart 1)")[-1], log
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(attempts[-1]["step"]))  # every step once, across the requeue

@@ -1,3 +1,3 @@
-from densessl.cli import main
+from densessl.train.requeue import run_cli
 
-raise SystemExit(main())
+raise SystemExit(run_cli())

@@ -13,6 +13,7 @@ import json
 import logging
 import pickle
 import random
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from densessl.io import save_torch
+from densessl.train.checkpointing import previous_of, save_keeping_previous
 from densessl.train.sampling import EpochPermutationSampler, SeededAugmentation
 from densessl.train.signals import StopSignals, ignore_stop_signals
 from densessl.train.trainer import Preempted
@@ -113,7 +114,8 @@ class ResumableBatches:
 
 
 class TrainState:
-    """One evaluation run's training state on disk: written atomically, loaded only if it belongs to this run.
+    """One evaluation run's training state on disk: written atomically with the previous one kept, loaded only
+    if it belongs to this run.
 
     "This run" means the same protocol, the same config up to :data:`RESUME_NEUTRAL_FIELDS` and the same
     starting backbone weights. Continuing any other state would silently mix two runs, so it is ignored with
@@ -125,27 +127,40 @@ class TrainState:
         self.path = Path(path)
         self.identity = {"format": STATE_FORMAT, "protocol": protocol, "config": config_fingerprint(cfg),
                          "backbone": module_fingerprint(backbone)}
+        self.resumed_from: Path | None = None  # the file load() returned
+
+    @property
+    def previous_path(self) -> Path:
+        """The state before the newest (``train_state.previous.pt``), kept for when the newest is torn."""
+        return previous_of(self.path)
 
     def load(self) -> dict[str, Any] | None:
-        """The saved state (tensors on CPU), or None when there is none or it is another run's."""
-        if not self.path.is_file():
-            return None
-        try:
-            saved = torch.load(self.path, map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
-            log.warning("%s: unreadable training state (%s); ignoring it and training from the start", self.path, exc)
-            return None
-        found = saved.get("identity", {}) if isinstance(saved, dict) else {}
-        differ = [key for key, value in self.identity.items() if found.get(key) != value]
-        if differ:
-            log.warning("%s: training state of a different run (%s differ); ignoring it and training from the start",
-                        self.path, ", ".join(differ))
-            return None
-        log.info("%s: resuming the saved training state", self.path)
-        return saved
+        """The newest saved state of this run (tensors on CPU): ``path``, or the previous one when the newest
+        is unreadable (torn by a kill or a full disk) or another run's; None when neither is usable."""
+        for path in (self.path, self.previous_path):
+            if not path.is_file():
+                continue
+            try:
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+            except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+                log.warning("%s: unreadable training state (%s: %s); skipping it", path, type(exc).__name__,
+                            (str(exc).splitlines() or [""])[0])
+                continue
+            found = saved.get("identity", {}) if isinstance(saved, dict) else {}
+            differ = [key for key, value in self.identity.items() if found.get(key) != value]
+            if differ:
+                log.warning("%s: training state of a different run (%s differ); skipping it", path, ", ".join(differ))
+                continue
+            log.info("%s: resuming the saved training state%s", path,
+                     " (the newest was not usable)" if path != self.path else "")
+            self.resumed_from = path
+            return saved
+        if self.path.is_file() or self.previous_path.is_file():
+            log.warning("%s: no usable training state; training from the start", self.path)
+        return None
 
     def save(self, state: dict[str, Any]) -> None:
-        save_torch({**state, "identity": self.identity}, self.path)
+        save_keeping_previous({**state, "identity": self.identity}, self.path)
 
     def preempt(self, state: dict[str, Any], signum: int, where: str) -> NoReturn:
         """Save, then raise ``Preempted`` (the CLI turns it into ``REQUEUE_EXIT_CODE`` for the launcher)."""
@@ -154,6 +169,7 @@ class TrainState:
 
     def discard(self) -> None:
         self.path.unlink(missing_ok=True)
+        self.previous_path.unlink(missing_ok=True)
 
 
 def open_train_state(path: Path | None, protocol: str, cfg: Any, backbone: nn.Module) -> TrainState | None:

@@ -35,7 +35,7 @@ from densessl.errors import CheckpointError
 from densessl.io import atomic_path, torch_save_to
 
 CHECKPOINT_NAME = "checkpoint.pt"
-PREVIOUS_NAME = "checkpoint.previous.pt"
+PREVIOUS_NAME = "checkpoint.previous.pt"  # previous_of(CHECKPOINT_NAME)
 DIVERGED_NAME = "checkpoint.diverged.pt"
 FORMAT = "densessl-train/1"
 REQUIRED_KEYS = ("format", "method", "student", "teacher", "extra", "optimizer", "epoch", "batch_in_epoch")
@@ -89,14 +89,24 @@ def weights_finite(state: dict[str, Any]) -> bool:
     return True
 
 
-def save(state: dict[str, Any], out_dir: Path) -> Path:
-    """Write ``state`` as the newest checkpoint, keeping the one before it as ``checkpoint.previous.pt``."""
-    path = out_dir / CHECKPOINT_NAME
+def previous_of(path: Path) -> Path:
+    """Where :func:`save_keeping_previous` keeps the state before ``path``: ``x.pt`` → ``x.previous.pt``."""
+    return path.with_name(f"{path.stem}.previous{path.suffix}")
+
+
+def save_keeping_previous(state: dict[str, Any], path: Path) -> Path:
+    """Write ``state`` to ``path`` atomically; the file it replaces becomes :func:`previous_of` ``path``, but
+    only once the new one is complete (a kill in between leaves the previous one, never a torn newest alone)."""
     with atomic_path(path) as tmp:
         torch_save_to(state, tmp)
         if path.exists():
-            os.replace(path, out_dir / PREVIOUS_NAME)
+            os.replace(path, previous_of(path))
     return path
+
+
+def save(state: dict[str, Any], out_dir: Path) -> Path:
+    """Write ``state`` as the newest checkpoint, keeping the one before it as ``checkpoint.previous.pt``."""
+    return save_keeping_previous(state, out_dir / CHECKPOINT_NAME)
 
 
 def save_diverged(state: dict[str, Any], out_dir: Path) -> Path:

@@ -34,17 +34,17 @@ run is interrupted:
 * Time limit: add ``slurm_extra: "'--signal=TERM@180'"`` to the pretrain resources so every process of the
   job step receives SIGTERM 180 s before the limit. Use TERM, not USR1: the plugin runs a nested Snakemake
   inside the step, which finishes its running job on SIGTERM (``JobScheduler.exit_gracefully``) but has no
-  SIGUSR1 handler, so USR1 would kill it and with it the step. The run checkpoints and exits 3, SLURM records
-  FAILED, and Snakemake's ``retries: 2`` submits the job again, which resumes from ``checkpoint.pt`` (same
-  seed-determined data order, so the same run continues). Without the signal a TIMEOUT also counts as a
-  failure and is retried, losing at most ``checkpoint_every_steps`` steps.
+  SIGUSR1 handler, so USR1 would kill it and with it the step. The run checkpoints, requeues its own job
+  (``densessl.train.requeue``: same job id, no Snakemake retry spent) and exits 3; the requeued job resumes
+  from ``checkpoint.pt`` (same seed-determined data order, so the same run continues). Without the signal a
+  TIMEOUT counts as a failure and is retried, losing at most ``checkpoint_every_steps`` steps.
 * Preemption: with ``PreemptMode=REQUEUE`` SLURM sends SIGTERM (GraceTime) and requeues the job itself under
   the same job id; the plugin sees PREEMPTED and leaves the job to SLURM (it does not count a retry). The
   requeued job runs the same command and resumes from the checkpoint. With ``PreemptMode=CANCEL`` the job
   ends CANCELLED and Snakemake's retry resubmits it.
 
-Each interruption that ends as a failure uses one of Snakemake's ``retries``; raise it for long runs on a
-preemptible partition. Only a single node is supported (``--standalone``); multi-node runs need a
+Only an interruption that ends as a failure (a TIMEOUT without warning, a refused requeue, a crash) uses one
+of Snakemake's ``retries``. Only a single node is supported (``--standalone``); multi-node runs need a
 rendezvous endpoint and are out of scope here.
 """
 

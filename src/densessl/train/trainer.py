@@ -251,8 +251,9 @@ class Trainer:
                                   f"{self.optimizer_name!r}; set train.optimizer: {saved_optimizer} or re-run with "
                                   f"--restart")
 
-    def _resume(self) -> bool:
-        """Load the newest usable checkpoint of this run if there is one (see ``resume``); True if resumed."""
+    def _resume(self) -> Path | None:
+        """Load the newest usable checkpoint of this run if there is one (see ``resume``): the file resumed
+        (``checkpoint.previous.pt`` when the newest was torn or corrupt), or None."""
         if self.resume == "restart":
             if self.rank == 0:
                 checkpointing.remove_run_state(self.out_dir, TENSORBOARD_DIR)
@@ -276,7 +277,7 @@ class Trainer:
                 print(f"resuming from {path} at step {self.step} of {self.total_steps} (epoch {self.epoch}){note}",
                       file=sys.stderr, flush=True)
         self.run_log.truncate_metrics(self.step)
-        return found is not None
+        return found[1] if found is not None else None
 
     # ----------------------------------------------------------------------------------------- collectives
     def _barrier(self) -> None:
@@ -351,7 +352,8 @@ class Trainer:
     def fit(self, max_steps: int | None = None) -> dict[str, Any]:
         """Train to the end (or ``max_steps`` more steps, used by tests); resume from the checkpoint if any."""
         resumed = self._resume()
-        self.run_log.attempt({"event": "start", "step": self.step, "resumed": resumed,
+        self.run_log.attempt({"event": "start", "step": self.step, "resumed": resumed is not None,
+                             "checkpoint": resumed.name if resumed is not None else None,
                              "restart": self.resume == "restart"})
         previous = {s: signal.signal(s, self._handle_signal) for s in STOP_SIGNALS}
         steps_done, start = 0, time.time()

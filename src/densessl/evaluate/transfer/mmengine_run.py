@@ -8,10 +8,15 @@ which adds what belongs to the run rather than to the protocol and drives the to
   its scalars JSON and its checkpoints there), seed, launcher (one process per GPU under torchrun, none on
   CPU), torch threads;
 * resume: a re-run continues from the newest mmengine checkpoint in ``work_dir`` (mmengine's own
-  ``resume=True``, found through the ``last_checkpoint`` file its ``CheckpointHook`` writes);
-* preemption: SIGTERM/SIGUSR1 during training → checkpoint at the end of the current iteration, then
-  :class:`densessl.train.trainer.Preempted`, which the CLI turns into exit code 3 (requeue), as
-  ``evaluate/resume.py`` does for our own fine-tunings;
+  ``resume=True``, found through the ``last_checkpoint`` file its ``CheckpointHook`` writes). mmengine writes
+  its checkpoints in place, so a kill while writing, or a disk fault, leaves a torn file that ``resume`` would
+  fail on at every retry: the one ``last_checkpoint`` names is verified first (its zip CRCs) and, when torn,
+  the newest complete one takes its place (:func:`usable_resume_checkpoint`); the checkpoint hook keeps at
+  least two (``max_keep_ckpts`` ≥ 2) so that a complete previous one exists;
+* preemption: SIGTERM/SIGINT/SIGUSR1 during training (SLURM signals every process of the step, DataLoader
+  workers too, which therefore ignore them: :data:`WORKER_INIT`) → checkpoint at the end of the current iteration, then
+  :class:`densessl.train.trainer.Preempted`, which the CLI turns into exit code 3 and, inside a SLURM job, a
+  requeue of the job (``densessl.train.requeue``), as ``evaluate/resume.py`` does for our own fine-tunings;
 * the metrics: ``Runner.test()`` returns what the toolkit's evaluator computed (never re-implemented).
 
 Weights. Our backbones go in as safetensors through a ``safetensors://`` scheme registered with mmengine's
@@ -27,6 +32,7 @@ import importlib
 import logging
 import os
 import uuid
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +41,8 @@ import torch
 
 from densessl.errors import ConfigError
 from densessl.evaluate.resume import StopSignals
+from densessl.io import write_text
+from densessl.train.signals import ignore_stop_signals
 from densessl.train.trainer import Preempted
 
 log = logging.getLogger(__name__)
@@ -199,6 +207,61 @@ def _preemption_hook(signals: StopSignals) -> Any:
     return PreemptionHook()
 
 
+KEEP_CHECKPOINTS = 2  # the newest and the one before it, for when the newest is torn
+WORKER_INIT = "densessl_worker_init"  # mmengine FUNCTIONS name of :func:`_worker_init`
+
+
+def _worker_init(worker_id: int, num_workers: int, rank: int, seed: int) -> None:
+    """mmengine's own worker seeding (what its Runner uses when a seed is set), then the stop signals left to
+    the main process: torch's workers otherwise die of the SIGTERM that reaches the whole job step, and the
+    main process fails on the lost worker before its preemption hook can save (``densessl.train.signals``)."""
+    from mmengine.dataset import worker_init_fn
+
+    worker_init_fn(worker_id, num_workers=num_workers, rank=rank, seed=seed)
+    ignore_stop_signals()
+
+
+def register_worker_init() -> None:
+    from mmengine.registry import FUNCTIONS
+
+    FUNCTIONS.register_module(name=WORKER_INIT, module=_worker_init, force=True)
+
+
+def _complete(path: Path) -> bool:
+    """A torch zip checkpoint whose every member is present and matches its CRC (torch.save records them):
+    reads the file once without unpickling it."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError):
+        return False
+
+
+def usable_resume_checkpoint(work_dir: Path) -> Path | None:
+    """The checkpoint a re-run resumes from, with ``work_dir/last_checkpoint`` pointing at it: the one that
+    file names when it is complete, else the newest complete ``*.pth`` (by modification time); None, with
+    the pointer removed so that mmengine trains from the start, when none is complete or none was written."""
+    pointer = work_dir / "last_checkpoint"
+    if not pointer.is_file():
+        return None
+    named = Path(pointer.read_text(encoding="utf-8").strip())
+    others = sorted((p for p in work_dir.glob("*.pth") if p != named), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in [named, *others]:
+        if not path.is_file():
+            continue
+        if not _complete(path):
+            log.warning("%s: torn or corrupt toolkit checkpoint; trying the one before it", path)
+            continue
+        if path != named:
+            log.warning("resuming from %s instead of %s, which is missing or torn", path, named)
+            write_text(pointer, str(path))
+        return path
+    log.warning("%s names %s, and no complete checkpoint is left in %s; training from the start",
+                pointer, named, work_dir)
+    pointer.unlink()
+    return None
+
+
 def run_config(cfg: dict[str, Any], run: ToolkitRun) -> dict[str, Any]:
     """``cfg`` plus the run's fields (work_dir, scope, seed, launcher, resume, a unique experiment name)."""
     name = f"{run.scope}-{uuid.uuid4().hex[:8]}"
@@ -213,6 +276,16 @@ def run_config(cfg: dict[str, Any], run: ToolkitRun) -> dict[str, Any]:
         experiment_name=name,
         log_level=run.log_level,
     )
+    for key in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        loader = out.get(key)
+        if isinstance(loader, dict) and int(loader.get("num_workers") or 0) > 0 and "worker_init_fn" not in loader:
+            out[key] = {**loader, "worker_init_fn": dict(type=WORKER_INIT, num_workers=int(loader["num_workers"]),
+                                                         rank=int(os.environ.get("RANK", "0")), seed=run.seed)}
+    hooks = dict(out.get("default_hooks") or {})
+    checkpoint = dict(hooks.get("checkpoint") or {})
+    if checkpoint and 0 < int(checkpoint.get("max_keep_ckpts", -1)) < KEEP_CHECKPOINTS:
+        checkpoint["max_keep_ckpts"] = KEEP_CHECKPOINTS  # a torn newest must have a complete one before it
+        out["default_hooks"] = {**hooks, "checkpoint": checkpoint}
     env_cfg = dict(out.get("env_cfg", {}))
     env_cfg.setdefault("mp_cfg", dict(mp_start_method="fork", opencv_num_threads=0))
     env_cfg.setdefault("dist_cfg", dict(backend="nccl" if torch.cuda.is_available() else "gloo"))
@@ -238,8 +311,10 @@ def train_and_test(cfg: dict[str, Any], run: ToolkitRun) -> dict[str, Any]:
     if run.threads:
         torch.set_num_threads(run.threads)
     register_safetensors_loader()
+    register_worker_init()
     _pickle_buffers_plainly()
     run.work_dir.mkdir(parents=True, exist_ok=True)
+    usable_resume_checkpoint(run.work_dir)
     runner = Runner.from_cfg(Config(run_config(cfg, run)))
     with StopSignals() as signals:
         runner.register_hook(_preemption_hook(signals), priority="LOWEST")
