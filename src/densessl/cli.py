@@ -8,7 +8,6 @@ prepare a real dataset) and `datasets` (the dataset catalog and what is present 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
@@ -178,6 +177,32 @@ def _print_datasets(args: argparse.Namespace) -> None:
         roots = dict((cfg.data.get("data", {}) or {}).get("roots") or {})
     rows = status(load_catalog(args.catalog), roots)
     print(json.dumps(rows, indent=2) if args.json else format_status(rows))
+def _pretrain(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """One process per GPU: srun tasks inside a SLURM allocation (any number of nodes), torchrun on one node
+    elsewhere, in-process for one. The launcher holds the run's lock; its tasks or workers run under it."""
+    from densessl.launch.resources import run_layout
+    from densessl.launch.srun import adopt_task_env, in_allocation, launch_tasks
+    from densessl.stages.pretrain import pretrain_nproc, run_pretrain
+    from densessl.train.launch import launch, under_torchrun
+
+    adopt_task_env()  # a task started by launch_tasks: torch.distributed's variables from SLURM's
+    cfg = _config(args)
+    mode = _resume_mode(args.resume)
+    stage_argv = list(argv) if argv is not None else sys.argv[1:]
+    if under_torchrun():
+        return launch(stage_argv, 1, lambda: print(run_pretrain(cfg, args.run, mode)))
+    run = cfg.run(args.run)
+    layout = run_layout(cfg, run)
+    with _lock(cfg.pretrain_dir(run)):
+        if in_allocation() and layout.world > 1:
+            return launch_tasks(stage_argv, layout.world, layout.gpus)
+        if layout.nodes > 1:
+            raise DenseSSLError(f"{run.id}: planned on {layout.nodes} nodes (pretrain.{run.method}.train.nodes); a "
+                                f"multi-node run starts inside a SLURM job (snakemake --profile slurm, or python -m "
+                                f"densessl launch --run {run.id}), or under your own torchrun --nnodes")
+        return launch(stage_argv, pretrain_nproc(cfg, args.run), lambda: print(run_pretrain(cfg, args.run, mode)))
+
+
 def check_report(cfg) -> int:  # noqa: ANN001
     """0 when every supervised-reference check of the built report passes; else 1, one line per failure."""
     from densessl.report.reference_check import report_failures
@@ -215,17 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.stage == "datasets":
             _print_datasets(args)
         elif args.stage == "pretrain":
-            from densessl.stages.pretrain import pretrain_nproc, run_pretrain
-            from densessl.train.launch import launch, under_torchrun
-
-            cfg = _config(args)
-            mode = _resume_mode(args.resume)
-            stage_argv = list(argv) if argv is not None else sys.argv[1:]
-            # one process per GPU under torchrun when the run has several; in-process otherwise. The launcher
-            # holds the run's lock; torchrun's workers run under it.
-            with contextlib.nullcontext() if under_torchrun() else _lock(cfg.pretrain_dir(cfg.run(args.run))):
-                return launch(stage_argv, pretrain_nproc(cfg, args.run),
-                              lambda: print(run_pretrain(cfg, args.run, mode)))
+            return _pretrain(args, argv)
         elif args.stage == "convert":
             from densessl.stages.convert import run_convert
 
