@@ -1,6 +1,6 @@
 """`python -m densessl <stage>`: the single entry point that Snakemake rules and DVC stages both call.
 
-Stages: data, pretrain, convert, evaluate, report; plus `export` (a backbone in a toolkit's layout), `doctor` (checks the environment),
+Stages: data, pretrain, convert, evaluate, report; plus `launch` (one pretraining run through submitit), `export` (a backbone in a toolkit's layout), `doctor` (checks the environment),
 `synthesize` (write a synthetic dataset anywhere, outside the DAG), `download` (fetch, verify, extract and
 prepare a real dataset) and `datasets` (the dataset catalog and what is present under the configured roots).
 """
@@ -67,6 +67,27 @@ def build_parser() -> argparse.ArgumentParser:
                         help="continue a checkpoint written with other settings, under the new settings")
     resume.add_argument("--restart", dest="resume", action="store_const", const="restart",
                         help="delete the run's checkpoints and metrics and train from step 0")
+    p.set_defaults(resume=None)
+
+    p = sub.add_parser("launch", help="submit one pretraining run to SLURM through submitit (no Snakemake); "
+                                      "requeued on preemption and at its time limit, resuming from its checkpoint")
+    _add_common(p)
+    p.add_argument("--run", required=True, help="run id, e.g. dino/vit-s16-imagenet")
+    p.add_argument("--nodes", type=int, default=None, help="nodes (default: pretrain.<method>.train.nodes)")
+    p.add_argument("--gpus-per-node", type=int, default=None,
+                   help="GPUs (tasks) per node (default: train.nproc_per_node, spread by slurm.gpus_per_node)")
+    p.add_argument("--partition", default=None, help="default: slurm.partition / DENSESSL_SLURM_PARTITION")
+    p.add_argument("--account", default=None, help="default: slurm.account / DENSESSL_SLURM_ACCOUNT")
+    p.add_argument("--qos", default=None, help="default: slurm.qos / DENSESSL_SLURM_QOS")
+    p.add_argument("--cpus-per-gpu", type=int, default=None, help="default: slurm.cpus_per_gpu")
+    p.add_argument("--mem-mb-per-gpu", type=int, default=None, help="default: slurm.mem_mb_per_gpu")
+    p.add_argument("--time", type=int, default=None, metavar="MINUTES",
+                   help="each job's time limit (default: the compute plan's)")
+    p.add_argument("--wait", action="store_true", help="wait until the run has finished, requeues included")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the sbatch parameters only")
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--resume-anyway", dest="resume", action="store_const", const="anyway")
+    resume.add_argument("--restart", dest="resume", action="store_const", const="restart")
     p.set_defaults(resume=None)
 
     p = sub.add_parser("convert", help="export a run's backbone (teacher weights) or a random init")
@@ -241,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
             _print_datasets(args)
         elif args.stage == "pretrain":
             return _pretrain(args, argv)
+        elif args.stage == "launch":
+            from densessl.launch.submitit_launch import launch_command
+
+            return launch_command(args)
         elif args.stage == "convert":
             from densessl.stages.convert import run_convert
 
