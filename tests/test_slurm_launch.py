@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -73,9 +74,20 @@ def _check_resumed_run(run_dir: Path, world: int) -> list[dict]:
     return attempts
 
 
+def _with_scontrol(env: dict[str, str], folder: Path) -> dict[str, str]:
+    """The Snakemake job step removes SLURM_CONF with the other SLURM variables; on a real cluster scontrol then
+    reads /etc/slurm/slurm.conf, here a shim sets it (as tests/test_slurm.py does for srun)."""
+    folder.mkdir(exist_ok=True)
+    shim = folder / "scontrol"
+    shim.write_text(f'#!/bin/sh\nSLURM_CONF={env["SLURM_CONF"]} exec {shutil.which("scontrol", path=env["PATH"])} "$@"\n')
+    shim.chmod(0o755)
+    return {**env, "PATH": f"{folder}{os.pathsep}{env['PATH']}"}
+
+
 @pytest.mark.timeout(900)
 def test_two_task_pretraining_job_under_slurm(tmp_path: Path, slurm_env: dict[str, str]) -> None:  # noqa: F811
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(CONFIG))
+    env = _with_scontrol(slurm_env, tmp_path / "bin")
     run_dir = tmp_path / "results/smoke/pretrain" / RUN
     signalled: list[str] = []
     watcher = _preempt_once(slurm_env, run_dir / "checkpoint.pt", "rule_pretrain", signalled)
@@ -86,8 +98,8 @@ def test_two_task_pretraining_job_under_slurm(tmp_path: Path, slurm_env: dict[st
          "--set-resources", "pretrain:cpus_per_task=1", "pretrain:mem_mb=1000",
          "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2",
          "--seconds-between-status-checks", "2", "--latency-wait", "5", "--jobs", "2",
-         str(run_dir / "final.pt")],
-        env=slurm_env, capture_output=True, text=True, timeout=840)
+         f"results/smoke/pretrain/{RUN}/final.pt"],
+        env=env, capture_output=True, text=True, timeout=840)
     watcher.join(timeout=5)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert signalled and not signalled[0].startswith("failed"), signalled

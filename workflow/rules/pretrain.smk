@@ -22,9 +22,10 @@ rule pretrain:
     threads: CFG.threads
     # the longest jobs first: the evaluations of the random-init rows then fill the cores around them
     priority: 10
-    # a run longer than slurm.max_time is several segments, each ending with exit 3 at its limit and resumed by
-    # the next attempt; these come on top of the failure retries
-    retries: pretrain_retries(CFG)
+    # on a cluster, a run longer than slurm.max_time is several segments, each ending with exit 3 at its limit and
+    # resumed by the next job; these come on top of the failure retries. Only the main Snakemake process resubmits:
+    # the one inside a job must not rerun the command in the same, expiring allocation (0). Locally: --retries.
+    retries: (pretrain_retries(CFG) if workflow.non_local_exec else None) if workflow.is_main_process else 0
     resources:
         **{key: _pretrain_resource(key) for key in pretrain_resource_keys(CFG)},
     shell:

@@ -118,6 +118,12 @@ def parse_scontrol(text: str, job_id: str) -> Allocation:
 
 
 def read_allocation(job_id: str, env: Mapping[str, str] | None = None) -> Allocation:
+    """From SLURM's variables in a batch script; from ``scontrol show job`` where they were removed (a Snakemake
+    job step keeps only the job id)."""
+    env_map = os.environ if env is None else env
+    if all(env_map.get(k) for k in ("SLURM_JOB_NUM_NODES", "SLURM_NTASKS")):
+        return Allocation(job_id, int(env_map["SLURM_JOB_NUM_NODES"]), int(env_map["SLURM_NTASKS"]),
+                          int(env_map.get("SLURM_CPUS_PER_TASK") or 1))
     out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
                          env=None if env is None else dict(env))
     if out.returncode != 0:
