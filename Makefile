@@ -54,7 +54,8 @@ test-fast: $(STAMP)
 
 # The DAG through workflow/profiles/slurm on a one-node SLURM cluster that the test starts on loopback (its
 # own munge key, config and ports under a temporary folder), with a preemption and the resumed retry. Needs
-# root; installs Debian's SLURM 22.05 daemons and munge when they are missing. About 2.5 minutes.
+# root; installs Debian's SLURM 22.05 daemons and munge when they are missing. tests/test_slurm_launch.py: a
+# pretraining job of 2 srun tasks (gloo), and the same run through `python -m densessl launch` (submitit).
 SLURM_TOOLS := /usr/sbin/slurmctld /usr/sbin/slurmd /usr/sbin/munged /usr/bin/sbatch
 test-slurm: $(STAMP)
 	@for f in $(SLURM_TOOLS); do [ -x $$f ] || missing=1; done; \
@@ -63,7 +64,7 @@ test-slurm: $(STAMP)
 	  export DEBIAN_FRONTEND=noninteractive; pkgs="slurmctld slurmd slurm-client munge"; \
 	  apt-get install -y -q $$pkgs >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q $$pkgs >/dev/null; } || exit 1; \
 	fi
-	DENSESSL_TEST_SLURM=1 $(BIN)/python -m pytest -q -m slurm tests/test_slurm.py
+	DENSESSL_TEST_SLURM=1 $(BIN)/python -m pytest -q -m slurm tests/test_slurm.py tests/test_slurm_launch.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
