@@ -76,3 +76,12 @@ def test_dino_trains_with_accumulation(tmp_path, random_images):
     method = get_method("dino")("vit-tiny-p8", tiny, epochs=2)
     trainer, summary = _fit(random_images, tmp_path, per_gpu=4, method=method)
     assert summary["steps"] == 4 and trainer.accumulation == 2 and np.isfinite(summary["last_loss"])
+
+
+def test_default_runs_record_the_settings_of_checkpoints_written_before_the_rule(tmp_path, random_images):
+    """batch_size null and one node change nothing, so they are not part of the compared settings: an
+    interrupted run from before these fields existed still resumes."""
+    train = TrainConfig(epochs=1, batch_size_per_gpu=8, warmup_epochs=0, num_workers=0, precision="fp32")
+    trainer = Trainer(MeanLoss(), random_images, train, tmp_path, device="cpu")
+    assert "batch_size" not in trainer.settings["train"] and "nodes" not in trainer.settings["train"]
+    assert trainer.batch_plan.batch_size == 8 and trainer.accumulation == 1

@@ -157,6 +157,9 @@ class Trainer:
         self._ddp: nn.parallel.DistributedDataParallel | None = None
         self.run_log = RunLog(self.out_dir, self.rank, cfg.tensorboard)
         self.settings = checkpointing.run_settings(method.name, getattr(method, "cfg", None), cfg, len(dataset))
+        for key, default in (("batch_size", None), ("nodes", 1)):  # at these values the GPU-count rule's fields
+            if self.settings["train"].get(key) == default:        # change nothing: checkpoints from before them
+                self.settings["train"].pop(key, None)             # still resume
         self.last_checkpoint_step: int | None = None
 
     # ----------------------------------------------------------------------------------------- setup
