@@ -20,7 +20,17 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO
-from test_slurm import _jobs, _wait, slurm_env  # noqa: F401  (slurm_env is the module-scoped cluster fixture)
+from test_slurm import slurm_env  # noqa: F401  (the module-scoped loopback cluster fixture)
+
+try:  # the cluster's own helper module, where the fixture lives in one
+    from slurm_cluster import jobs as _jobs
+    from slurm_cluster import wait_for as _wait
+except ImportError:
+    from test_slurm import _jobs, _wait
+
+# a stage that stops for a signal inside a SLURM job requeues its own job where densessl.train.requeue exists;
+# otherwise the job fails and Snakemake's retry resumes the run in a new job
+SELF_REQUEUE = importlib.util.find_spec("densessl.train.requeue") is not None
 
 pytestmark = [
     pytest.mark.slurm,
@@ -110,12 +120,17 @@ def test_two_task_pretraining_job_under_slurm(tmp_path: Path, slurm_env: dict[st
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert signalled and not signalled[0].startswith("failed"), signalled
     jobs = sorted((j for j in _jobs(slurm_env) if "rule_pretrain" in j[3]), key=lambda j: int(j[0]))
-    assert [j[1] for j in jobs] == ["FAILED", "COMPLETED"] and jobs[0][0] == signalled[0], jobs
-    shown = subprocess.run(["scontrol", "show", "job", "-o", jobs[1][0]], env=slurm_env, capture_output=True,
+    assert jobs[0][0] == signalled[0], (jobs, signalled)
+    if SELF_REQUEUE:  # the launcher (srun's parent) requeued the job once its tasks had saved and exited 3
+        assert [j[1] for j in jobs] == ["COMPLETED"], jobs
+    else:
+        assert [j[1] for j in jobs] == ["FAILED", "COMPLETED"], jobs
+    shown = subprocess.run(["scontrol", "show", "job", "-o", jobs[-1][0]], env=slurm_env, capture_output=True,
                            text=True, check=True).stdout
     assert "NumTasks=2" in shown and "NumNodes=1" in shown, shown  # one job, two tasks: the planned layout
     attempts = _check_resumed_run(run_dir, world=2)
-    assert [a["slurm_job_id"] for a in attempts] == [jobs[0][0], jobs[0][0], jobs[1][0], jobs[1][0]]
+    first, last = jobs[0][0], jobs[-1][0]
+    assert [a["slurm_job_id"] for a in attempts] == [first, first, last, last]
 
 
 @pytest.mark.timeout(900)
