@@ -65,9 +65,10 @@ test-fast: $(STAMP)
 # The DAG through workflow/profiles/slurm on a one-node SLURM cluster that the test starts on loopback (its
 # own munge key, config and ports under a temporary folder; slurmdbd on a MariaDB bound to 127.0.0.1, so sacct
 # answers; two fake GPUs as gres), with a preemption that requeues the job in place and resumes from the
-# previous checkpoint after the newest was torn, and a time-limited job that requeues itself. Needs root;
-# installs Debian's SLURM 22.05 daemons, slurmdbd, MariaDB and munge when they are missing. About 9 minutes on two
-# busy cores (the cluster starts in 12 s; the DAG takes 6 min, the time-limited job 2.3 min).
+# previous checkpoint after the newest was torn, and a time-limited job that requeues itself;
+# tests/test_slurm_launch.py: a pretraining job of 2 srun tasks (gloo), and the same run through
+# `python -m densessl launch` (submitit). Needs root; installs Debian's SLURM 22.05 daemons, slurmdbd, MariaDB
+# and munge when they are missing.
 SLURM_TOOLS := /usr/sbin/slurmctld /usr/sbin/slurmd /usr/sbin/slurmdbd /usr/sbin/mariadbd /usr/sbin/munged /usr/bin/sbatch
 test-slurm: $(STAMP)
 	@for f in $(SLURM_TOOLS); do [ -x $$f ] || missing=1; done; \
@@ -76,7 +77,7 @@ test-slurm: $(STAMP)
 	  export DEBIAN_FRONTEND=noninteractive; pkgs="slurmctld slurmd slurm-client slurmdbd mariadb-server munge"; \
 	  apt-get install -y -q $$pkgs >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q $$pkgs >/dev/null; } || exit 1; \
 	fi
-	DENSESSL_TEST_SLURM=1 $(BIN)/python -m pytest -q -m slurm tests/test_slurm.py
+	DENSESSL_TEST_SLURM=1 $(BIN)/python -m pytest -q -m slurm tests/test_slurm.py tests/test_slurm_launch.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

@@ -1,3 +1,12 @@
+from densessl.launch.resources import pretrain_resource, pretrain_resource_keys, pretrain_retries
+
+
+def _pretrain_resource(key):
+    """One resource of a pretraining job from its compute plan (densessl.launch.resources): GPUs, nodes,
+    tasks, time limit, segments and the warning signal."""
+    return lambda wildcards: pretrain_resource(CFG, run_id(wildcards), key)
+
+
 rule pretrain:
     input:
         manifest=lambda w: str(CFG.data_manifest(run_of(w).data)),
@@ -13,7 +22,11 @@ rule pretrain:
     threads: CFG.threads
     # the longest jobs first: the evaluations of the random-init rows then fill the cores around them
     priority: 10
+    # on a cluster, a run longer than slurm.max_time is several segments, each ending with exit 3 at its limit and
+    # resumed by the next job; these come on top of the failure retries. Only the main Snakemake process resubmits:
+    # the one inside a job must not rerun the command in the same, expiring allocation (0). Locally: --retries.
+    retries: (pretrain_retries(CFG) if workflow.non_local_exec else None) if workflow.is_main_process else 0
     resources:
-        gpus=0 if CFG.preset == "smoke" else 8,
+        **{key: _pretrain_resource(key) for key in pretrain_resource_keys(CFG)},
     shell:
         "{params.cli} pretrain {params.config} --run {params.run} --threads {threads} > {log} 2>&1"

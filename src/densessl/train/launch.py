@@ -26,26 +26,23 @@ terminating signal arrives, so the launcher does not forward a first signal; it 
 signal to the launcher is forwarded to torchrun as SIGTERM and a third kills it (SIGKILL), which covers a
 launcher that was signalled on its own.
 
-SLURM (workflow/profiles/slurm, snakemake-executor-plugin-slurm): the pretrain rule asks for ``gpu: 8``; the
-plugin runs the job step as ``srun -n1 --gpus=8 ...`` so the step sees ``SLURM_GPUS_ON_NODE=8`` and eight
-``CUDA_VISIBLE_DEVICES``, which ``resolve_nproc`` reads when ``train.nproc_per_node`` is unset. Two ways a
-run is interrupted:
+SLURM (workflow/profiles/slurm, snakemake-executor-plugin-slurm): a run on one GPU is the plugin's own
+``srun -n1 --gpus=1`` step and runs here in-process; a run on several GPUs, on one node or many, is started as
+one srun task per GPU over the allocation by ``densessl.launch.srun`` (the pretrain stage chooses), with the
+resources of its compute plan (``densessl.launch.resources``). Two ways a run is interrupted:
 
-* Time limit: add ``slurm_extra: "'--signal=TERM@180'"`` to the pretrain resources so every process of the
-  job step receives SIGTERM 180 s before the limit. Use TERM, not USR1: the plugin runs a nested Snakemake
-  inside the step, which finishes its running job on SIGTERM (``JobScheduler.exit_gracefully``) but has no
-  SIGUSR1 handler, so USR1 would kill it and with it the step. The run checkpoints, requeues its own job
-  (``densessl.train.requeue``: same job id, no Snakemake retry spent) and exits 3; the requeued job resumes
-  from ``checkpoint.pt`` (same seed-determined data order, so the same run continues). Without the signal a
-  TIMEOUT counts as a failure and is retried, losing at most ``checkpoint_every_steps`` steps.
+* Time limit: every job asks for ``--signal=TERM@180``, so each process of the job step receives SIGTERM 180 s
+  before the limit. TERM, not USR1: the plugin runs a nested Snakemake inside the step, which finishes its
+  running job on SIGTERM (``JobScheduler.exit_gracefully``) but has no SIGUSR1 handler, so USR1 would kill it
+  and with it the step. The run checkpoints, requeues its own job (``densessl.train.requeue``: same job id, no
+  Snakemake retry spent; in an srun job the launcher process requeues, not the tasks) and exits 3; the
+  requeued job resumes from ``checkpoint.pt`` (same seed-determined data order, so the same run continues).
 * Preemption: with ``PreemptMode=REQUEUE`` SLURM sends SIGTERM (GraceTime) and requeues the job itself under
-  the same job id; the plugin sees PREEMPTED and leaves the job to SLURM (it does not count a retry). The
-  requeued job runs the same command and resumes from the checkpoint. With ``PreemptMode=CANCEL`` the job
-  ends CANCELLED and Snakemake's retry resubmits it.
+  the same job id; the plugin sees PREEMPTED and leaves the job to SLURM (it does not count a retry). With
+  ``PreemptMode=CANCEL`` the job ends CANCELLED and Snakemake's retry resubmits it.
 
 Only an interruption that ends as a failure (a TIMEOUT without warning, a refused requeue, a crash) uses one
-of Snakemake's ``retries``. Only a single node is supported (``--standalone``); multi-node runs need a
-rendezvous endpoint and are out of scope here.
+of Snakemake's ``retries``.
 """
 
 from __future__ import annotations
