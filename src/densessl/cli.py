@@ -1,6 +1,6 @@
 """`python -m densessl <stage>`: the single entry point that Snakemake rules and DVC stages both call.
 
-Stages: data, pretrain, convert, evaluate, report; plus `export` (a backbone in a toolkit's layout), `doctor` (checks the environment),
+Stages: data, pretrain, convert, evaluate, report; plus `launch` (one pretraining run through submitit), `export` (a backbone in a toolkit's layout), `doctor` (checks the environment),
 `synthesize` (write a synthetic dataset anywhere, outside the DAG), `download` (fetch, verify, extract and
 prepare a real dataset) and `datasets` (the dataset catalog and what is present under the configured roots).
 """
@@ -8,7 +8,6 @@ prepare a real dataset) and `datasets` (the dataset catalog and what is present 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
@@ -69,6 +68,27 @@ def build_parser() -> argparse.ArgumentParser:
                         help="continue a checkpoint written with other settings, under the new settings")
     resume.add_argument("--restart", dest="resume", action="store_const", const="restart",
                         help="delete the run's checkpoints and metrics and train from step 0")
+    p.set_defaults(resume=None)
+
+    p = sub.add_parser("launch", help="submit one pretraining run to SLURM through submitit (no Snakemake); "
+                                      "requeued on preemption and at its time limit, resuming from its checkpoint")
+    _add_common(p)
+    p.add_argument("--run", required=True, help="run id, e.g. dino/vit-s16-imagenet")
+    p.add_argument("--nodes", type=int, default=None, help="nodes (default: pretrain.<method>.train.nodes)")
+    p.add_argument("--gpus-per-node", type=int, default=None,
+                   help="GPUs (tasks) per node (default: train.nproc_per_node, spread by slurm.gpus_per_node)")
+    p.add_argument("--partition", default=None, help="default: slurm.partition / DENSESSL_SLURM_PARTITION")
+    p.add_argument("--account", default=None, help="default: slurm.account / DENSESSL_SLURM_ACCOUNT")
+    p.add_argument("--qos", default=None, help="default: slurm.qos / DENSESSL_SLURM_QOS")
+    p.add_argument("--cpus-per-gpu", type=int, default=None, help="default: slurm.cpus_per_gpu")
+    p.add_argument("--mem-mb-per-gpu", type=int, default=None, help="default: slurm.mem_mb_per_gpu")
+    p.add_argument("--time", type=int, default=None, metavar="MINUTES",
+                   help="each job's time limit (default: the compute plan's)")
+    p.add_argument("--wait", action="store_true", help="wait until the run has finished, requeues included")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the sbatch parameters only")
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--resume-anyway", dest="resume", action="store_const", const="anyway")
+    resume.add_argument("--restart", dest="resume", action="store_const", const="restart")
     p.set_defaults(resume=None)
 
     p = sub.add_parser("convert", help="export a run's backbone (teacher weights) or a random init")
@@ -179,6 +199,32 @@ def _print_datasets(args: argparse.Namespace) -> None:
         roots = dict((cfg.data.get("data", {}) or {}).get("roots") or {})
     rows = status(load_catalog(args.catalog), roots)
     print(json.dumps(rows, indent=2) if args.json else format_status(rows))
+def _pretrain(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """One process per GPU: srun tasks inside a SLURM allocation (any number of nodes), torchrun on one node
+    elsewhere, in-process for one. The launcher holds the run's lock; its tasks or workers run under it."""
+    from densessl.launch.resources import run_layout
+    from densessl.launch.srun import adopt_task_env, in_allocation, launch_tasks
+    from densessl.stages.pretrain import pretrain_nproc, run_pretrain
+    from densessl.train.launch import launch, under_torchrun
+
+    adopt_task_env()  # a task started by launch_tasks: torch.distributed's variables from SLURM's
+    cfg = _config(args)
+    mode = _resume_mode(args.resume)
+    stage_argv = list(argv) if argv is not None else sys.argv[1:]
+    if under_torchrun():
+        return launch(stage_argv, 1, lambda: print(run_pretrain(cfg, args.run, mode)))
+    run = cfg.run(args.run)
+    layout = run_layout(cfg, run)
+    with _lock(cfg.pretrain_dir(run)):
+        if in_allocation() and layout.world > 1:
+            return launch_tasks(stage_argv, layout.world, layout.gpus)
+        if layout.nodes > 1:
+            raise DenseSSLError(f"{run.id}: planned on {layout.nodes} nodes (pretrain.{run.method}.train.nodes); a "
+                                f"multi-node run starts inside a SLURM job (snakemake --profile slurm, or python -m "
+                                f"densessl launch --run {run.id}), or under your own torchrun --nnodes")
+        return launch(stage_argv, pretrain_nproc(cfg, args.run), lambda: print(run_pretrain(cfg, args.run, mode)))
+
+
 def check_report(cfg) -> int:  # noqa: ANN001
     """0 when every supervised-reference check of the built report passes; else 1, one line per failure."""
     from densessl.report.reference_check import report_failures
@@ -219,17 +265,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.stage == "datasets":
             _print_datasets(args)
         elif args.stage == "pretrain":
-            from densessl.stages.pretrain import pretrain_nproc, run_pretrain
-            from densessl.train.launch import launch, under_torchrun
+            return _pretrain(args, argv)
+        elif args.stage == "launch":
+            from densessl.launch.submitit_launch import launch_command
 
-            cfg = _config(args)
-            mode = _resume_mode(args.resume)
-            stage_argv = list(argv) if argv is not None else sys.argv[1:]
-            # one process per GPU under torchrun when the run has several; in-process otherwise. The launcher
-            # holds the run's lock; torchrun's workers run under it.
-            with contextlib.nullcontext() if under_torchrun() else _lock(cfg.pretrain_dir(cfg.run(args.run))):
-                return launch(stage_argv, pretrain_nproc(cfg, args.run),
-                              lambda: print(run_pretrain(cfg, args.run, mode)))
+            return launch_command(args)
         elif args.stage == "convert":
             from densessl.stages.convert import run_convert
 

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 def check_stage_settings(cfg: Config) -> None:
     """Raise ``ConfigError`` naming the field if a run's or protocol's settings would not build."""
     from densessl.config import EVALUATIONS
+    from densessl.launch.resources import compute_plan
     from densessl.methods import get_method
     from densessl.methods.base import build_dataclass
 
@@ -28,6 +29,7 @@ def check_stage_settings(cfg: Config) -> None:
     for run in cfg.pretrain_runs:
         settings = cfg.pretrain_settings(run)
         build_dataclass(TrainConfig, settings["train"], f"pretrain.{run.method}.train")
+        compute_plan(cfg, run)  # the GPU-count rule and the slurm block, before any job is submitted
         method_cls = get_method(run.method)
         build_dataclass(method_cls.config_cls, settings["method"], f"pretrain.{run.method}.method")
     for protocol in cfg.evaluations:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -38,6 +39,7 @@ def run_pretrain(cfg: Config, run_id: str, resume: str = "auto") -> Path:
     started = time.time()
     run = cfg.run(run_id)
     settings = cfg.pretrain_settings(run)
+    settings["train"].update(process_layout())
     train_cfg = build_dataclass(TrainConfig, settings["train"], f"pretrain.{run.method}.train")
     torch.manual_seed(train_cfg.seed)  # the initial weights are part of the run: same seed, same run
     method = get_method(run.method)(run.arch, settings["method"], epochs=train_cfg.epochs)
@@ -59,8 +61,24 @@ def run_pretrain(cfg: Config, run_id: str, resume: str = "auto") -> Path:
             "provenance": provenance.collect("pretrain", cfg.hash, {
                 "data": read_json(manifest)["fingerprint"]}, started)})
     if torch.distributed.is_initialized():
+        # the other ranks wait for rank 0's final.pt: under srun the first task to end starts the step's
+        # shutdown clock (launch/srun.py, --wait)
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return final
+
+
+def process_layout(env: dict[str, str] | None = None) -> dict[str, int]:
+    """``{nodes, nproc_per_node}`` of the processes this run was started on (torchrun's or srun's variables), so
+    that the run records the layout it used; {} for a single process (the configured values stay)."""
+    env = dict(os.environ) if env is None else env
+    world = int(env.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return {}
+    per_node = int(env.get("LOCAL_WORLD_SIZE", world))
+    if per_node < 1 or world % per_node:
+        return {"nodes": 1, "nproc_per_node": world}
+    return {"nodes": world // per_node, "nproc_per_node": per_node}
 
 
 def pretrain_nproc(cfg: Config, run_id: str) -> int:

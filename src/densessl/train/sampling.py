@@ -17,21 +17,28 @@ from torch.utils.data import Dataset, Sampler
 
 
 class EpochPermutationSampler(Sampler[int]):
-    """Shuffled indices for (seed, epoch), split across ranks, starting at ``start_batch`` of this epoch."""
+    """Shuffled indices for (seed, epoch), split across ranks, starting at ``start_batch`` of this epoch.
 
-    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    With ``accumulation`` micro-batches per optimiser step, only whole steps are kept, and optimiser step s reads
+    the images at positions [s·B, (s+1)·B) of the epoch's permutation (B = batch × world × accumulation) whatever
+    the split: 8 GPUs, or 4 GPUs accumulating 2 micro-batches, train on the same images in the same steps."""
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 accumulation: int = 1):
         self.num_items = num_items
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.accumulation = accumulation
         self.epoch = 0
         self.start_batch = 0
 
     @property
     def batches_per_epoch(self) -> int:
-        """Full batches per rank per epoch (drop_last, as DINO's loader)."""
-        return self.num_items // (self.batch_size * self.world_size)
+        """Full (micro-)batches per rank per epoch, a whole number of optimiser steps (drop_last, as DINO's loader)."""
+        steps = self.num_items // (self.batch_size * self.world_size * self.accumulation)
+        return steps * self.accumulation
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch = epoch

@@ -8,7 +8,11 @@ from dataclasses import dataclass
 @dataclass
 class TrainConfig:
     epochs: int = 100                   # DINO --epochs
-    batch_size_per_gpu: int = 64        # DINO --batch_size_per_gpu
+    # images per optimiser step over every GPU and micro-batch (the paper's effective batch); null = this many
+    # per GPU × GPUs, the official launchers' rule. Set, any GPU count that divides it keeps it, with gradient
+    # accumulation where one step does not fit batch_size_per_gpu (densessl.launch.batch_rule)
+    batch_size: int | None = None
+    batch_size_per_gpu: int = 64        # DINO --batch_size_per_gpu; with batch_size set: the largest per GPU
     lr: float = 0.0005                  # DINO --lr, at total batch 256 (linear scaling)
     min_lr: float = 1e-6                # DINO --min_lr
     warmup_epochs: float = 10           # DINO --warmup_epochs
@@ -34,8 +38,10 @@ class TrainConfig:
     log_every_steps: int = 10
     max_train_images: int | None = None  # use the first N images (smoke runs)
     tensorboard: bool = True            # scalars of every logged metric in <out_dir>/tensorboard (rank 0)
-    # processes (GPUs) on this node, read by densessl.train.launch; null = one per GPU of the job
-    # (SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES), 1 without GPU. The paper batch is this × batch_size_per_gpu.
     warmup_start_factor: float = 0.0    # warm-up starts at peak lr × this (DINO 0; CLoVE 0.01, --warmup-multiplier 100)
     min_lr_factor: float | None = None  # set: final lr = peak lr × this, overriding min_lr (CLoVE 0.01, main_pretrain.py)
+    # processes (GPUs) per node, read by densessl.train.launch; null = one per GPU of the job
+    # (SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES), 1 without GPU. On SLURM the job asks for nodes × this many GPUs
+    # (densessl.launch.resources); a distributed run records the layout it ran on here
     nproc_per_node: int | None = None
+    nodes: int = 1

@@ -39,6 +39,8 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn
@@ -50,6 +52,7 @@ from torch.utils.data import DataLoader
 
 from densessl.errors import CheckpointError, ConfigError, DenseSSLError
 from densessl.io import save_torch
+from densessl.launch.batch_rule import BatchPlan, Recipe, plan_batch
 from densessl.methods.base import PretrainMethod
 from densessl.progress import Progress
 from densessl.train import checkpointing
@@ -116,6 +119,9 @@ class Trainer:
                 raise ConfigError(f"train.nproc_per_node={cfg.nproc_per_node}, but this run has {per_node} process(es) "
                                   f"on the node; start it with `python -m densessl pretrain` (densessl.train.launch) "
                                   f"or torchrun --nproc_per_node {cfg.nproc_per_node}, or set nproc_per_node: null")
+        self.batch_plan = _batch_plan(method.name, cfg, self.world)
+        self.accumulation = self.batch_plan.accumulation_steps
+        micro = self.batch_plan.batch_size_per_gpu
         if cfg.precision not in ("bf16", "fp32"):
             raise ConfigError(f"train.precision: {cfg.precision!r}; allowed values: bf16, fp32")
         if cfg.clip_mode not in CLIP_MODES:
@@ -125,16 +131,18 @@ class Trainer:
         self.method = method.to(self.device)
         if cfg.channels_last:
             self.method.to(memory_format=torch.channels_last)
-        sync_batchnorm(self.method, self.world, self.device, self.rank, cfg.batch_size_per_gpu)
+        sync_batchnorm(self.method, self.world, self.device, self.rank, micro)
         broadcast_state(self.method, self.world)
         self.dataset = SeededAugmentation(dataset, method.views(), cfg.seed)
-        self.sampler = EpochPermutationSampler(len(dataset), cfg.batch_size_per_gpu, cfg.seed, self.rank, self.world)
+        self.sampler = EpochPermutationSampler(len(dataset), micro, cfg.seed, self.rank, self.world,
+                                               accumulation=self.accumulation)
+        self.total_batch = self.batch_plan.batch_size
         if self.sampler.batches_per_epoch == 0:
-            raise DenseSSLError(f"train.batch_size_per_gpu={cfg.batch_size_per_gpu} × {self.world} GPU(s) is larger "
-                                f"than the dataset ({len(dataset)} images); lower the batch size")
-        self.iters_per_epoch = self.sampler.batches_per_epoch
-        self.total_batch = cfg.batch_size_per_gpu * self.world
-        peak = cfg.lr * self.total_batch / 256.0  # linear scaling rule (DINO, CLoVE main_pretrain.py)
+            raise DenseSSLError(f"a step of {self.total_batch} images (per-GPU batch {micro} × {self.world} GPU(s) × "
+                                f"accumulation {self.accumulation}) is larger than the dataset ({len(dataset)} images); "
+                                f"lower train.batch_size or train.batch_size_per_gpu")
+        self.iters_per_epoch = self.sampler.batches_per_epoch // self.accumulation  # optimiser steps
+        peak = self.batch_plan.lr  # each official code's rule on the effective batch (launch/batch_rule.py)
         final = peak * cfg.min_lr_factor if cfg.min_lr_factor is not None else cfg.min_lr
         self.lr_schedule = cosine_schedule(peak, final, cfg.epochs, self.iters_per_epoch, cfg.warmup_epochs,
                                            start_warmup_value=peak * cfg.warmup_start_factor)
@@ -190,6 +198,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "optimizer_name": self.optimizer_name,
             "world_size": self.world,
+            "batch_plan": self.batch_plan.as_dict(),
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "train_config": asdict(self.cfg),
@@ -317,36 +326,54 @@ class Trainer:
 
     def _loader(self) -> DataLoader:
         self.dataset.set_epoch(self.epoch)
-        self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
-        return DataLoader(self.dataset, batch_size=self.cfg.batch_size_per_gpu, sampler=self.sampler,
+        self.sampler.set_epoch(self.epoch, self.batch_in_epoch * self.accumulation)
+        return DataLoader(self.dataset, batch_size=self.batch_plan.batch_size_per_gpu, sampler=self.sampler,
                           num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda",
                           drop_last=True, persistent_workers=False, worker_init_fn=ignore_stop_signals)
 
     def train_step(self, batch: Any, it: int) -> tuple[float, dict[str, float], bool]:
-        """One optimisation step at global iteration ``it``: (mean loss over ranks, method logs, stop now?).
+        """One optimisation step on one batch at global iteration ``it``: (mean loss over ranks, method logs, stop
+        now?). Used by benchmarks/train_step.py, so the benchmark times exactly the path ``fit`` takes."""
+        return self.train_step_accumulated([batch], it)
 
-        Used by ``fit`` and by benchmarks/train_step.py, so the benchmark times exactly this path.
-        """
+    def train_step_accumulated(self, micro_batches: list[Any], it: int) -> tuple[float, dict[str, float], bool]:
+        """One optimisation step over ``accumulation`` micro-batches: each loss / their number is back-propagated
+        (DDP all-reduces on the last one only), then one clip, step and teacher update, as CLoVE's
+        ``main_pretrain.py`` does with ``--grad-accumulation-steps``. With one micro-batch this is the official
+        step exactly. What a method computes from its batch alone (DINO's centre, LOCA's Sinkhorn, BatchNorm)
+        sees one micro-batch over all GPUs (docs/operations.md)."""
         for group in self.optimizer.param_groups:
             group["lr"] = float(self.lr_schedule[it]) * group.get("lr_scale", 1.0)
             if group.get("wd_schedule", True):  # DINO: only the regularised group follows the schedule
                 group["weight_decay"] = float(self.wd_schedule[it])
-        torch.manual_seed(_step_seed(self.cfg.seed, self.rank, it))
-        batch = _to_device(batch, self.device, self.cfg.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            loss, logs = self.method.loss(batch, self.epoch)
-        local, mean, finite, stop = self._agree(loss)
-        if not finite:
-            where = f"loss is {local}" if not math.isfinite(local) else "loss is non-finite on another rank"
-            self._diverged(f"{where} at step {it} (epoch {self.epoch})")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        count = len(micro_batches)
+        means: list[float] = []
+        sums: dict[str, float] = {}
+        stop = False
+        for i, batch in enumerate(micro_batches):
+            # micro-batch 0 keeps the seed of an unaccumulated step; the others get seeds no rank uses
+            torch.manual_seed(_step_seed(self.cfg.seed, self.rank + i * self.world, it))
+            batch = _to_device(batch, self.device, self.cfg.channels_last)
+            last = i == count - 1
+            with nullcontext() if last or self._ddp is None else self._ddp.no_sync():
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    loss, logs = self.method.loss(batch, self.epoch)
+                local, mean, finite, stop_here = self._agree(loss)
+                if not finite:
+                    where = f"loss is {local}" if not math.isfinite(local) else "loss is non-finite on another rank"
+                    self._diverged(f"{where} at step {it} (epoch {self.epoch})")
+                (loss / count if count > 1 else loss).backward()
+            means.append(mean)
+            stop = stop or stop_here
+            for key, value in logs.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
         if self.cfg.clip_grad > 0:
             clip_gradients(self._student(), self.cfg.clip_grad, self.cfg.clip_mode)
         self.method.cancel_gradients(self.epoch)
         self.optimizer.step()
         self.method.update_teacher(float(self.momentum_schedule[it]))
-        return mean, logs, stop
+        return sum(means) / count, {k: v / count for k, v in sums.items()}, stop
 
     def fit(self, max_steps: int | None = None) -> dict[str, Any]:
         """Train to the end (or ``max_steps`` more steps, used by tests); resume from the checkpoint if any."""
@@ -364,9 +391,9 @@ class Trainer:
                                 items_per_step=self.total_batch, bar=True, enabled=self.rank == 0)
             clock, steps_since_log = time.perf_counter(), 0
             while self.epoch < self.cfg.epochs:
-                for batch in self._loader():
+                for micro_batches in _grouped(self._loader(), self.accumulation):
                     it = self.step
-                    last_loss, logs, stop = self.train_step(batch, it)
+                    last_loss, logs, stop = self.train_step_accumulated(micro_batches, it)
                     self.batch_in_epoch += 1
                     steps_done += 1
                     steps_since_log += 1
@@ -417,7 +444,24 @@ class Trainer:
             self.run_log.close()
             self._unwrap_student()
         return {"steps": self.total_steps, "last_loss": last_loss, "wall_s": time.time() - start,
-                "steps_this_run": steps_done}
+                "steps_this_run": steps_done, "batch_plan": self.batch_plan.as_dict()}
+
+
+def _batch_plan(method: str, cfg: TrainConfig, world: int) -> BatchPlan:
+    """The per-GPU batch, accumulation and lr of this run on its ``world`` processes (launch/batch_rule.py)."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    nodes, per_node = (world // per_node, per_node) if per_node > 0 and world % per_node == 0 else (1, world)
+    return plan_batch(Recipe.from_train(method, asdict(cfg)), nodes, per_node)
+
+
+def _grouped(batches: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive lists of ``size`` micro-batches (the sampler yields whole groups only)."""
+    group: list[Any] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
 
 
 def _to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
