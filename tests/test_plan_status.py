@@ -123,7 +123,7 @@ def test_status_counts_and_eta(smoke_folder):
     assert jobs[f"pretrain {b.id}"].state == "running"
     assert jobs[f"pretrain {b.id}"].reason == "live run lock"
     assert jobs[f"pretrain {c.id}"].state == "failed"
-    assert "RuntimeError" not in jobs[f"pretrain {c.id}"].reason  # the first line of the traceback names the log
+    assert jobs[f"pretrain {c.id}"].reason.endswith(": RuntimeError: boom")  # the exception, after the log's path
     assert str(cfg.results / "logs" / "pretrain" / c.method) in jobs[f"pretrain {c.id}"].reason
     group = next(g for g in status.protocols if g.id == protocol)
     n = len(cfg.protocol_runs(protocol))

@@ -102,6 +102,17 @@ def incomplete_outputs(*folders: Path) -> set[Path]:
     return out
 
 
+def _error_line(text: str) -> str:
+    """The line that says what went wrong: a ``densessl <stage>: error:`` line, or a traceback's exception."""
+    lines = text.splitlines()
+    if not lines[0].startswith("Traceback"):
+        return lines[0]
+    for line in lines[1:]:
+        if line.strip() and not line[0].isspace():
+            return line
+    return lines[0]
+
+
 @dataclass
 class JobState:
     state: str
@@ -125,8 +136,7 @@ def job_state(job: PlanJob, incomplete: set[Path], now: float) -> JobState:
             eta = max(eta - age, 0.0)
         return JobState("running", eta, "live run lock" if live else "log written recently")
     if error:
-        line = text[error.start():].splitlines()[0]
-        return JobState("failed", reason=f"{log}: {line}")
+        return JobState("failed", reason=f"{log}: {_error_line(text[error.start():])}")
     return JobState("pending")
 
 
@@ -248,7 +258,7 @@ def _fmt_eta(g: GroupStatus) -> str:
 
 
 def format_status(status: Status) -> str:
-    header = ["group", *STATES, "ETA"]
+    header = ["group", *STATES, "ETA (pending jobs in series)"]
     lines = [f"status of {status.results}"]
     for title, groups in (("paper tables (published cells with a job)", status.tables),
                           ("protocols (evaluation jobs)", status.protocols + [status.total])):
