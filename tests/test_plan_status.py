@@ -80,6 +80,22 @@ def test_plan_cli_json_schema_and_no_torch(tmp_path):
     assert out["total"]["published_matched"] + out["total"]["published_explained"] == 334
 
 
+def test_smoke_plan_groups_by_protocol(tmp_path):
+    cfg = load_config([], preset="smoke", root=ROOT, check_settings=False)
+    smoke = build_plan(cfg)
+    assert all(not t.jobs for t in smoke.tables)  # synthetic data: no published cell has a job
+    assert smoke.total.published["matched"] == 0
+    evaluations = [j for j in smoke.dag_total.jobs if smoke.jobs[j].kind == "evaluate"]
+    assert len(evaluations) == len(cfg.evaluation_jobs())
+    for run in cfg.pretrain_runs:
+        job = smoke.jobs[f"pretrain {run.id}"]
+        assert job.gpu_hours is None and job.source.startswith("no measured figure")
+    assert smoke.jobs["data coco"].disk_source.startswith("synthetic")
+    text = _cli("plan", "--preset", "smoke", cwd=tmp_path)
+    assert text.returncode == 0, text.stderr
+    assert "left out of the sums" in text.stdout and "patchseg_coco" in text.stdout
+
+
 # ------------------------------------------------------------------------------------------------ status
 
 

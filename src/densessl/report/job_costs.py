@@ -15,9 +15,10 @@ and the reason, and the plan leaves it out of its totals (counting such jobs), n
   protocols' throughput in docs/performance.md covers parts of a job (feature extraction, one training step),
   not a whole job, so they have no figure here.
 * Disk: a dataset's published archive sizes (data/catalog.yaml); a pretraining run's checkpoints from its
-  backbone's parameter count (DINO arXiv 2104.14294 Table 2 and ResNet-50's torchvision count) × 16 bytes
-  (fp32 student, teacher and two optimizer moments) × 3 kept files (checkpoint.pt, checkpoint.previous.pt,
-  final.pt: train/checkpointing.py); a convert job's exported fp32 backbone. Projection heads are not counted.
+  backbone's parameter count (DINO arXiv 2104.14294 Table 2 and ResNet-50's torchvision count) × 4 bytes (fp32)
+  × (student + EMA teacher, the supervised reference has none + the optimizer's moments: AdamW 2, SGD and LARS
+  1) × 3 kept files (checkpoint.pt, checkpoint.previous.pt and final.pt, a copy of the last: trainer.py,
+  stages/pretrain.py); a convert job's exported fp32 backbone. Projection heads are not counted.
 
 Pure Python, no torch: ``densessl plan`` answers in about a second.
 """
@@ -37,9 +38,9 @@ NO_FIGURE = "no measured figure"
 # without its fc layer: torchvision resnet50 25,557,032 parameters less fc's 2,049,000
 PARAMETERS: dict[str, int] = {"vit-s16": 21_000_000, "vit-s8": 21_000_000, "vit-b16": 85_000_000,
                               "vit-b8": 85_000_000, "resnet50": 23_508_032}
-CHECKPOINT_BYTES_PER_PARAMETER = 16  # fp32 student + teacher + two optimizer moments
+FP32 = 4
+OPTIMIZER_MOMENTS = {"adamw": 2, "sgd": 1, "lars": 1}  # state tensors per parameter (torch.optim, train/lars.py)
 KEPT_CHECKPOINTS = 3                 # checkpoint.pt, checkpoint.previous.pt, final.pt
-BACKBONE_BYTES_PER_PARAMETER = 4     # backbone.safetensors, fp32
 
 _DETECTRON2 = ("published: detectron2 MODEL_ZOO.md (02478d2e), {model} 1x, {s} s/iter × 90,000 iterations on 8 "
                "V100 (detectron2's implementation; ours runs mmdetection's)")
@@ -63,7 +64,7 @@ class Cost:
 
 def pretrain_cost(cfg: Config, run: Run) -> Cost:
     """GPU-hours of one pretraining run from its measured per-GPU throughput; disk of its checkpoints."""
-    disk, disk_source = checkpoint_bytes(run.arch)
+    disk, disk_source = checkpoint_bytes(cfg, run)
     figure = throughput(run.method, run.arch, site_of(cfg))
     train = cfg.pretrain_settings(run)["train"]
     images = train_images(cfg, run)
@@ -87,19 +88,21 @@ def evaluate_cost(cfg: Config, protocol: str, run: Run) -> Cost:
     return Cost(hours, _DETECTRON2.format(model=model, s=seconds))
 
 
-def checkpoint_bytes(arch: str) -> tuple[int, str]:
+def checkpoint_bytes(cfg: Config, run: Run) -> tuple[int, str]:
     """Bytes of a pretraining run's kept checkpoints, with how they are counted."""
-    params = PARAMETERS.get(arch)
+    params = PARAMETERS.get(run.arch)
     if params is None:
-        return 0, f"no parameter count for {arch}: checkpoints not counted"
-    return params * CHECKPOINT_BYTES_PER_PARAMETER * KEPT_CHECKPOINTS, (
-        f"{params:,} backbone parameters × {CHECKPOINT_BYTES_PER_PARAMETER} B × {KEPT_CHECKPOINTS} checkpoints; "
-        f"heads not counted")
+        return 0, f"no parameter count for {run.arch}: checkpoints not counted"
+    optimizer = cfg.pretrain_settings(run)["train"].get("optimizer") or "adamw"
+    copies = (1 if run.is_supervised else 2) + OPTIMIZER_MOMENTS.get(optimizer, 2)
+    return params * FP32 * copies * KEPT_CHECKPOINTS, (
+        f"{params:,} backbone parameters × {FP32} B × {copies} (networks and {optimizer} moments) × "
+        f"{KEPT_CHECKPOINTS} checkpoints; heads not counted")
 
 
 def backbone_bytes(arch: str) -> int:
     """An exported backbone (the convert job's output)."""
-    return PARAMETERS.get(arch, 0) * BACKBONE_BYTES_PER_PARAMETER
+    return PARAMETERS.get(arch, 0) * FP32
 
 
 @cache
