@@ -152,6 +152,11 @@ def test_status_counts_and_eta(smoke_folder):
     assert status.total.counts["done"] == 1
     # smoke: no published cell has a job (synthetic data)
     assert all(sum(t.counts.values()) == 0 for t in status.tables)
+    # a cell whose metrics exist is done though its checkpoint is gone (a copied results folder)
+    cfg.final_checkpoint(a).unlink()
+    again = build_status(cfg)
+    assert again.jobs[f"pretrain {a.id}"].state == "pending"
+    assert next(g for g in again.protocols if g.id == protocol).counts == group.counts
 
 
 def test_status_dead_lock_and_incomplete_marker(smoke_folder):

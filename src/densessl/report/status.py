@@ -11,11 +11,11 @@ Each job of the plan (report/plan.py) is, from the files it leaves:
   running (a preempted job, exit 3, logs no error: it is pending until its retry starts);
 * pending: anything else, including a job whose dependencies are not done yet.
 
-A published cell (or a protocol's evaluation) is done when every job it waits on is done, failed when any
-failed, running when any runs, else pending. ETA of a group: the largest remaining time of its running jobs
-(the newest ``ETA`` of each one's log, less the time since that line was written) plus the planned wall time of
-its pending jobs (GPU-hours over the GPUs each asks for) one after another; pending jobs without a figure are
-counted in ``eta_unknown_jobs`` and left out.
+A published cell (or a protocol's evaluation) is done when its evaluations are done; else failed when a job
+it waits on failed, running when one runs, else pending. ETA of a group: the largest remaining time of its
+running jobs (the newest ``ETA`` of each one's log, less the time since that line was written) plus the
+planned wall time of its pending jobs (GPU-hours over the GPUs each asks for) one after another; pending jobs
+without a figure are counted in ``eta_unknown_jobs`` and left out.
 """
 
 from __future__ import annotations
@@ -153,8 +153,7 @@ class GroupStatus:
 
 
 def _combine(states: list[str]) -> str:
-    if states and all(s == "done" for s in states):
-        return "done"
+    """The state of a cell whose evaluations are not all done, from the jobs they wait on."""
     for s in ("failed", "running"):
         if s in states:
             return s
@@ -228,8 +227,9 @@ def build_status(cfg: Config, results: Path | None = None, now: float | None = N
 
     def group(gid: str, units: list[list[str]], job_ids: list[str]) -> GroupStatus:
         g = GroupStatus(gid)
-        for unit in units:
-            g.counts[_combine([states[j].state for r in unit for j in chain(r)])] += 1
+        for unit in units:  # done when its evaluations are, whatever is left upstream (deleted checkpoints)
+            waiting = [j for r in unit if states[r].state != "done" for j in chain(r)]
+            g.counts[_combine([states[j].state for j in waiting]) if waiting else "done"] += 1
         _eta(g, job_ids, jobs, states)
         return g
 
