@@ -177,6 +177,19 @@ def test_status_dead_lock_and_incomplete_marker(smoke_folder):
     assert status.jobs[f"evaluate {protocol} {a.id}"].state == "pending"
 
 
+def test_status_reads_a_launched_runs_submitit_log(smoke_folder):
+    tmp_path, cfg, protocol, (a, b, c) = smoke_folder
+    (cfg.pretrain_dir(b) / ".densessl.lock").unlink()
+    log_b = cfg.results / "logs" / "pretrain" / b.method / f"{b.name}.log"
+    t = time.time() - 7200
+    os.utime(log_b, (t, t))
+    _write(cfg.pretrain_dir(b) / "submitit" / "123" / "123_0_log.err",
+           "pretrain dino step 90/100 (90.0 %) · 3.1 it/s · elapsed 9m00s · ETA 10m00s\n")
+    state = build_status(cfg).jobs[f"pretrain {b.id}"]
+    assert state.state == "running" and state.reason == "log written recently"
+    assert 500 < state.eta_s <= 600
+
+
 def test_status_cli(smoke_folder):
     tmp_path, cfg, protocol, _ = smoke_folder
     code = ("import sys\nfrom densessl.cli import main\nrc = main(['status', '--json'])\n"

@@ -5,7 +5,7 @@ Each job of the plan (report/plan.py) is, from the files it leaves:
 * done: its output exists (final.pt, backbone.safetensors, metrics.json, manifest.json) and Snakemake has
   no ``.snakemake/incomplete`` marker on it;
 * running: a live process holds its run lock (runlock.py: the pid is alive on this host, or the lock is
-  another host's), or its log has been written in the last ``RECENT_S`` seconds with no error in it
+  another host's), or its log (Snakemake's, or a ``densessl launch`` run's submitit log) has been written in the last ``RECENT_S`` seconds with no error in it
   (data and convert jobs take no lock; a running job logs a progress line every 30 s);
 * failed: its log holds a traceback or a ``densessl <stage>: error:`` line, and it is neither done nor
   running (a preempted job, exit 3, logs no error: it is pending until its retry starts);
@@ -120,13 +120,24 @@ class JobState:
     reason: str = ""
 
 
+def newest_log(job: PlanJob) -> Path | None:
+    """The job's Snakemake log, or for a pretraining submitted by ``densessl launch`` its newest submitit log
+    (``<run>/submitit/<job id>/<job id>_<task>_log.{out,err}``), whichever was written last."""
+    candidates = [Path(job.log)]
+    if job.kind == "pretrain" and job.lock_dir is not None:
+        candidates += Path(job.lock_dir).glob("submitit/*/*_log.*")
+    existing = [p for p in candidates if p.is_file()]
+    return max(existing, key=lambda p: p.stat().st_mtime) if existing else None
+
+
 def job_state(job: PlanJob, incomplete: set[Path], now: float) -> JobState:
-    output, log = Path(job.output), Path(job.log)
+    output = Path(job.output)
     marked = output.resolve() in incomplete
     if output.is_file() and not marked:
         return JobState("done")
-    text = _tail(log) if log.is_file() else ""
-    age = now - log.stat().st_mtime if log.is_file() else None
+    log = newest_log(job)
+    text = _tail(log) if log is not None else ""
+    age = now - log.stat().st_mtime if log is not None else None
     live = job.lock_dir is not None and lock_live(Path(job.lock_dir))
     error = ERROR.search(text)
     if live or (age is not None and age < RECENT_S and not error):
