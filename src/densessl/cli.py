@@ -1,6 +1,7 @@
 """`python -m densessl <stage>`: the single entry point that Snakemake rules and DVC stages both call.
 
 Stages: data, pretrain, convert, evaluate, report; plus `launch` (one pretraining run through submitit), `export` (a backbone in a toolkit's layout), `doctor` (checks the environment),
+`plan` / `status` (what the papers' tables need, and how far a results folder is),
 `synthesize` (write a synthetic dataset anywhere, outside the DAG), `download` (fetch, verify, extract and
 prepare a real dataset) and `datasets` (the dataset catalog and what is present under the configured roots).
 """
@@ -21,6 +22,34 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="config file(s), merged in order onto the preset (default: config.yaml)")
     p.add_argument("--preset", choices=["smoke", "paper"], default=None, help="override config.yaml's preset")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: config 'threads')")
+
+
+def _add_planning(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", action="append", default=None, metavar="FILE",
+                   help="config file(s), merged in order onto the preset (default: config.yaml when present)")
+    p.add_argument("--preset", choices=["smoke", "paper"], default=None, help="override config.yaml's preset")
+    p.add_argument("--json", action="store_true", help="print JSON (schema in docs/report.md)")
+
+
+def _planning(args: argparse.Namespace) -> int:
+    """plan / status: torch-free (the configuration without the per-stage settings check), a second or so."""
+    import json
+
+    from densessl.config import load_config
+
+    files = args.config or (["config.yaml"] if Path("config.yaml").is_file() else [])
+    cfg = load_config(files, preset=args.preset, check_settings=False)
+    if args.stage == "plan":
+        from densessl.report.plan import build_plan, format_plan
+
+        result = build_plan(cfg)
+        print(json.dumps(result.as_dict(), indent=2) if args.json else format_plan(result))
+        return 0
+    from densessl.report.status import build_status, format_status
+
+    status = build_status(cfg, args.results)
+    print(json.dumps(status.as_dict(), indent=2) if args.json else format_status(status))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=128, help="validation images to use (default 128)")
     p.add_argument("--protocol", default="patchseg_coco", help="whose data: patchseg_coco | patchseg_ade20k")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = sub.add_parser("plan", help="per paper table: the jobs it needs, GPU-hours (named figures), disk and the "
+                                    "published numbers matched or explained, before anything runs")
+    _add_planning(p)
+
+    p = sub.add_parser("status", help="per paper table and protocol: cells done, running, pending, failed, and an "
+                                      "ETA from the logged progress")
+    _add_planning(p)
+    p.add_argument("--results", type=Path, default=None,
+                   help="the results folder to read (default: the configuration's results/<preset>)")
 
     sub.add_parser("doctor", help="check that torch's, torchvision's and mmcv's compiled ops work")
     return parser
@@ -318,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
 
             rows = run_feature_stats(_config(args), args.images, args.protocol)
             print(dump(rows) if args.json else format_rows(rows))
+        elif args.stage in ("plan", "status"):
+            return _planning(args)
         elif args.stage == "targets":
             for target in _config(args).all_targets():
                 print(target)
