@@ -226,6 +226,14 @@ class Config:
             return None
         return self.results / "downloads" / spec["file"] if spec.get("file") else self.download_path(spec["url"])
 
+    def release_inputs(self, run: Run) -> list[str]:
+        """A released run's input files for Snakemake and DVC: its local ``path`` once the file is there. A url
+        is downloaded by the convert stage; a manually placed file not there yet is no input, so the convert job
+        runs and says where to download it (checkpoints/released.py) instead of the orchestrator refusing the
+        whole DAG over one missing input."""
+        path = self.released_spec(run).get("path")
+        return [path] if path and Path(path).expanduser().is_file() else []
+
     @property
     def released_lock(self) -> Path:
         """The lock file of the checksums recorded on first use (``released_lock``, relative to the repository
@@ -282,7 +290,11 @@ class Config:
         supervised = self.supervised_runs if sel.get("supervised_reference", True) else []
         seeds = [int(s) for s in sel["random_init_seeds"]] if "random_init_seeds" in sel else self.random_init_seeds
         rows = compared + supervised
-        rows = rows + self._random_init_rows([r for r in rows if self.applies(protocol, r)], seeds)
+        # random-init rows for the networks trained here: a release was not, so it draws none of its own (a
+        # compared method's ResNet-50 would add a second ResNet-50 random init, detection fine-tunes included,
+        # that no table prints); it is compared with those of its architecture where the margins find one
+        trained = [r for r in rows if not r.released and self.applies(protocol, r)]
+        rows = rows + self._random_init_rows(trained, seeds)
         return [r for r in rows if self.applies(protocol, r)]
 
     @property

@@ -1,6 +1,4 @@
 # Helpers that map wildcards to densessl's configuration (no logic beyond lookups).
-from pathlib import Path
-
 from densessl.config import EVALUATIONS, stable_hash
 
 RESULTS = str(CFG.results)
@@ -20,11 +18,8 @@ def convert_inputs(wildcards):
     run = run_of(wildcards)
     if run.is_random_init:
         return []
-    if run.released:  # a local release file is an input; a url is downloaded (and checksummed) by the stage
-        # a manually placed file not there yet is no input: the convert job then says where to download it
-        # (checkpoints/released.py) instead of Snakemake refusing the whole DAG
-        path = CFG.released_spec(run).get("path")
-        return [path] if path and Path(path).expanduser().is_file() else []
+    if run.released:  # a local release file once placed (Config.release_inputs); a url is downloaded by the stage
+        return CFG.release_inputs(run)
     return [str(CFG.final_checkpoint(run))]
 
 
