@@ -188,7 +188,7 @@ def test_dino_resnet50_and_densecl_files_import_through_state_dict(tmp_path):
 
 
 def test_paper_releases_record_their_checksums_and_run_only_their_tables_protocols():
-    from densessl.report.cells import release_checksum
+    from densessl.report.cells import cell_provenance, release_checksum
     from densessl.report.paper_tables import plan
 
     cfg = load_config([REPO / "config.yaml"], preset="paper", root=REPO, check_settings=False)
@@ -198,6 +198,10 @@ def test_paper_releases_record_their_checksums_and_run_only_their_tables_protoco
         spec = cfg.released_spec(run)
         assert spec["sha256"] == "record" and (spec.get("url") or spec.get("page")), run.id
         assert release_checksum(cfg, run) == "checksum recorded on first download (released.lock.yaml)"
+        prov = cell_provenance(run, {"provenance": {"inputs": {"backbone_sha256": "be" * 32}}}, "m.json", cfg)
+        assert prov["release_checksum"] == release_checksum(cfg, run) and prov["checkpoint_sha256"] == "be" * 32
+    own = next(r for r in cfg.method_runs)
+    assert "release_checksum" not in cell_provenance(own, {}, "m.json", cfg)
     assert cfg.released_lock == REPO / "workflow" / "released.lock.yaml"
     needed: dict[str, set[str]] = {}
     for c in plan(cfg):
