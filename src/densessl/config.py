@@ -218,6 +218,37 @@ class Config:
     def download_path(self, url: str) -> Path:
         return self.results / "downloads" / url.rstrip("/").rsplit("/", 1)[-1]
 
+    def release_download_path(self, run: Run) -> Path | None:
+        """Where a released entry's url is downloaded to: ``file`` where given (a url such as cloudstor's
+        ``.../download`` names no file), else the url's last segment; None for a local ``path``."""
+        spec = self.released_spec(run)
+        if not spec.get("url"):
+            return None
+        return self.results / "downloads" / spec["file"] if spec.get("file") else self.download_path(spec["url"])
+
+    def release_inputs(self, run: Run) -> list[str]:
+        """A released run's input files for Snakemake and DVC: its local ``path`` once the file is there. A url
+        is downloaded by the convert stage; a manually placed file not there yet is no input, so the convert job
+        runs and says where to download it (checkpoints/released.py) instead of the orchestrator refusing the
+        whole DAG over one missing input."""
+        path = self.released_spec(run).get("path")
+        return [path] if path and Path(path).expanduser().is_file() else []
+
+    @property
+    def released_lock(self) -> Path:
+        """The lock file of the checksums recorded on first use (``released_lock``, relative to the repository
+        root; checkpoints/released.py)."""
+        from densessl.checkpoints.released import lock_file
+
+        return lock_file(self.root, self.data.get("released_lock"))
+
+    def release_evaluated_by(self, run: Run, protocol: str) -> bool:
+        """Whether ``protocol`` evaluates released ``run``: its entry's ``evaluations`` (absent = every one), so a
+        release runs only the protocols of the tables that print it (a ViT-H/16 is not fine-tuned on iNat
+        for a table that has no such row)."""
+        chosen = self.released_spec(run).get("evaluations")
+        return chosen is None or protocol in chosen
+
     def variant_of(self, run: Run) -> str | None:
         """The architecture variant ``run``'s backbone has: random-init rows carry it, pretraining runs take
         their method's, released runs their checkpoint format's (models/variants.py)."""
@@ -255,10 +286,15 @@ class Config:
         sel = self.baseline_selection(protocol)
         methods = sel.get("methods")
         compared = [r for r in self.method_runs + self.released_runs if methods is None or r.method in methods]
+        compared = [r for r in compared if not r.released or self.release_evaluated_by(r, protocol)]
         supervised = self.supervised_runs if sel.get("supervised_reference", True) else []
         seeds = [int(s) for s in sel["random_init_seeds"]] if "random_init_seeds" in sel else self.random_init_seeds
         rows = compared + supervised
-        rows = rows + self._random_init_rows([r for r in rows if self.applies(protocol, r)], seeds)
+        # random-init rows for the networks trained here: a release was not, so it draws none of its own (a
+        # compared method's ResNet-50 would add a second ResNet-50 random init, detection fine-tunes included,
+        # that no table prints); it is compared with those of its architecture where the margins find one
+        trained = [r for r in rows if not r.released and self.applies(protocol, r)]
+        rows = rows + self._random_init_rows(trained, seeds)
         return [r for r in rows if self.applies(protocol, r)]
 
     @property
@@ -553,6 +589,11 @@ def _check_baselines(cfg: Config, where: str) -> None:
                               f"is {target!r}, but {run.data} has {wanted}-level labels; set "
                               f"pretrain.supervised.arch.{run.arch}.method.target: {wanted}, or data: "
                               f"{'coco' if target == 'patch' else 'imagenet'}")
+    for i, entry in enumerate(cfg.data.get("released") or []):
+        unknown = [p for p in entry.get("evaluations") or [] if p not in EVALUATIONS]
+        if unknown:
+            raise ConfigError(f"{where}: released.{i}.evaluations: {unknown} are not protocols; allowed: "
+                              f"{', '.join(EVALUATIONS)}")
     selections = (cfg.data.get("baselines") or {}).get("protocols") or {}
     for protocol in selections:
         if protocol not in EVALUATIONS:

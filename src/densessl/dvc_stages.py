@@ -100,7 +100,7 @@ def stages(cfg: Config) -> dict[str, Any]:
         if run.is_random_init:
             deps = []
         elif run.released:
-            deps = [cfg.released_spec(run)["path"]] if cfg.released_spec(run).get("path") else []
+            deps = cfg.release_inputs(run)
         else:
             deps = [str(cfg.final_checkpoint(run))]
         out[_name("convert", run.id)] = {

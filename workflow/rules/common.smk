@@ -18,9 +18,8 @@ def convert_inputs(wildcards):
     run = run_of(wildcards)
     if run.is_random_init:
         return []
-    if run.released:  # a local release file is an input; a url is downloaded (and checksummed) by the stage
-        path = CFG.released_spec(run).get("path")
-        return [path] if path else []
+    if run.released:  # a local release file once placed (Config.release_inputs); a url is downloaded by the stage
+        return CFG.release_inputs(run)
     return [str(CFG.final_checkpoint(run))]
 
 

@@ -116,7 +116,7 @@ def build_report(cfg: Config) -> Path:
             rows.append((run, result["metrics"]))
             stage_times.append((f"evaluate {protocol} {run.id}", result["provenance"].get("wall_s")))
             artifacts.append((f"evaluate {protocol} {run.id}", result["provenance"]))
-            prov_cell = cellmod.cell_provenance(run, result, str(path))
+            prov_cell = cellmod.cell_provenance(run, result, str(path), cfg)
             method, arch, data = display(run)
             for metric in shown:
                 entry = published_entry(protocol, run, metric, synthetic, run_epochs(cfg, run))

@@ -64,14 +64,28 @@ def seed_of(cfg: Config, run: Run) -> int | None:
     return int(cfg.pretrain_settings(run)["train"].get("seed", 0))
 
 
-def cell_provenance(run: Run, result: dict[str, Any], path: str) -> dict[str, Any]:
+def release_checksum(cfg: Config, run: Run) -> str | None:
+    """How a released run's file was checked (checkpoints/released.py): pinned in the configuration, or
+    recorded on first download in the lock file; None for the other runs."""
+    if not run.released:
+        return None
+    sha = str(cfg.released_spec(run).get("sha256") or "").lower()
+    if sha == "record":
+        return f"checksum recorded on first download ({cfg.released_lock.name})"
+    return "checksum pinned in the configuration" if sha else "checksum not verified (no sha256 in the configuration)"
+
+
+def cell_provenance(run: Run, result: dict[str, Any], path: str, cfg: Config | None = None) -> dict[str, Any]:
     prov = result.get("provenance") or {}
     inputs = prov.get("inputs") or {}
     data = inputs.get("data") or {}
-    return {"run": run.id, "metrics": path, "checkpoint_sha256": inputs.get("backbone_sha256"),
-            "data_fingerprint": data.get("content_sha256") or data.get("listing_sha256"),
-            "commit": (prov.get("git") or {}).get("commit"), "dirty": (prov.get("git") or {}).get("dirty"),
-            "config_hash": prov.get("config_hash")}
+    out = {"run": run.id, "metrics": path, "checkpoint_sha256": inputs.get("backbone_sha256"),
+           "data_fingerprint": data.get("content_sha256") or data.get("listing_sha256"),
+           "commit": (prov.get("git") or {}).get("commit"), "dirty": (prov.get("git") or {}).get("dirty"),
+           "config_hash": prov.get("config_hash")}
+    if cfg is not None and run.released:
+        out["release_checksum"] = release_checksum(cfg, run)
+    return out
 
 
 def _number(value: Any) -> float | None:
@@ -105,7 +119,7 @@ def job_cell(cfg: Config, table: PaperTable, plan: CellPlan, job: TableJob, cach
     if result is None:
         return Cell(value=None, status="not run", **base)
     value = _number(result.get("metrics", {}).get(job.metric))
-    prov = cell_provenance(job.run, result, str(job.metrics_path))
+    prov = cell_provenance(job.run, result, str(job.metrics_path), cfg)
     if value is None:
         return Cell(value=None, status="no value", provenance=prov,
                     reason=f"{job.metrics_path} has no {job.metric}", **base)

@@ -84,7 +84,8 @@ def table_view(table: PaperTable, plans: dict[tuple[int, str], CellPlan], stats:
 
 def _provenance_text(cell: Cell) -> str:
     p = cell.provenance or {}
-    return (f"{p.get('run')} seed {cell.seed}: checkpoint {str(p.get('checkpoint_sha256'))[:12]}, data "
+    release = f" ({p['release_checksum']})" if p.get("release_checksum") else ""
+    return (f"{p.get('run')} seed {cell.seed}: checkpoint {str(p.get('checkpoint_sha256'))[:12]}{release}, data "
             f"{str(p.get('data_fingerprint'))[:12]}, commit {str(p.get('commit'))[:12]}")
 
 

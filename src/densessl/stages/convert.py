@@ -58,24 +58,16 @@ def random_init_backbone(arch: str, variant: str | None, seed: int) -> tuple[tor
 
 
 def _import_released(cfg: Config, run: Run) -> tuple[torch.nn.Module, dict, dict, dict]:
-    """An official released checkpoint (local file, or downloaded and checksummed) → our backbone."""
+    """An official released checkpoint (a local file, or downloaded) checked against its pinned or recorded
+    SHA-256 (checkpoints/released.py) → our backbone."""
     from densessl.checkpoints.importers import IMPORTERS, import_checkpoint
-    from densessl.data.download import fetch
+    from densessl.checkpoints.released import obtain
 
     spec = cfg.released_spec(run)
-    if spec.get("path"):
-        path = Path(spec["path"]).expanduser()
-        if not path.is_file():
-            raise CheckpointError(f"released.{run.id}: path {str(path)!r} is not a file; fix 'path' in config.yaml "
-                                  f"or give 'url' and 'sha256' instead")
-    else:
-        path = fetch(spec["url"], cfg.download_path(spec["url"]), spec["sha256"])
+    got = obtain(spec, run.id, cfg.release_download_path(run), cfg.released_lock, cfg.preset)
     options = dict(spec.get("options") or {})
-    backbone = import_checkpoint(spec["format"], path, run.arch, **options)
-    digest = sha256_file(path)
-    if spec.get("sha256") and digest != spec["sha256"].lower():
-        raise CheckpointError(f"{path}: SHA-256 is {digest}, config.yaml says {spec['sha256']}")
+    backbone = import_checkpoint(spec["format"], got.path, run.arch, **options)
     arch_kwargs = dict(IMPORTERS[spec["format"]].arch_kwargs or {})
-    source = {"kind": "released", "format": spec["format"], "file": str(path), "url": spec.get("url"),
-              "file_sha256": digest, "options": options}
-    return backbone, arch_kwargs, {"released_sha256": digest}, source
+    source = {"kind": "released", "format": spec["format"], "file": str(got.path), "url": spec.get("url"),
+              "page": spec.get("page"), "file_sha256": got.sha256, "options": options, **got.provenance()}
+    return backbone, arch_kwargs, {"released_sha256": got.sha256}, source
