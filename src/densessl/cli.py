@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from densessl import cputime
 from densessl.errors import DenseSSLError
 
 
@@ -127,6 +128,7 @@ def _config(args: argparse.Namespace):  # noqa: ANN202
     import torch
 
     torch.set_num_threads(args.threads or cfg.threads)
+    cputime.mark("startup")  # interpreter, the stage's imports and the configuration: what every job pays
     return cfg
 
 
@@ -190,9 +192,23 @@ def check_report(cfg) -> int:  # noqa: ANN001
     return 1 if failures else 0
 
 
+# stages that the DAG runs as jobs: each ends its log with one CPU line (densessl.cputime)
+DAG_STAGES = frozenset({"data", "pretrain", "convert", "evaluate", "report"})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        return _main(args, argv)
+    finally:
+        from densessl.train.launch import under_torchrun
+
+        if args.stage in DAG_STAGES and not under_torchrun():  # the launcher's line counts its workers
+            cputime.report(args.stage)
+
+
+def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     try:
         if args.stage == "doctor":
             doctor()

@@ -484,7 +484,8 @@ def load_config(config_files: Iterable[str | Path] = ("config.yaml",), preset: s
                 overrides: dict[str, Any] | None = None, root: Path | None = None,
                 check_settings: bool = True) -> Config:
     """Merge preset ← config files ← overrides, validating each user layer and the result; with
-    ``check_settings`` also every run's and protocol's settings (``densessl.settings_check``)."""
+    ``check_settings`` also every run's and protocol's settings (``densessl.settings_check``; a configuration
+    that passed with the same code is not checked again)."""
     user: dict[str, Any] = {}
     root = root or find_project_root()
     for f in config_files:
@@ -515,9 +516,9 @@ def load_config(config_files: Iterable[str | Path] = ("config.yaml",), preset: s
         raise ConfigError(f"{where}: runs {repeated} are listed more than once (a run is method, arch, data and "
                           f"its epochs); remove the repeat, or give each copy its own 'epochs'")
     if check_settings:
-        from densessl.settings_check import check_stage_settings
+        from densessl.settings_check import check_stage_settings_cached
 
-        check_stage_settings(cfg)
+        check_stage_settings_cached(cfg)
     return cfg
 
 
