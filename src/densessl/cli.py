@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# stages that neither train nor evaluate: their jobs skip importing torch
+TORCH_FREE_STAGES = frozenset({"data", "report", "check-report", "dvc-yaml", "targets"})
+
+
 def _config(args: argparse.Namespace):  # noqa: ANN202
     from densessl.config import load_config
 
@@ -125,9 +129,15 @@ def _config(args: argparse.Namespace):  # noqa: ANN202
     # targets); a single stage builds and checks only its own settings, and skips importing every protocol.
     cfg = load_config(args.config or ["config.yaml"], preset=args.preset,
                       check_settings=args.stage in ("dvc-yaml", "targets"))
-    import torch
+    threads = args.threads or cfg.threads
+    if args.stage in TORCH_FREE_STAGES and "torch" not in sys.modules:
+        # torch costs 1.5 CPU s to import; these stages do not need it. Should a library they call import it,
+        # it (and numpy's BLAS) still starts with the configured threads.
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    else:
+        import torch
 
-    torch.set_num_threads(args.threads or cfg.threads)
+        torch.set_num_threads(threads)
     cputime.mark("startup")  # interpreter, the stage's imports and the configuration: what every job pays
     return cfg
 
