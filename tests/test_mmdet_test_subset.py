@@ -59,3 +59,25 @@ def test_a_broken_annotation_file_names_itself(tmp_path: Path) -> None:
 def test_max_test_images_must_be_positive() -> None:
     with pytest.raises(ConfigError, match="max_test_images: 0; must be ≥ 1"):
         DetectionConfig(max_test_images=0)
+
+
+@pytest.mark.parametrize("c4", [True, False])
+def test_rpn_test_proposals_sets_the_test_rpn_top_k(c4: bool) -> None:
+    from densessl.evaluate.transfer.mmdet_model_cfg import _train_test_cfg
+
+    _, published = _train_test_cfg(DetectionConfig(), c4, 14)
+    _, smoke = _train_test_cfg(DetectionConfig(rpn_test_proposals=100), c4, 14)
+    assert published["rpn"]["max_per_img"] == 1000 and smoke["rpn"]["max_per_img"] == 100
+    assert smoke["rpn"]["nms_pre"] == published["rpn"]["nms_pre"] == (6000 if c4 else 1000)
+
+
+def test_the_smoke_detectors_test_a_subset_and_the_paper_ones_everything() -> None:
+    from densessl.config import load_config
+    from densessl.methods.base import build_dataclass
+
+    root = Path(__file__).resolve().parents[1]
+    for preset, images, proposals in (("smoke", 50, 100), ("paper", None, 1000)):
+        cfg = load_config([], preset=preset, root=root, check_settings=False)
+        for protocol in ("maskrcnn_r50_c4_coco", "maskrcnn_r50_fpn_lvis", "fasterrcnn_r50_c4_voc"):
+            det = build_dataclass(DetectionConfig, cfg.eval_settings(protocol), protocol)
+            assert (det.max_test_images, det.rpn_test_proposals) == (images, proposals), (preset, protocol)
