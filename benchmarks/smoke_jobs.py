@@ -34,6 +34,7 @@ class Job:
     kind: str       # data | pretrain/<method> | convert | eval/<protocol> | report
     name: str       # the log's path under logs/, without .log
     record: CpuRecord | None
+    done: bool      # its declared output exists (a failed job's log has a CPU line too)
 
 
 def job_kind(rel: Path) -> str:
@@ -47,6 +48,20 @@ def job_kind(rel: Path) -> str:
     return parts[0].removesuffix(".log")
 
 
+def _output(results: Path, rel: Path) -> Path:
+    """The file a stage log's job declares (workflow/rules/*.smk)."""
+    stage, rest = rel.parts[0], Path(*rel.parts[1:]).with_suffix("") if len(rel.parts) > 1 else Path()
+    if stage == "data":
+        return results / "data" / rest / "manifest.json"
+    if stage == "pretrain":
+        return results / "pretrain" / rest / "final.pt"
+    if stage == "convert":
+        return results / "pretrain" / rest / "backbone.safetensors"
+    if stage == "eval":
+        return results / "eval" / rest / "metrics.json"
+    return results / "report" / "checks.json"
+
+
 def read_jobs(results: Path) -> list[Job]:
     logs = results / "logs"
     if not logs.is_dir():
@@ -57,7 +72,7 @@ def read_jobs(results: Path) -> list[Job]:
         record = None
         for line in path.read_text(errors="replace").splitlines()[-50:]:
             record = parse_line(line) or record
-        jobs.append(Job(job_kind(rel), rel.with_suffix("").as_posix(), record))
+        jobs.append(Job(job_kind(rel), rel.with_suffix("").as_posix(), record, _output(results, rel).is_file()))
     return jobs
 
 
@@ -71,7 +86,7 @@ def critical_path(jobs: list[Job]) -> tuple[float, list[str]]:
     """The longest chain of CPU seconds data → pretrain → convert → evaluate → report among the logged jobs."""
     from densessl.config import EVALUATIONS
 
-    cpu = {j.name: j.record.cpu_s for j in jobs if j.record is not None}
+    cpu = {j.name: j.record.cpu_s for j in jobs if j.record is not None and j.done}
 
     def ready_backbone(run: str) -> tuple[float, list[str]]:  # run = "<method>/<name>"
         chain: list[str] = []
@@ -103,7 +118,7 @@ def critical_path(jobs: list[Job]) -> tuple[float, list[str]]:
 
 
 def summarise(jobs: list[Job], cores: int) -> dict:
-    timed = [j for j in jobs if j.record is not None]
+    timed = [j for j in jobs if j.record is not None and j.done]
     kinds: dict[str, list[Job]] = defaultdict(list)
     for j in timed:
         kinds[j.kind].append(j)
@@ -113,6 +128,7 @@ def summarise(jobs: list[Job], cores: int) -> dict:
     return {
         "jobs": len(timed),
         "jobs_without_cpu_line": [j.name for j in jobs if j.record is None],
+        "failed_or_unfinished": [j.name for j in jobs if j.record is not None and not j.done],
         "cpu_s": round(total, 1),
         "startup_s": round(startup, 1),
         "critical_path_s": round(path_s, 1),
@@ -137,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     jobs = read_jobs(args.results)
     summary = summarise(jobs, args.cores)
     if args.json:
-        print(json.dumps({**summary, "per_job": [{"name": j.name, "kind": j.kind,
+        print(json.dumps({**summary, "per_job": [{"name": j.name, "kind": j.kind, "done": j.done,
                                                     **(asdict(j.record) if j.record else {})} for j in jobs]},
                          indent=2))
         return
@@ -150,13 +166,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'job':70} {'CPU s':>8} {'start-up':>8} {'wall s':>8}")
         for j in jobs:
             r = j.record
-            print(f"{j.name:70} " + (f"{r.cpu_s:8.2f} {r.startup_s:8.2f} {r.wall_s:8.2f}" if r else "      no CPU line"))
+            line = f"{r.cpu_s:8.2f} {r.startup_s:8.2f} {r.wall_s:8.2f}" if r else "      no CPU line"
+            print(f"{j.name:70} {line}" + ("" if j.done or not r else "  (no output: failed, not counted)"))
     s = summary
     print(f"\n{s['jobs']} jobs: {s['cpu_s']:.0f} CPU s, of which start-up {s['startup_s']:.0f} s "
           f"({100 * s['startup_s'] / max(s['cpu_s'], 1e-9):.0f} %); critical path {s['critical_path_s']:.0f} s "
           f"({' → '.join(s['critical_path'])})")
     print(f"on {s['cores']} cores: {s['wall_lower_s'] / 60:.1f}–{s['wall_upper_s'] / 60:.1f} min "
           f"(max(path, CPU/cores) – CPU/cores + (1-1/cores)·path)")
+    if s["failed_or_unfinished"]:
+        print(f"{len(s['failed_or_unfinished'])} job(s) without their output, not counted: "
+              f"{', '.join(s['failed_or_unfinished'][:5])}")
     if s["jobs_without_cpu_line"]:
         print(f"{len(s['jobs_without_cpu_line'])} log(s) without a CPU line (running, killed, or older code): "
               f"{', '.join(s['jobs_without_cpu_line'][:5])}")
