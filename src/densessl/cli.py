@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from densessl import cputime
 from densessl.errors import DenseSSLError
 
 
@@ -177,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# stages that neither train nor evaluate: their jobs skip importing torch
+TORCH_FREE_STAGES = frozenset({"data", "report", "check-report", "dvc-yaml", "targets"})
+
+
 def _config(args: argparse.Namespace):  # noqa: ANN202
     from densessl.config import load_config
 
@@ -184,9 +189,16 @@ def _config(args: argparse.Namespace):  # noqa: ANN202
     # targets); a single stage builds and checks only its own settings, and skips importing every protocol.
     cfg = load_config(args.config or ["config.yaml"], preset=args.preset,
                       check_settings=args.stage in ("dvc-yaml", "targets"))
-    import torch
+    threads = args.threads or cfg.threads
+    if args.stage in TORCH_FREE_STAGES and "torch" not in sys.modules:
+        # torch costs 1.5 CPU s to import; these stages do not need it. Should a library they call import it,
+        # it (and numpy's BLAS) still starts with the configured threads.
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    else:
+        import torch
 
-    torch.set_num_threads(args.threads or cfg.threads)
+        torch.set_num_threads(threads)
+    cputime.mark("startup")  # interpreter, the stage's imports and the configuration: what every job pays
     return cfg
 
 
@@ -276,9 +288,23 @@ def check_report(cfg) -> int:  # noqa: ANN001
     return 1 if failures else 0
 
 
+# stages that the DAG runs as jobs: each ends its log with one CPU line (densessl.cputime)
+DAG_STAGES = frozenset({"data", "pretrain", "convert", "evaluate", "report"})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        return _main(args, argv)
+    finally:
+        from densessl.train.launch import under_torchrun
+
+        if args.stage in DAG_STAGES and not under_torchrun():  # the launcher's line counts its workers
+            cputime.report(args.stage)
+
+
+def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     try:
         from densessl.progress import progress_interval
 

@@ -527,7 +527,8 @@ def load_config(config_files: Iterable[str | Path] = ("config.yaml",), preset: s
                 overrides: dict[str, Any] | None = None, root: Path | None = None,
                 check_settings: bool = True) -> Config:
     """Merge preset ← config files ← overrides, validating each user layer and the result; with
-    ``check_settings`` also every run's and protocol's settings (``densessl.settings_check``)."""
+    ``check_settings`` also every run's and protocol's settings (``densessl.settings_check``; a configuration
+    that passed with the same code is not checked again)."""
     user: dict[str, Any] = {}
     root = root or find_project_root()
     for f in config_files:
@@ -559,9 +560,9 @@ def load_config(config_files: Iterable[str | Path] = ("config.yaml",), preset: s
                           f"its epochs and seed); remove the repeat, or give each copy its own 'epochs' (or list "
                           f"its replicas under 'seeds')")
     if check_settings:
-        from densessl.settings_check import check_stage_settings
+        from densessl.settings_check import check_stage_settings_cached
 
-        check_stage_settings(cfg)
+        check_stage_settings_cached(cfg)
     return cfg
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from densessl.errors import ConfigError
+from densessl.models.arch_names import ARCH_DISPLAY  # noqa: F401  (also importable from here)
 from densessl.models.pos_embed import ResampledViT
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -36,18 +37,6 @@ VIT_ARCHS: dict[str, dict[str, Any]] = {
     "vit-b8": dict(img_size=224, patch_size=8, embed_dim=768, depth=12, num_heads=12),
 }
 
-# Report names of architectures, as the papers write them.
-ARCH_DISPLAY = {
-    "vit-tiny-p8": "ViT-Tiny/8 (smoke)",
-    "vit-s16": "ViT-S/16",
-    "vit-b16": "ViT-B/16",
-    "vit-l16": "ViT-L/16",
-    "vit-h16": "ViT-H/16",
-    "vit-s8": "ViT-S/8",
-    "vit-b8": "ViT-B/8",
-    "resnet50": "ResNet-50",
-    "resnet-tiny": "ResNet-Tiny (smoke)",
-}
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any
 from densessl import provenance
 from densessl.config import DATA_DISPLAY, EVALUATIONS, METHOD_DISPLAY, Config, Run
 from densessl.io import read_json, write_json, write_text
-from densessl.models.backbones import ARCH_DISPLAY
+from densessl.models.arch_names import ARCH_DISPLAY
 from densessl.models.variants import VARIANT_DISPLAY
 from densessl.protocol_names import protocol_base
 from densessl.report import cells as cellmod

@@ -92,7 +92,8 @@ def _train_test_cfg(cfg: DetectionConfig, c4: bool, mask_size: int) -> tuple[dic
         "rcnn": rcnn_train}
     # C4: RPN test pre/post-NMS top-k 6000 / 1000 (PixPro Base-RCNN-C4-BN.yaml; = mmdet's C4 base)
     test = {
-        "rpn": {"nms_pre": 6000 if c4 else 1000, "max_per_img": 1000, "nms": {"type": "nms", "iou_threshold": 0.7},
+        "rpn": {"nms_pre": 6000 if c4 else 1000, "max_per_img": cfg.rpn_test_proposals,
+                "nms": {"type": "nms", "iou_threshold": 0.7},
                 "min_bbox_size": 0},
         "rcnn": {"score_thr": cfg.score_thr, "nms": {"type": "nms", "iou_threshold": 0.5},
                  "max_per_img": cfg.max_per_img, "mask_thr_binary": 0.5}}

@@ -102,6 +102,8 @@ class DetectionConfig:
     roi_batch: int = 512
     score_thr: float = 0.05
     max_per_img: int = 100
+    rpn_test_proposals: int = 1000             # RPN post-NMS proposals per test image (C4 and FPN configs: 1000)
+    max_test_images: int | None = None         # None: the whole test split; N: its first N images (by id)
     vit_num_heads: int | None = None           # None: the pretrained backbone's; 8 = SelfPatch's official config
     vit_out_indices: tuple[int, ...] | None = None  # None: blocks 4, 6, 8, 12 of 12 scaled to the depth
     drop_path_rate: float = 0.0
@@ -118,6 +120,11 @@ class DetectionConfig:
         if not isinstance(entry, dict) or set(entry) != {"max_length", "milestones"}:
             raise ConfigError(f"{where}.schedules.{self.schedule}: needs exactly max_length and milestones, got "
                               f"{entry!r}")
+        if self.rpn_test_proposals < 1:
+            raise ConfigError(f"{where}.rpn_test_proposals: {self.rpn_test_proposals}; must be ≥ 1")
+        if self.max_test_images is not None and self.max_test_images < 1:
+            raise ConfigError(f"{where}.max_test_images: {self.max_test_images}; must be ≥ 1, or null for the "
+                              f"whole test split")
         if self.optimizer not in ("sgd", "adamw"):
             raise ConfigError(f"{where}.optimizer: {self.optimizer!r}; allowed values: sgd, adamw")
         if self.multiscale_mode not in ("choice", "range"):

@@ -21,6 +21,7 @@ from densessl.evaluate.transfer.mmdet_config import build_config
 from densessl.evaluate.transfer.mmdet_data_cfg import dataset_files
 from densessl.evaluate.transfer.mmdet_export import export_mmdet
 from densessl.evaluate.transfer.mmdet_protocols import DetectionConfig, protocol_info
+from densessl.evaluate.transfer.mmdet_test_subset import limit_test_split
 from densessl.io import read_json
 
 EXPORT_NAME = "backbone_mmdet.safetensors"
@@ -109,6 +110,7 @@ def run_detection(protocol: str, backbone_path: Path, manifest: Path, cfg: Detec
                           f"for the batch you run")
     files = dataset_files(info["dataset"], Path(data_root(manifest)).resolve(), converted=(Path(manifest).parent / "annotations").resolve())
     work_dir.mkdir(parents=True, exist_ok=True)
+    files = limit_test_split(files, cfg.max_test_images, work_dir)
     exported = export_mmdet(backbone_path, work_dir / EXPORT_NAME, spec.family, info["detector"])
     config = build_config(protocol, spec, files, cfg, work_dir, exported)
     mmengine_run.require_mmcv_ops()
