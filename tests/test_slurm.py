@@ -5,7 +5,7 @@ missing): it needs the daemons, root (slurmd starts job steps as the submitting 
 `make test` skips it. The cluster (`tests/slurm_cluster.py`) has accounting (slurmdbd on MariaDB, so `sacct`
 answers and the executor polls it) and two fake GPUs (gres on /dev/null).
 
-What it runs is what a user runs: `snakemake --profile workflow/profiles/slurm` (the snakemake SLURM
+What it runs is what a user runs: `snakemake --profile slurm` from the project root (the snakemake SLURM
 executor: every rule an `sbatch` job, the rule itself an `srun` step inside it), with only the site-specific
 resources overridden on the command line (partition, one fake GPU, small memory). Once its first
 checkpoint exists, the pretraining job's steps get `scancel --signal=TERM` (what the profile's time-limit
@@ -116,13 +116,13 @@ def test_dag_on_slurm_survives_a_preemption_without_a_retry(tmp_path: Path, slur
     started = time.time()
     run = subprocess.run(
         [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
-         "--configfile", str(tmp_path / "config.yaml"), "--profile", str(REPO / "workflow/profiles/slurm"),
+         "--configfile", str(tmp_path / "config.yaml"), "--profile", "slurm",  # literally, from the project root
          # site-specific resources only; everything else is the shipped profile
          "--default-resources", "slurm_partition=debug", "mem_mb=1000", "cpus_per_task=1", "runtime=30",
          "--set-resources", "pretrain:gpu=1", "pretrain:cpus_per_task=1", "pretrain:mem_mb=2000", "evaluate:gpu=0",
          "--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2",
          "--latency-wait", "5", "--jobs", "2"],
-        env=slurm_env, capture_output=True, text=True, timeout=840)
+        env=slurm_env, capture_output=True, text=True, timeout=840, cwd=REPO)
     watcher.join(timeout=5)
     log = run.stdout[-6000:] + run.stderr[-6000:]
     print(f"the DAG on SLURM: {time.time() - started:.0f} s")

@@ -295,13 +295,13 @@ DAG_STAGES = frozenset({"data", "pretrain", "convert", "evaluate", "report"})
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        return _main(args, argv)
-    finally:
-        from densessl.train.launch import under_torchrun
+    code = _main(args, argv)
+    from densessl.train.launch import under_torchrun
 
-        if args.stage in DAG_STAGES and not under_torchrun():  # the launcher's line counts its workers
-            cputime.report(args.stage)
+    # the launcher's line counts its workers; a failed stage ends on its one error line alone
+    if code == 0 and args.stage in DAG_STAGES and not under_torchrun():
+        cputime.report(args.stage)
+    return code
 
 
 def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
