@@ -184,3 +184,27 @@ def test_caffe_stride_survives_export_and_reload(tmp_path: Path):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x), model(x))
+
+
+def test_msra_release_converts_to_a_caffe_style_backbone(tmp_path: Path):
+    """The paper preset's entry, pointed at a local file: convert stores stride_in_1x1 and the folded weights."""
+    import yaml
+    from conftest import REPO
+
+    from densessl.checkpoints.io import load_backbone
+    from densessl.config import load_config
+    from densessl.stages.convert import run_convert
+
+    blobs = _blobs(5)
+    file = _write(tmp_path / "R-50.pkl", blobs)
+    spec = {"method": "imagenet-supervised", "arch": "resnet50", "data": "imagenet", "format": "detectron2_msra",
+            "path": str(file)}
+    cfg_file = tmp_path / "config.yaml"
+    cfg_file.write_text(yaml.safe_dump({"results_dir": str(tmp_path / "results"), "released": [spec]}))
+    cfg = load_config([cfg_file], root=REPO)
+    run = cfg.run("imagenet-supervised/resnet50-imagenet-released")
+    model, meta = load_backbone(run_convert(cfg, run.id))
+    assert meta["arch_kwargs"] == {"stride_in_1x1": True} and meta["source"]["format"] == "detectron2_msra"
+    assert model.layer3[0].conv1.stride == (2, 2) and model.layer3[0].conv2.stride == (1, 1)
+    want = torch.from_numpy(blobs["conv1_w"]).flip(1) * torch.tensor([255 * s for s in IMAGENET_STD]).view(1, 3, 1, 1)
+    torch.testing.assert_close(model.conv1.weight, want)
