@@ -519,8 +519,8 @@ def test_loca_wrong_weights_key(tmp_path):
 
 
 def test_registry_and_generic_entry(tmp_path):
-    assert set(IMPORTERS) == {"dino", "selfpatch", "gtsa", "clove", "loca", "state_dict"}
-    with pytest.raises(ConfigError, match=r"unknown checkpoint format 'moco'.*\['clove', 'dino'"):
+    assert set(IMPORTERS) == {"dino", "selfpatch", "gtsa", "clove", "loca", "state_dict", "detectron2_msra"}
+    with pytest.raises(ConfigError, match=r"unknown checkpoint format 'moco'.*\['clove', 'detectron2_msra', 'dino'"):
         import_checkpoint("moco", tmp_path / "x.pth", ARCH)
     with pytest.raises(ConfigError, match="has no option"):
         import_checkpoint("dino", tmp_path / "x.pth", ARCH, encoder="teacher")

@@ -238,3 +238,26 @@ def test_report_shows_keypoint_ap_for_the_resnet_rows_only(tmp_path: Path) -> No
     assert "| AP_kp | AP_kp50 | AP_kp75 |" in section and "DINO" not in section
     assert "| CLoVE | ResNet-Tiny (smoke) | ImageNet-1k | 4.50 | 16.00 | 0.50 |" in section
     assert "| random init (seed0) | ResNet-Tiny (smoke), CLoVE init | none | 3.50 |" in section
+
+
+def test_caffe_style_resnet_keeps_its_strides_and_keys(tmp_path: Path) -> None:
+    """MSRA's caffe-style R-50 (arch_kwargs stride_in_1x1, checkpoints/msra.py), loaded as the evaluate stage
+    loads it, gives a Keypoint R-CNN body with every backbone key and the stride in each first 1x1 conv."""
+    from densessl.checkpoints.io import load_backbone, save_backbone
+    from densessl.models.resnet import feature_grid
+
+    torch.manual_seed(0)
+    kwargs = {"stride_in_1x1": True}
+    out = tmp_path / "backbone.safetensors"
+    save_backbone(out, create_backbone("resnet50", **kwargs), "resnet50", kwargs, {"source": "test"})
+    backbone, _ = load_backbone(out)
+    model = build_model(backbone, _settings("paper"))
+    body = model.backbone.body
+    ours = {k for k in backbone.state_dict() if not k.startswith("fc.")}
+    assert set(body.state_dict()) == ours
+    for name in ("layer2", "layer3", "layer4"):
+        block = getattr(body, name)[0]
+        assert block.conv1.stride == (2, 2) and block.conv2.stride == (1, 1)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(body.eval()(x)["3"], feature_grid(backbone.eval(), x))

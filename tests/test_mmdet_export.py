@@ -27,6 +27,8 @@ CASES = [
     ("resnet50", {}, "maskrcnn_r50_fpn_coco"),
     ("resnet50", {}, "maskrcnn_r50_c4_coco"),
     ("resnet50", {}, "fasterrcnn_r50_c4_voc"),
+    ("resnet50", {"stride_in_1x1": True}, "maskrcnn_r50_fpn_coco"),  # MSRA's caffe-style R-50 (checkpoints/msra.py)
+    ("resnet50", {"stride_in_1x1": True}, "maskrcnn_r50_c4_coco"),
     ("vit-tiny-p8", {}, "maskrcnn_vit_fpn_coco"),
     ("vit-tiny-p8", variant_kwargs("selfpatch"), "maskrcnn_vit_fpn_coco"),
     ("vit-tiny-p8", variant_kwargs("loca"), "maskrcnn_vit_fpn_coco"),
@@ -83,3 +85,35 @@ def test_export_loads_into_the_mmdet_detector(arch, kwargs, protocol, tmp_path: 
     loaded = model.state_dict()
     differing = [k for k, v in exported.items() if not torch.equal(loaded[k], v)]
     assert not differing, f"not loaded by init_cfg Pretrained: {differing[:5]}"
+
+
+@pytest.mark.parametrize("protocol", ["maskrcnn_r50_fpn_coco", "maskrcnn_r50_c4_coco"])
+def test_caffe_style_backbone_strides_where_ours_does(protocol, tmp_path: Path):
+    """A stride_in_1x1 ResNet-50 gives mmdet a style='caffe' ResNet (and res5 head) that computes our features."""
+    from densessl.models.resnet import feature_grid
+
+    torch.manual_seed(0)
+    kwargs = {"stride_in_1x1": True}
+    backbone = create_backbone("resnet50", **kwargs).eval()
+    weights = tmp_path / "backbone.safetensors"
+    save_backbone(weights, backbone, "resnet50", kwargs, {"source": "test"})
+    spec = backbone_spec("resnet50", kwargs)
+    assert spec.style == "caffe"
+    info = PROTOCOLS[protocol]
+    export = export_mmdet(weights, tmp_path / "mmdet.safetensors", spec.family, info["detector"])
+    part = {"ann_file": str(tmp_path / "a.json"), "data_prefix": {"img": str(tmp_path)}}
+    files = DatasetFiles("coco", tmp_path, (part,), part, tuple(f"c{i}" for i in range(8)))
+    config = build_config(protocol, spec, files, DetectionConfig(norm="BN"), tmp_path / "work", export)
+    model = _build(config)
+    model.init_weights()
+    model.eval()
+    c4 = info["detector"] == "c4"
+    res5 = model.roi_head.shared_head.layer4 if c4 else model.backbone.layer4
+    for layer in (model.backbone.layer2, model.backbone.layer3, res5):
+        assert layer[0].conv1.stride == (2, 2) and layer[0].conv2.stride == (1, 1)
+    x = torch.randn(1, 3, 96, 64)
+    with torch.no_grad():
+        want = feature_grid(backbone, x)
+        feats = model.backbone(x)
+        got = res5(feats[-1]) if c4 else feats[-1]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -34,6 +34,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from densessl.checkpoints.msra import MSRA_ARCH_KWARGS, import_msra
 from densessl.errors import CheckpointError, ConfigError
 from densessl.models.backbones import create_backbone
 from densessl.models.variants import ARCH_VARIANTS
@@ -582,3 +583,14 @@ def import_state_dict(path: str | Path, arch: str, *, layout: str | None = None,
     model = clove_target_resnet50() if layout == "torchvision_resnet" else create_backbone(arch)
     return _load_checked(model, state, path, "state_dict", arch,
                          hint="check options.checkpoint_key, prefix and drop against the file's keys")
+
+
+# ---------------------------------------------------------------------------- MSRA caffe2 ResNet-50 (.pkl)
+
+
+@register("detectron2_msra", arch_kwargs=MSRA_ARCH_KWARGS,
+          description="detectron2 ImageNetPretrained/MSRA/R-50.pkl (caffe2 names, stride in 1x1, frozen-affine BN, "
+                      "BGR 0-255 input) -> caffe-style torchvision resnet50 for RGB mean/std input (checkpoints/msra.py)")
+def import_detectron2_msra(path: str | Path, arch: str = "resnet50") -> nn.Module:
+    """MSRA's supervised ImageNet ResNet-50, the "Supervised" initialisation of the MoCo/PixPro detection tables."""
+    return import_msra(path, arch)

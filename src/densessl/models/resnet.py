@@ -9,6 +9,10 @@ instance of
 
 - ``resnet50``: ``torchvision.models.resnet50(weights=None)``: Bottleneck [3, 4, 6, 3], stride in the 3×3
   conv ("pytorch" style, as CLoVE's ``contrast/resnet.py``), C5 = 2048 channels at output stride 32.
+- ``resnet50`` with ``stride_in_1x1=True``: the same modules and names with the stride of each stage's first
+  block in its 1×1 ``conv1`` instead of the 3×3 ``conv2`` ("caffe" style, detectron2 ``STRIDE_IN_1X1: True``),
+  the network of MSRA's caffe2 ResNet-50 (``checkpoints/msra.py``); only the placement of one stride differs,
+  so every key and shape is torchvision's.
 - ``resnet-tiny`` (smoke scale): the same ``ResNet`` class with BasicBlock [1, 1, 1, 1], widths
   (16, 32, 64, 128), a 16-channel 3×3 stride-2 stem without max-pool and layer strides (1, 2, 2, 1):
   output stride 8 and 128 channels, so a 64-px image gives an 8×8 grid of 128-d features, the same grid and
@@ -126,10 +130,15 @@ def create_resnet(arch: str, **overrides: Any) -> ResNet:
     if arch not in RESNET_ARCHS:
         raise ConfigError(f"unknown ResNet architecture {arch!r}; choose one of {sorted(RESNET_ARCHS)}")
     if arch == "resnet50":
+        overrides = dict(overrides)
+        stride_in_1x1 = bool(overrides.pop("stride_in_1x1", False))
         unknown = sorted(set(overrides) - set(_TORCHVISION_KWARGS))
         if unknown:
-            raise ConfigError(f"arch resnet50: unknown option(s) {unknown}; valid: {sorted(_TORCHVISION_KWARGS)}")
+            raise ConfigError(f"arch resnet50: unknown option(s) {unknown}; valid: "
+                              f"{sorted([*_TORCHVISION_KWARGS, 'stride_in_1x1'])}")
         model: ResNet = torchvision.models.resnet50(weights=None, **overrides)
+        if stride_in_1x1:
+            move_stride_to_1x1(model)
     else:
         names = {f.name for f in dataclasses.fields(TinyResNetSpec)}
         unknown = sorted(set(overrides) - names)
@@ -139,6 +148,25 @@ def create_resnet(arch: str, **overrides: Any) -> ResNet:
         model = TinyResNet(TinyResNetSpec(**values))
     model.densessl_arch = arch  # type: ignore[assignment]  # lets resnet_info report the native image size
     return model
+
+
+def move_stride_to_1x1(model: ResNet) -> ResNet:
+    """Caffe-style placement: in each strided bottleneck, ``conv1`` (1×1) takes the stride and ``conv2`` (3×3)
+    runs at stride 1 (detectron2 ``BottleneckBlock(stride_in_1x1=True)``; mmdet ``Bottleneck(style='caffe')``).
+    The shortcut (``downsample``) keeps its stride-2 1×1 conv in both styles."""
+    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+        for block in layer:
+            if not isinstance(block, Bottleneck):
+                raise ConfigError("stride_in_1x1 applies to bottleneck ResNets only")
+            stride = block.conv2.stride
+            if stride != (1, 1):
+                block.conv1.stride, block.conv2.stride = stride, (1, 1)
+    return model
+
+
+def is_stride_in_1x1(model: nn.Module) -> bool:
+    """True when some bottleneck of ``model`` carries its stride in the 1×1 ``conv1`` (caffe style)."""
+    return any(isinstance(m, Bottleneck) and m.conv1.stride != (1, 1) for m in model.modules())
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,9 @@ class BackboneSpec:
     stage_blocks: tuple[int, ...] = ()
     stage_strides: tuple[int, ...] = ()
     base_channels: int = 64
+    # where a strided bottleneck strides: "pytorch" (3x3 conv, torchvision) or "caffe" (1x1 conv; MSRA's R-50,
+    # arch_kwargs stride_in_1x1=True, models/resnet.py); mmdet's ResNet/ResLayer take the same word
+    style: str = "pytorch"
     stem: dict[str, Any] | None = None  # None: torchvision's 7x7/2 conv + 3x3/2 max-pool
     # ViT only
     patch_size: int = 16
@@ -45,13 +48,14 @@ def backbone_spec(arch: str, arch_kwargs: dict[str, Any]) -> BackboneSpec:
 
     if arch in RESNET_ARCHS:
         if arch == "resnet50":
-            unsupported = sorted(set(arch_kwargs) - {"zero_init_residual", "num_classes"})
+            unsupported = sorted(set(arch_kwargs) - {"zero_init_residual", "num_classes", "stride_in_1x1"})
             if unsupported:
                 raise ConfigError(f"arch resnet50 with {unsupported}: the detection export takes the standard "
-                                  f"torchvision ResNet-50 only")
+                                  f"torchvision ResNet-50 only (pytorch or caffe stride placement)")
             return BackboneSpec(family="resnet", arch=arch, arch_kwargs=dict(arch_kwargs),
                                 channels=(256, 512, 1024, 2048), strides=(4, 8, 16, 32), block="bottleneck",
-                                stage_blocks=(3, 4, 6, 3), stage_strides=(1, 2, 2, 2), base_channels=64)
+                                stage_blocks=(3, 4, 6, 3), stage_strides=(1, 2, 2, 2), base_channels=64,
+                                style="caffe" if arch_kwargs.get("stride_in_1x1") else "pytorch")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in arch_kwargs.items()}
         spec = TinyResNetSpec(**values)
         widths = spec.widths

@@ -7,7 +7,8 @@ protocol changes (classes, norm layers, widths, test thresholds) comes from :cla
 the backbone dictates (channels, strides) from :class:`BackboneSpec`.
 
 SSL-transfer changes to the mmdet defaults, as MoCo/PixPro/CLoVE's detectron2 configs
-(``transfer/detection/configs/Base-RCNN-C4-BN.yaml``): pytorch-style ResNet (stride in the 3x3 conv),
+(``transfer/detection/configs/Base-RCNN-C4-BN.yaml``): pytorch-style ResNet (stride in the 3x3 conv; "caffe"
+style, stride in the 1x1 conv, for MSRA's supervised R-50, whose detectron2 catalog entry is STRIDE_IN_1X1=True),
 torchvision RGB mean/std, trainable norm layers (``norm_eval=False``, SyncBN at paper scale) and no frozen stages
 (``FREEZE_AT 0``), in the backbone and in the C4 res5 head.
 """
@@ -42,7 +43,7 @@ def backbone_cfg(spec: BackboneSpec, cfg: DetectionConfig, c4: bool) -> dict[str
     common: dict[str, Any] = {
         "num_stages": stages, "strides": tuple(spec.stage_strides[:stages]), "dilations": (1,) * stages,
         "out_indices": (2,) if c4 else (0, 1, 2, 3), "frozen_stages": -1, "norm_cfg": _norm(cfg),
-        "norm_eval": False, "style": "pytorch", "init_cfg": None}
+        "norm_eval": False, "style": spec.style, "init_cfg": None}
     if spec.is_standard_resnet50:
         return {"type": "ResNet", "depth": 50, **common}
     assert spec.stem is not None
@@ -118,7 +119,8 @@ def detector_cfg(spec: BackboneSpec, cfg: DetectionConfig, detector: str, num_cl
             # res5 as the RoI head, with MoCo's extra norm after it (Res5ROIHeadsExtraNorm, PixPro train_net.py)
             "shared_head": {"type": "DenseSSLRes5Head", "block": spec.block, "in_channels": c4_channels,
                             "planes": spec.base_channels * 8, "num_blocks": spec.stage_blocks[3],
-                            "stride": res5_stride, "norm_cfg": _norm(cfg), "extra_norm": cfg.extra_norm},
+                            "stride": res5_stride, "style": spec.style, "norm_cfg": _norm(cfg),
+                            "extra_norm": cfg.extra_norm},
             "bbox_roi_extractor": {"type": "SingleRoIExtractor",
                                    "roi_layer": {"type": "RoIAlign", "output_size": 14, "sampling_ratio": 0},
                                    "out_channels": c4_channels, "featmap_strides": [c4_stride]},

@@ -102,14 +102,14 @@ class DenseSSLRes5Head(BaseModule):
     """res5 as the C4 RoI head (``layer4``), optionally followed by MoCo's extra norm (``extra_norm``)."""
 
     def __init__(self, block: str, in_channels: int, planes: int, num_blocks: int, stride: int = 2,
-                 norm_cfg: dict[str, Any] | None = None, extra_norm: bool = True,
+                 style: str = "pytorch", norm_cfg: dict[str, Any] | None = None, extra_norm: bool = True,
                  init_cfg: Any = None) -> None:
         init_cfg = init_cfg or [{"type": "Kaiming", "layer": "Conv2d"},
                                 {"type": "Constant", "val": 1, "layer": ["_BatchNorm", "GroupNorm"]}]
         super().__init__(init_cfg)
         norm_cfg = norm_cfg or {"type": "BN", "requires_grad": True}
         block_cls = _BLOCKS[block]
-        self.layer4 = ResLayer(block_cls, in_channels, planes, num_blocks, stride=stride, style="pytorch",
+        self.layer4 = ResLayer(block_cls, in_channels, planes, num_blocks, stride=stride, style=style,
                                norm_cfg=norm_cfg)
         self.extra_norm = build_norm_layer(norm_cfg, planes * block_cls.expansion)[1] if extra_norm else None
 
