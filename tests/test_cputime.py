@@ -25,11 +25,11 @@ def test_other_lines_are_not_records() -> None:
     assert cputime.parse_line("densessl cpu: stage=data") is None  # truncated
 
 
-def test_a_failing_stage_still_reports_its_cpu(tmp_path: Path) -> None:
+def test_a_failing_stage_ends_on_its_error_line_alone(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "densessl", "data", "--config", str(tmp_path / "missing.yaml"),
                            "--dataset", "coco"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 2
     lines = [cputime.parse_line(line) for line in done.stderr.splitlines()]
     records = [r for r in lines if r is not None]
-    assert len(records) == 1 and records[0].stage == "data" and records[0].cpu_s > 0
+    assert records == [] and done.stderr.strip().splitlines()[-1].startswith("densessl data: error:"), done.stderr
