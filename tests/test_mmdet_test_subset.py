@@ -81,3 +81,11 @@ def test_the_smoke_detectors_test_a_subset_and_the_paper_ones_everything() -> No
         for protocol in ("maskrcnn_r50_c4_coco", "maskrcnn_r50_fpn_lvis", "fasterrcnn_r50_c4_voc"):
             det = build_dataclass(DetectionConfig, cfg.eval_settings(protocol), protocol)
             assert (det.max_test_images, det.rpn_test_proposals) == (images, proposals), (preset, protocol)
+
+
+def test_a_relative_work_dir_gives_an_absolute_annotation_path(tmp_path: Path, monkeypatch) -> None:
+    # the DAG passes results/<preset>/eval/... relative to the project; mmdet would join it onto data_root
+    files = _coco(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    cut = limit_test_split(files, 2, Path("work"))
+    assert Path(cut.test["ann_file"]).is_absolute() and Path(cut.test["ann_file"]).parent == tmp_path / "work"

@@ -34,6 +34,8 @@ def limit_test_split(files: DatasetFiles, max_images: int | None, work_dir: Path
     if max_images is None:
         return files
     source = Path(files.test["ann_file"])
+    # absolute: the toolkits join a relative ann_file onto the dataset's data_root
+    work_dir = Path(work_dir).resolve()
     if files.kind == "voc":  # an image-id list, one a line (ImageSets/Main/test.txt)
         ids = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
         target = work_dir / f"test_first{max_images}.txt"
