@@ -28,3 +28,12 @@ wildcard_constraints:
     name="[A-Za-z0-9.-]+",
     dataset="[a-z0-9]+",
     protocol="[a-z0-9_.-]+",
+
+
+from densessl.launch.resources import pretrain_resource, pretrain_resource_keys, pretrain_retries
+
+
+def _pretrain_resource(key):
+    """One resource of a pretraining job from its compute plan (densessl.launch.resources): GPUs, nodes,
+    tasks, time limit, segments and the warning signal."""
+    return lambda wildcards: pretrain_resource(CFG, run_id(wildcards), key)

@@ -1,12 +1,3 @@
-from densessl.launch.resources import pretrain_resource, pretrain_resource_keys, pretrain_retries
-
-
-def _pretrain_resource(key):
-    """One resource of a pretraining job from its compute plan (densessl.launch.resources): GPUs, nodes,
-    tasks, time limit, segments and the warning signal."""
-    return lambda wildcards: pretrain_resource(CFG, run_id(wildcards), key)
-
-
 rule pretrain:
     input:
         manifest=lambda w: str(CFG.data_manifest(run_of(w).data)),
