@@ -27,7 +27,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -161,14 +160,8 @@ def launch_tasks(argv: Sequence[str], world: int, gpus: bool, module: str = "den
     env_map.update({LAUNCHER_ENV: "srun", MASTER_PORT_ENV: str(free_port())})
     command = srun_command(alloc, argv, gpus, module)
     print(f"densessl launch: {' '.join(command)}", file=sys.stderr, flush=True)
-    from densessl.train.launch import FORWARDED_SIGNALS, _SignalPolicy
+    from densessl.train.launch import wait_forwarding_signals
 
-    child = subprocess.Popen(command, env=env_map)
-    policy = _SignalPolicy(child)  # srun and its tasks receive SLURM's signals themselves
-    previous = {s: signal.signal(s, policy) for s in FORWARDED_SIGNALS}
-    try:
-        code = child.wait()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    # srun and its tasks receive SLURM's signals themselves
+    code = wait_forwarding_signals(subprocess.Popen(command, env=env_map))
     return code if code >= 0 else 128 - code

@@ -149,6 +149,17 @@ class _SignalPolicy:
             self.child.kill()
 
 
+def wait_forwarding_signals(child: subprocess.Popen) -> int:
+    """Wait for a launched child with the launcher's signal policy installed, restoring the handlers after."""
+    policy = _SignalPolicy(child)
+    previous = {s: signal.signal(s, policy) for s in FORWARDED_SIGNALS}
+    try:
+        return child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def run_torchrun(nproc: int, argv: Sequence[str], module: str = "densessl",
                  env: Mapping[str, str] | None = None) -> int:
     """Start torchrun, wait for it, and map a preempted run to ``REQUEUE_EXIT_CODE``."""
@@ -156,14 +167,7 @@ def run_torchrun(nproc: int, argv: Sequence[str], module: str = "densessl",
     with tempfile.TemporaryDirectory(prefix="densessl-launch-") as folder:
         marker = Path(folder) / "requeue"
         child_env[REQUEUE_MARKER_ENV] = str(marker)
-        child = subprocess.Popen(torchrun_command(nproc, argv, module), env=child_env)
-        policy = _SignalPolicy(child)
-        previous = {s: signal.signal(s, policy) for s in FORWARDED_SIGNALS}
-        try:
-            code = child.wait()
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+        code = wait_forwarding_signals(subprocess.Popen(torchrun_command(nproc, argv, module), env=child_env))
         if marker.exists():
             print(f"densessl launch: {marker.read_text(encoding='utf-8').strip()}; exiting with "
                   f"{REQUEUE_EXIT_CODE} (requeue)", file=sys.stderr)
