@@ -1,5 +1,8 @@
 """The DAG through the SLURM profile on a real one-node SLURM cluster that the test starts on loopback.
 
+A third test preempts a fine-tuning evaluation (the linear ADE20K decoder) under sbatch: it saves its training
+state, requeues in place and the requeued run resumes from that state and completes.
+
 Opt-in (`make test-slurm`, which installs Debian's SLURM daemons, slurmdbd, MariaDB and munge when they are
 missing): it needs the daemons, root (slurmd starts job steps as the submitting user) and a few minutes.
 `make test` skips it. The cluster (`tests/slurm_cluster.py`) has accounting (slurmdbd on MariaDB, so `sacct`
@@ -208,3 +211,40 @@ def test_time_limit_warning_requeues_and_resumes(tmp_path: Path, slurm_env: dict
     assert f"SLURM job {job} requeued" in log and "not requeued" in log.split("requeued (restart 1)")[-1], log
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(attempts[-1]["step"]))  # every step once, across the requeue
+
+
+@pytest.mark.timeout(600)
+def test_a_preempted_evaluation_requeues_and_resumes_its_training_state(tmp_path: Path,
+                                                                        slurm_env: dict[str, str]) -> None:
+    """A fine-tuning evaluation (the linear ADE20K decoder) preempted under SLURM: the warning signal makes it save
+    its training state and requeue the job in place; the requeued run resumes from that state and completes.
+    `scancel --batch --signal=TERM` is what the evaluate rule's `--signal=TERM@180` delivers before the limit."""
+    config = {**CONFIG, "evaluations": ["linear_ade20k"],
+              "evaluate": {"linear_seg": {"iterations": 400, "checkpoint_every": 5, "num_workers": 0}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    cli = [sys.executable, "-m", "densessl"]
+    stage_env = {**slurm_env, "DENSESSL_ROOT": str(REPO), "PYTHONPATH": str(REPO / "src")}
+    args = ["--config", "config.yaml", "--preset", "smoke"]
+    run = "random-init/vit-tiny-p8-seed0"
+    for stage in (["data", "--dataset", "ade20k"], ["convert", "--run", run]):
+        subprocess.run([*cli, stage[0], *args, *stage[1:]], cwd=tmp_path, env=stage_env, check=True,
+                       capture_output=True)
+    command = " ".join([*cli, "evaluate", "linear_ade20k", *args, "--run", run, "--threads", "1"])
+    job = subprocess.run(["sbatch", "--parsable", "--requeue", "-c", "1", "--open-mode=append",
+                          "-o", str(tmp_path / "job.log"), "-D", str(tmp_path), "--wrap", f"exec {command}"],
+                         env=stage_env, capture_output=True, text=True, check=True).stdout.strip()
+    out_dir = tmp_path / "results/smoke/eval/linear_ade20k" / run
+    state = out_dir / "train_state.pt"
+    wait_for(lambda: state.exists(), 300, "the evaluation's first training state", every=0.2)
+    subprocess.run(["scancel", "--batch", "--signal=TERM", job], env=slurm_env, check=True)
+    wait_for(lambda: (out_dir / "metrics.json").exists(), 400, "the requeued evaluation to finish")
+    wait_for(lambda: [r["State"] for r in sacct(slurm_env, job)] == ["COMPLETED"], 60, "the job to complete")
+
+    log = (tmp_path / "job.log").read_text()
+    history = [r["State"] for r in sacct(slurm_env, job, duplicates=True)]
+    assert history == ["REQUEUED", "COMPLETED"], (history, log[-3000:])
+    assert f"SLURM job {job} requeued" in log, log[-3000:]
+    resumed = log.split("requeued (restart 1)")[-1]
+    assert "resuming the saved training state" in resumed and "training from the start" not in resumed, log[-3000:]
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["protocol"] == "linear_ade20k" and "mIoU" in json.dumps(metrics), metrics
