@@ -2,15 +2,17 @@
 
 The JSON schema checks the shape of config.yaml; the settings inside ``pretrain.<method>.method``,
 ``pretrain.<method>.train`` and ``evaluate.<protocol>`` are the fields of dataclasses (each method's config,
-``TrainConfig``, each protocol's config), checked here with :func:`densessl.methods.base.build_dataclass` —
+``TrainConfig``, each protocol's config), checked here with :func:`densessl.config_dataclass.build_dataclass` —
 unknown keys and wrong types — exactly as the stages build them. The Snakefile loads the configuration through
 ``densessl.config.load_config``, so ``snakemake -n`` reports such errors instead of a job failing later.
 
-Building those dataclasses imports every method and protocol module, and with them torch, torchvision and timm:
-about 3 CPU seconds, where the rest of ``snakemake -n`` takes about one. The check depends only on the merged
-configuration and on densessl's own source, so a passed check is remembered under a hash of both in
-``<results>/.settings-check.json`` and not repeated until either changes (a SLURM job re-reads the Snakefile,
-so every job would otherwise pay it again).
+Those dataclasses live in modules of their own (``densessl.methods.<name>_config``, listed by name in
+``densessl.methods.configs``; ``densessl.train.train_config``; the protocols' ``*_config`` modules, listed in
+``densessl.evaluate.protocol_configs``) that import neither torch, torchvision, timm nor mmcv, which would
+cost more CPU time than the rest of ``snakemake -n``. The check depends only on the merged configuration and on
+densessl's own source, so a passed check is remembered under a hash of both in ``<results>/.settings-check.json``
+and not repeated until either changes (a SLURM job re-reads the Snakefile, so every job would otherwise pay it
+again).
 """
 
 from __future__ import annotations
@@ -78,21 +80,20 @@ def check_stage_settings_cached(cfg: Config, cache_dir: Path | None = None) -> b
 def check_stage_settings(cfg: Config) -> None:
     """Raise ``ConfigError`` naming the field if a run's or protocol's settings would not build."""
     from densessl.config import EVALUATIONS
-    from densessl.launch.resources import compute_plan
-    from densessl.methods import get_method
-    from densessl.methods.base import build_dataclass
+    from densessl.config_dataclass import build_dataclass
 
     # the protocol → config class mapping of the evaluate stage, so both build the same dataclass
-    from densessl.stages.evaluate import _protocol_settings, protocol_config_class
-    from densessl.train.trainer import TrainConfig
+    from densessl.evaluate.protocol_configs import protocol_config_class, protocol_settings
+    from densessl.launch.resources import compute_plan
+    from densessl.methods.configs import method_config_class
+    from densessl.train.train_config import TrainConfig
 
     for run in cfg.pretrain_runs:
         settings = cfg.pretrain_settings(run)
         build_dataclass(TrainConfig, settings["train"], f"pretrain.{run.method}.train")
         compute_plan(cfg, run)  # the GPU-count rule and the slurm block, before any job is submitted
-        method_cls = get_method(run.method)
-        build_dataclass(method_cls.config_cls, settings["method"], f"pretrain.{run.method}.method")
+        build_dataclass(method_config_class(run.method), settings["method"], f"pretrain.{run.method}.method")
     for protocol in cfg.evaluations:
         config_cls = protocol_config_class(protocol)
-        settings = _protocol_settings(cfg, protocol)  # with the fields the protocol's name fixes
+        settings = protocol_settings(cfg, protocol)  # with the fields the protocol's name fixes
         build_dataclass(config_cls, settings, f"evaluate.{EVALUATIONS[protocol]['settings']}")

@@ -34,9 +34,9 @@ from scipy.ndimage import maximum_filter1d
 
 from densessl.data.davis import Davis2017
 from densessl.errors import ConfigError, DataError
+from densessl.evaluate.davis_config import BOUND_TH
 from densessl.io import write_text
 
-BOUND_TH = 0.008  # davis2017-evaluation metrics.py f_measure(bound_th=0.008)
 GLOBAL_COLUMNS = ("J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")
 PER_SEQUENCE_COLUMNS = ("Sequence", "J-Mean", "F-Mean")
 FLOAT_FORMAT = "%.3f"  # evaluation_method.py to_csv(float_format="%.3f")

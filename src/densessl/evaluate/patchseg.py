@@ -41,7 +41,7 @@ import random
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +50,20 @@ import torch
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
-from densessl.data.coco import COCO_CLASS_SETS, PairedSegmentationFolder
+from densessl.data.coco import PairedSegmentationFolder
 from densessl.errors import ConfigError
 from densessl.evaluate.feature_stats import effective_rank
 from densessl.evaluate.metrics import MulticlassConfusion, MultilabelConfusion, SizeUnionConfusion
-from densessl.evaluate.patchseg_data import (  # noqa: F401  (re-exported: the probe's public names)
+from densessl.evaluate.patchseg_config import (  # noqa: F401  (re-exported)
+    DATASETS,
+    HEADS,
     LABEL_REDUCTIONS,
+    PRECISIONS,
+    UNION_ONLY_HEADS,
+    PatchSegConfig,
+    check_head,
+)
+from densessl.evaluate.patchseg_data import (  # noqa: F401  (re-exported: the probe's public names)
     PatchSegData,
     largest_center_crop_box,
     open_patchseg_split,
@@ -71,13 +79,10 @@ from densessl.evaluate.patchseg_features import (  # noqa: F401
     prune_blocks,
 )
 from densessl.evaluate.patchseg_heads import (  # noqa: F401
-    HEADS,
-    UNION_ONLY_HEADS,
     MLPHead,
     TransformerHead,
     TransformerIntervention,
     build_head,
-    check_head,
     feature_mode,
 )
 from densessl.evaluate.patchseg_loss import class_weights, patchseg_loss  # noqa: F401
@@ -85,63 +90,6 @@ from densessl.evaluate.patchseg_results import CSV_COLUMNS, csv_header, csv_row 
 from densessl.io import write_json
 from densessl.models.backbones import backbone_info
 from densessl.progress import Progress, track
-
-DATASETS = ("coco", "ade20k")
-PRECISIONS = ("bf16", "fp32")
-
-
-@dataclass
-class PatchSegConfig:
-    """Defaults are the official ``scripts/train.py`` defaults (iancovert/patch-seg @ fc14f36)."""
-
-    dataset: str = "coco"  # --dataset coco | ade20k
-    label_reduction: str = "union"  # --label-reduction (official default union)
-    head: str = "transformer"  # --output-head (official default transformer; -cls / -separate: union only)
-    hidden_size: int = 1024  # --hidden-size (mlp head)
-    num_layers: int = 2  # --num-layers (transformer head)
-    batch_size: int = 32  # --batch-size
-    epochs: int = 5  # --num-epochs
-    lr: float = 1e-3  # --lr
-    min_lr: float = 1e-4  # --min-lr
-    weight_decay: float = 0.01  # --weight-decay
-    warmup_steps: int = 500  # --warmup-steps
-    seed: int = 0  # --seed
-    num_workers: int = 0  # data loader workers (official 24; a smoke run needs none)
-    max_train_items: int | None = None  # first N sorted training images (smoke runs)
-    max_val_items: int | None = None
-    class_balanced: bool = False  # not official: see module docstring
-    class_balance_max_weight: float = 1000.0  # clip for class_balanced weights (rare classes)
-    precision: str = "bf16"  # --dtype bfloat16; autocast only on CUDA, fp32 elsewhere
-    cache_features: bool = True  # precompute frozen-backbone tokens once (see module docstring)
-    feature_cache_max_gb: float = 48.0  # stream instead when a split's tokens would exceed this
-    threshold: float = 0.5  # detection threshold of the union metrics (official 0.5)
-    class_set: str = "all"  # CocoPatchDataset(class_set=...): all (183) | things (92, stuff -> 0); coco only
-    skip_blocks: int = 0  # --skip-blocks: drop the last k transformer blocks (final norm kept)
-    full_finetune: bool = False  # --full-finetune: train the backbone with the head (no feature cache)
-    size_buckets: int = 10  # SizeUnionMetricsHelper(num_buckets) of the union validation; 0 = off
-
-    def __post_init__(self) -> None:
-        self.validate()  # the settings check builds this class when the configuration loads: errors surface then
-
-    def validate(self) -> None:
-        for name, value, allowed in (("dataset", self.dataset, DATASETS),
-                                     ("label_reduction", self.label_reduction, LABEL_REDUCTIONS),
-                                     ("head", self.head, HEADS), ("precision", self.precision, PRECISIONS)):
-            if value not in allowed:
-                raise ConfigError(f"patchseg config: {name}={value!r} is not one of {list(allowed)}")
-        for name in ("batch_size", "epochs", "hidden_size", "num_layers"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"patchseg config: {name}={getattr(self, name)} must be >= 1")
-        if self.warmup_steps < 0 or self.num_workers < 0:
-            raise ConfigError("patchseg config: warmup_steps and num_workers must be >= 0")
-        if self.class_set not in COCO_CLASS_SETS:
-            raise ConfigError(f"patchseg config: class_set={self.class_set!r} is not one of {sorted(COCO_CLASS_SETS)}")
-        if self.class_set != "all" and self.dataset != "coco":
-            raise ConfigError(f"patchseg config: class_set={self.class_set!r} exists only for coco; use "
-                              f"class_set: all for {self.dataset}")
-        if self.skip_blocks < 0 or self.size_buckets < 0:
-            raise ConfigError("patchseg config: skip_blocks and size_buckets must be >= 0")
-        check_head(self.head, self.label_reduction)
 
 
 def open_split(cfg: PatchSegConfig, data_root: Path, split: str) -> tuple[PairedSegmentationFolder, int]:
@@ -167,7 +115,6 @@ def _scalar_metrics(m: dict[str, Any]) -> dict[str, Any]:
 
 def _per_class_lists(m: dict[str, Any]) -> dict[str, list[Any]]:
     return {k: np.asarray(v).tolist() for k, v in m["per_class"].items()}
-
 
 
 def evaluate_head(head: nn.Module, source: FeatureSource, cfg: PatchSegConfig, num_classes: int,

@@ -16,8 +16,7 @@ from torch.utils.data import Dataset
 from densessl.data.ade20k import ADE_NUM_CLASSES_WITH_OTHER, ADE20KSegmentation
 from densessl.data.coco import CocoStuffPatchSegDataset, PairedSegmentationFolder
 from densessl.errors import ConfigError, DataError
-
-LABEL_REDUCTIONS = ("union", "majority", "global-union")
+from densessl.evaluate.patchseg_config import LABEL_REDUCTIONS
 
 
 def largest_center_crop_box(width: int, height: int) -> tuple[int, int, int, int]:

@@ -29,18 +29,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from densessl.errors import ConfigError
-
-HEADS = ("linear", "mlp", "transformer", "transformer-cls", "transformer-separate")
-UNION_ONLY_HEADS = ("transformer-cls", "transformer-separate")
-
-
-def check_head(head: str, label_reduction: str) -> None:
-    """Refuse an intervention head with image-level or majority labels (the official code asserts union)."""
-    if head in UNION_ONLY_HEADS and label_reduction != "union":
-        raise ConfigError(f"patchseg config: head={head!r} predicts one union label set per patch from its latent "
-                          f"tokens and exists only with label_reduction: union (official scripts/train.py "
-                          f"prepare_output_head asserts it), not {label_reduction!r}; use label_reduction: union, "
-                          f"or head: transformer / mlp / linear for {label_reduction}")
+from densessl.evaluate.patchseg_config import HEADS, UNION_ONLY_HEADS, check_head  # noqa: F401  (re-exported)
 
 
 def feature_mode(head: str, reduction: str, num_prefix_tokens: int) -> str:

@@ -31,9 +31,9 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter
 
 from densessl.errors import ConfigError, DataError
+from densessl.methods.gtsa_config import ALLOWED_ANGLES
 from densessl.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 
-ALLOWED_ANGLES = (0, 90, 180, 270)
 _PIL_ROTATIONS = {  # PIL's ROTATE_* turn counter-clockwise, as torchvision's rotate(img, angle)
     90: Image.Transpose.ROTATE_90,
     180: Image.Transpose.ROTATE_180,

@@ -13,6 +13,8 @@ from densessl.checkpoints.io import load_backbone
 from densessl.config import EVALUATIONS, Config
 from densessl.data.manifest import data_root
 from densessl.errors import ConfigError
+from densessl.evaluate.protocol_configs import MMSEG_DECODER, protocol_config_class
+from densessl.evaluate.protocol_configs import protocol_settings as _protocol_settings
 from densessl.evaluate.transfer.mmdet_protocols import PROTOCOLS as MMDET_PROTOCOLS
 from densessl.io import read_json, sha256_file, write_json, write_text
 from densessl.methods.base import build_dataclass
@@ -53,55 +55,48 @@ def write_patchseg_csv(protocol: str, metrics: dict[str, Any], backbone: str, fo
 
 
 def _protocol(protocol: str) -> tuple[type, Any]:
-    if protocol not in EVALUATIONS:
-        raise ConfigError(f"unknown evaluation {protocol!r}; choose one of {sorted(EVALUATIONS)} or a Patch-Seg "
-                          f"grid point such as patchseg_coco.majority-mlp")
-    if EVALUATIONS[protocol]["settings"] == "patchseg":
-        from densessl.evaluate.patchseg import PatchSegConfig, run_patchseg
-
-        return PatchSegConfig, run_patchseg
-    if protocol == "linear_ade20k":
-        from densessl.evaluate.linear_seg import LinearSegConfig, run_linear_seg
-
-        return LinearSegConfig, run_linear_seg
-    if protocol == "davis2017":
-        from densessl.evaluate.davis_propagation import DavisConfig, run_davis_backbone
-
-        return DavisConfig, run_davis_backbone
-    if protocol == "inat19_finetune":
-        from densessl.evaluate.inat_finetune import InatFinetuneConfig, run_inat_finetune
-
-        return InatFinetuneConfig, run_inat_finetune
-    if protocol == "knn_imagenet":
-        from densessl.evaluate.knn import KnnConfig, run_knn
-
-        return KnnConfig, run_knn
-    if protocol == "linear_imagenet":
-        from densessl.evaluate.linear_cls import LinearClsConfig, run_linear_cls
-
-        return LinearClsConfig, run_linear_cls
-    if protocol == "keypointrcnn_r50_fpn_coco":
-        from densessl.evaluate.transfer.keypoints import run_keypoints
-        from densessl.evaluate.transfer.keypoints_config import KeypointRCNNConfig
-
-        return KeypointRCNNConfig, run_keypoints
-    if protocol in ("semfpn_ade20k", "upernet_ade20k"):
-        from densessl.evaluate.transfer.mmseg_ade20k import MMSegSettings, run_mmseg_ade20k
-
-        return MMSegSettings, run_mmseg_ade20k
+    """The settings dataclass (``densessl.evaluate.protocol_configs``) and the runner of a probe protocol."""
+    config_cls = protocol_config_class(protocol)  # refuses an unknown name
     if protocol in DETECTION_PROTOCOLS:
         raise ConfigError(f"evaluate {protocol}: an mmdetection protocol evaluates a --run backbone (exported into "
                           f"mmdet's key layout); --timm-model is for the probe protocols")
+    return config_cls, _runner(protocol)
+
+
+def _runner(protocol: str) -> Any:
+    if EVALUATIONS[protocol]["settings"] == "patchseg":
+        from densessl.evaluate.patchseg import run_patchseg
+
+        return run_patchseg
+    if protocol == "linear_ade20k":
+        from densessl.evaluate.linear_seg import run_linear_seg
+
+        return run_linear_seg
+    if protocol == "davis2017":
+        from densessl.evaluate.davis_propagation import run_davis_backbone
+
+        return run_davis_backbone
+    if protocol == "inat19_finetune":
+        from densessl.evaluate.inat_finetune import run_inat_finetune
+
+        return run_inat_finetune
+    if protocol == "knn_imagenet":
+        from densessl.evaluate.knn import run_knn
+
+        return run_knn
+    if protocol == "linear_imagenet":
+        from densessl.evaluate.linear_cls import run_linear_cls
+
+        return run_linear_cls
+    if protocol == "keypointrcnn_r50_fpn_coco":
+        from densessl.evaluate.transfer.keypoints import run_keypoints
+
+        return run_keypoints
+    if protocol in MMSEG_DECODER:
+        from densessl.evaluate.transfer.mmseg_ade20k import run_mmseg_ade20k
+
+        return run_mmseg_ade20k
     raise ConfigError(f"unknown evaluation {protocol!r}; choose one of {sorted(EVALUATIONS)}")
-
-
-def protocol_config_class(protocol: str) -> type:
-    """The settings dataclass of ``protocol`` (what the configuration check builds before any job runs)."""
-    if protocol in DETECTION_PROTOCOLS:
-        from densessl.evaluate.transfer.mmdet_protocols import DetectionConfig
-
-        return DetectionConfig
-    return _protocol(protocol)[0]
 
 
 def _run_detection(cfg: Config, protocol: str, backbone_path: Path, manifest: Path, out: Path,
@@ -128,18 +123,7 @@ def detection_nproc(cfg: Config, protocol: str) -> int:
     return det.gpus if torch.cuda.is_available() else 1
 
 
-# mmseg decoder of each mmseg protocol (one settings class, two decoders, as patchseg's two datasets)
-MMSEG_DECODER = {"semfpn_ade20k": "semfpn", "upernet_ade20k": "upernet"}
 TOOLKIT_WORK_DIR = "work_dir"
-
-
-def _protocol_settings(cfg: Config, protocol: str) -> dict[str, Any]:
-    """The protocol's settings block plus the fields its name fixes (Patch-Seg's dataset, the mmseg decoder)."""
-    settings = cfg.eval_settings(protocol)
-    settings.update(EVALUATIONS[protocol].get("fixed", {}))  # one patchseg block: the name fixes dataset, grid point
-    if protocol in MMSEG_DECODER:
-        settings["decoder"] = MMSEG_DECODER[protocol]
-    return settings
 
 
 def _toolkit_kwargs(protocol: str, out: Path) -> dict[str, Any]:

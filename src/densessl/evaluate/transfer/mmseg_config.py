@@ -23,10 +23,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from densessl.errors import ConfigError
-from densessl.evaluate.transfer.mmseg_export import ViTSpec
+
+if TYPE_CHECKING:  # mmseg_export imports torch; the settings check builds MMSegSettings without it
+    from densessl.evaluate.transfer.mmseg_export import ViTSpec
 
 DECODERS = ("semfpn", "upernet")
 ADAPTORS = ("none", "multilevel")
