@@ -449,7 +449,8 @@ class Trainer:
                     self.batch_in_epoch += 1
                     steps_done += 1
                     steps_since_log += 1
-                    if steps_done == 1:
+                    if steps_done == 1 and self.world > 1:
+                        self._agree(it, force=True)  # NaN weights would read as replicas out of sync
                         self.check_replicas_in_sync(it)
                     info: dict[str, Any] = {"epoch": (self.epoch + 1, self.cfg.epochs), "lr": float(self.lr_schedule[it])}
                     if it % self.cfg.log_every_steps == 0 or self.step == self.total_steps:
