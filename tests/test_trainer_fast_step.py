@@ -128,3 +128,13 @@ def test_step_settings_do_not_change_the_resume_identity(tmp_path, random_images
                 for flag, value in (("compile", True), ("fused_adamw", False), ("finite_check_every", 1))}
     plain = checkpointing.run_settings("dino", None, TrainConfig(), 16)
     assert all(s == plain for s in settings.values())
+
+
+def test_every_vit_attention_uses_fused_sdpa():
+    """timm's Attention / CaiT ClassAttn take F.scaled_dot_product_attention only when ``fused_attn`` is set
+    (TIMM_FUSED_ATTN unset): every attention in the ViT methods must, LOCA's cross-attention calls it directly."""
+    settings = {"dino": TINY, "selfpatch": dict(TINY, out_dim_selfpatch=16, global_size=64, local_size=32)}
+    for name, extra in settings.items():
+        method = get_method(name)("vit-tiny-p8", extra, epochs=1)
+        flags = [m.fused_attn for m in method.modules() if hasattr(m, "fused_attn")]
+        assert flags and all(flags), name
