@@ -94,9 +94,9 @@ def test_first_loss_in_bf16_on_cuda_matches_fp32_on_cpu(run_id: str, tmp_path: P
     cpu = _trainer(run_id, tmp_path / "cpu", precision="fp32", device="cpu")
     batch = next(iter(cpu._loader()))
     torch.manual_seed(1)
-    loss_cpu = cpu.train_step(batch, 0)[0]
+    loss_cpu = float(cpu.train_step(batch, 0)[0])
     torch.manual_seed(1)
-    loss_gpu = gpu.train_step(batch, 0)[0]
+    loss_gpu = float(gpu.train_step(batch, 0)[0])
     assert loss_gpu == pytest.approx(loss_cpu, rel=0.03, abs=0.03), (loss_cpu, loss_gpu)
 
 

@@ -282,7 +282,7 @@ def test_total_loss_combines_terms_and_pc_warmup(random_images):
         torch.manual_seed(1)
         loss, logs = method.loss(batch, epoch)
         assert logs["pc_coef"] == coef
-        assert loss.item() == pytest.approx(logs["crop_loss"] + coef * logs["pc_loss"] + 0.5 * logs["rot_loss"],
+        assert loss.item() == pytest.approx(float(logs["crop_loss"] + coef * logs["pc_loss"] + 0.5 * logs["rot_loss"]),
                                             rel=1e-5)
 
 

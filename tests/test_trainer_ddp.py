@@ -4,8 +4,11 @@ One torchrun launch (process start-up dominates on 2 shared cores) runs three tr
 vit-tiny-p8 (64 px images → 32/16 px crops, BatchNorm head) in each rank and writes what the test checks:
 
 A. 4 steps in one go;  B. 2 steps, then a fresh Trainer resumes from the checkpoint for the last 2;
-C. rank 1 alone receives SIGUSR1 at its second step: both ranks must stop after that step, rank 0 writes the
-   checkpoint and the requeue marker, and the launcher must turn torchrun's exit code 1 into 3.
+C. rank 1 alone receives SIGUSR1 at its second step: both ranks must stop after that step (the ranks agree
+   every ``finite_check_every`` = 2 steps), rank 0 writes the checkpoint and the requeue marker, and the
+   launcher must turn torchrun's exit code 1 into 3;
+D. rank 1 alone gets a NaN loss at step 1, with finite_check_every = 4: both ranks must stop with the step named
+   (rank 0: "on another rank") before the epoch-end checkpoint, which is never written.
 
 This file is also the worker (``python -m test_trainer_ddp <out>``).
 """
@@ -36,14 +39,15 @@ def _images() -> list:
     return [Image.fromarray((rng.random((64, 64, 3)) * 255).astype("uint8")) for _ in range(16)]
 
 
-def _trainer(out_dir: Path):
+def _trainer(out_dir: Path, finite_check_every: int = 2):
     from densessl.methods import get_method
     from densessl.train.trainer import TrainConfig, Trainer
 
     torch.manual_seed(0)
     method = get_method("dino")("vit-tiny-p8", TINY, epochs=1)
     cfg = TrainConfig(epochs=1, batch_size_per_gpu=2, lr=1e-3, warmup_epochs=0, num_workers=0,
-                      checkpoint_every_steps=1000, log_every_steps=1, precision="fp32", nproc_per_node=2)
+                      checkpoint_every_steps=1000, log_every_steps=1, precision="fp32", nproc_per_node=2,
+                      finite_check_every=finite_check_every)
     return Trainer(method, _images(), cfg, out_dir, device="cpu")
 
 
@@ -107,6 +111,25 @@ def _worker(out: Path) -> int:
     except Preempted as exc:
         report["C"] = f"preempted: {exc}"
     report["C_steps"] = calls["n"]
+
+    from densessl.train.trainer import NonFiniteLossError
+
+    d = _trainer(out / "D", finite_check_every=4)
+    original_d = d.method.loss
+
+    calls_d = {"n": 0}
+
+    def nan_on_rank1_at_step1(batch, epoch):
+        loss, logs = original_d(batch, epoch)
+        calls_d["n"] += 1
+        return (loss * float("nan") if rank == 1 and calls_d["n"] == 2 else loss), logs
+
+    d.method.loss = nan_on_rank1_at_step1
+    try:
+        d.fit()
+        report["D"] = "finished"
+    except NonFiniteLossError as exc:
+        report["D"] = str(exc)
     (out / f"report_rank{rank}.json").write_text(json.dumps(report), encoding="utf-8")
     torch.distributed.destroy_process_group()
     return REQUEUE_EXIT_CODE if report["C"].startswith("preempted") else 0
@@ -170,13 +193,19 @@ def test_two_process_gloo_ddp(tmp_path):
     events = EventAccumulator(str(tmp_path / "A" / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == list(range(STEPS))
-    assert [round(e.value, 5) for e in events.Scalars("train/loss")] == [round(x, 5) for _, x in losses("A")]
+    # TensorBoard stores float32: equal to the logged float64 loss to float32 precision
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([x for _, x in losses("A")], rel=1e-6)
 
     # C: only rank 1 was signalled, yet both stopped after the same (second) step with one checkpoint
     assert reports[0]["C"].startswith("preempted") and reports[1]["C"].startswith("preempted")
     assert reports[0]["C_steps"] == reports[1]["C_steps"] == 2
     state = torch.load(tmp_path / "C" / "checkpoint.pt", weights_only=True)
     assert (state["epoch"], state["batch_in_epoch"]) == (0, 2)
+
+    # D: the NaN of rank 1 at step 1 stops both ranks, naming step 1; no checkpoint after it exists
+    assert "loss is nan at step 1" in reports[1]["D"], reports[1]["D"]
+    assert "loss is non-finite on another rank at step 1" in reports[0]["D"], reports[0]["D"]
+    assert not (tmp_path / "D" / "checkpoint.pt").exists() and (tmp_path / "D" / "checkpoint.diverged.pt").is_file()
 
 
 def _trainer_weights_before_training() -> dict[str, torch.Tensor]:

@@ -54,8 +54,10 @@ class PretrainMethod(nn.Module, metaclass=abc.ABCMeta):
         """The view generator applied to each raw image (runs in DataLoader workers)."""
 
     @abc.abstractmethod
-    def loss(self, batch: Any, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """Scalar loss of one batch plus floats to log."""
+    def loss(self, batch: Any, epoch: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Scalar loss of one batch plus values to log: floats or 0-dim tensors. Prefer tensors for anything
+        computed on the device: the trainer reads them back only at log steps, while ``float()`` here would
+        make every step wait for the GPU."""
 
     def update_teacher(self, momentum: float) -> None:
         """EMA teacher update θ_t ← m θ_t + (1 − m) θ_s (no-op for methods without a teacher)."""

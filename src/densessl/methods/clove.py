@@ -117,7 +117,7 @@ class CLoVELoss(nn.Module):
         self.pos_ratio, self.gamma, self.margin, self.topk, self.skip = pos_ratio, gamma, margin, topk, skip
 
     def forward(self, student_globals: list[torch.Tensor], student_locals: list[torch.Tensor],
-                teacher_globals: list[torch.Tensor], boxes: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+                teacher_globals: list[torch.Tensor], boxes: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """boxes: (N, 2 + L, 4) oriented boxes in view order (2 globals, then locals)."""
         total = student_globals[0].new_zeros((), dtype=torch.float32)
         sums: dict[str, torch.Tensor] = {}
@@ -253,7 +253,7 @@ class CLoVE(PretrainMethod):
                                   grayscale_prob=c.grayscale_prob, blur_radius=c.blur_radius)
         return MultiCropViews(crops, color, box_convention="pixel_index")
 
-    def loss(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, Any]]:
         crops: list[torch.Tensor] = batch["crops"]
         n_local = len(crops) - 2
         if n_local != self.cfg.local_crops_number:

@@ -93,7 +93,7 @@ class DINOLoss(nn.Module):
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, epoch: int
-                ) -> tuple[torch.Tensor, dict[str, float]]:
+                ) -> tuple[torch.Tensor, dict[str, Any]]:
         student = (student_out / self.student_temp).chunk(self.num_crops)
         temp = float(self.teacher_temps[min(epoch, len(self.teacher_temps) - 1)])
         teacher_probs = F.softmax((teacher_out - self.center) / temp, dim=-1).detach()
@@ -110,9 +110,10 @@ class DINOLoss(nn.Module):
         # per-sample teacher entropy near ln(out_dim) = uniform collapse;
         # entropy of the batch-mean distribution near 0 = every image on one prototype.
         with torch.no_grad():
-            entropy = float(-(teacher_probs * torch.log(teacher_probs + 1e-12)).sum(-1).mean())
+            # 0-dim tensors: the trainer reads logs back only at log steps (no host sync per step)
+            entropy = -(teacher_probs * torch.log(teacher_probs + 1e-12)).sum(-1).mean()
             marginal = teacher_probs.mean(0)
-            batch_entropy = float(-(marginal * torch.log(marginal + 1e-12)).sum())
+            batch_entropy = -(marginal * torch.log(marginal + 1e-12)).sum()
         self.update_center(teacher_out)
         return loss, {"teacher_temp": temp, "teacher_entropy": entropy, "teacher_batch_entropy": batch_entropy}
 
@@ -168,7 +169,7 @@ class DINO(PretrainMethod):
                                   grayscale_prob=c.grayscale_prob, blur_radius=c.blur_radius)
         return MultiCropViews(crops, color)
 
-    def loss(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, Any]]:
         crops = batch["crops"]
         teacher_out = self.teacher(crops[:2])  # only the 2 global views pass through the teacher
         student_out = self.student(crops)

@@ -203,12 +203,12 @@ def patch_correspondence_loss(student_map: torch.Tensor, teacher_map: torch.Tens
     return 0.5 * (matched_negative_cosine(s, t, num_matches) + matched_negative_cosine(t, s, num_matches))
 
 
-def rotation_loss(logits: list[torch.Tensor], turns: torch.Tensor) -> tuple[torch.Tensor, float]:
+def rotation_loss(logits: list[torch.Tensor], turns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean over views of the 4-way CE (official ``GTSA.rot_predict``) and the accuracy, for the log."""
     losses = [F.cross_entropy(lg.float(), turns[:, v]) for v, lg in enumerate(logits)]
     with torch.no_grad():
         correct = torch.stack([(lg.argmax(-1) == turns[:, v]).float().mean() for v, lg in enumerate(logits)])
-    return torch.stack(losses).mean(), float(correct.mean())
+    return torch.stack(losses).mean(), correct.mean()
 
 
 @dataclass
@@ -326,7 +326,7 @@ class GTSA(PretrainMethod):
                             "more than min_intersection, so the boxes did not come from it")
         return PairGeometry(in_global, in_view, quarter_turns(batch["angles"]), batch["flips"].bool())
 
-    def loss(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, Any]]:
         c = self.cfg
         geom = self.geometry(batch)
         crops = batch["crops"]
@@ -340,8 +340,9 @@ class GTSA(PretrainMethod):
         total = crop + pc_coef * pc + c.rot_pre_coef * rot
         with torch.no_grad():  # collapse diagnostic: spread of the normalised teacher vectors (0 = collapsed)
             t = F.normalize(teacher_maps[0].float(), dim=1).flatten(2).transpose(1, 2).reshape(-1, c.out_dim)
-            teacher_std = float(t.std(dim=0).mean())
-        return total, {"crop_loss": crop.item(), "pc_loss": pc.item(), "rot_loss": rot.item(), "rot_acc": rot_acc,
+            teacher_std = t.std(dim=0).mean()
+        # 0-dim tensors: the trainer reads logs back only at log steps (no host sync per step)
+        return total, {"crop_loss": crop.detach(), "pc_loss": pc.detach(), "rot_loss": rot.detach(), "rot_acc": rot_acc,
                        "pc_coef": pc_coef, "teacher_std": teacher_std}
 
     @torch.no_grad()

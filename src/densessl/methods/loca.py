@@ -327,7 +327,7 @@ class LOCA(PretrainMethod):
     def _keep(self, n_tokens: int, keep: int, selection: str, batch: int, device: torch.device) -> torch.Tensor:
         return keep_indices(n_tokens, keep, selection, batch if self.cfg.per_image_token_drop else None, device)
 
-    def loss(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, Any]]:
         c = self.cfg
         reference, query0 = batch["reference"], batch["query0"]
         b, device = reference.shape[0], reference.device
@@ -364,9 +364,10 @@ class LOCA(PretrainMethod):
         position_loss = weighted_cross_entropy(logits_all, targets, valid)
         with torch.no_grad():
             correct = (logits_all.argmax(-1) == targets) & valid
-            accuracy = float(correct.sum() / valid.sum().clamp_min(1))
-        logs = {"position_loss": float(position_loss.detach()), "position_accuracy": accuracy,
-                "valid_fraction": float(valid.float().mean())}
+            accuracy = correct.sum() / valid.sum().clamp_min(1)
+        # 0-dim tensors: the trainer reads logs back only at log steps (no host sync per step)
+        logs = {"position_loss": position_loss.detach(), "position_accuracy": accuracy,
+                "valid_fraction": valid.float().mean()}
         total = c.position_loss_weight * position_loss
 
         if c.apply_cluster_loss:
@@ -382,9 +383,11 @@ class LOCA(PretrainMethod):
             reg = me_max(mean_probs)
             total = total + c.cluster_loss_weight * cluster_loss + c.me_max_weight * reg
             with torch.no_grad():
-                usage = assignments.reshape(-1, k).argmax(-1).unique().numel()
-            logs.update({"cluster_loss": float(cluster_loss.detach()), "me_max": float(reg.detach()),
-                         "prediction_entropy": float(-reg.detach()), "teacher_prototypes_used": float(usage)})
+                # prototypes chosen at least once; a scatter, not unique(), whose output size needs a sync
+                chosen = assignments.reshape(-1, k).argmax(-1)
+                usage = torch.zeros(k, device=chosen.device).index_fill_(0, chosen, 1.0).sum()
+            logs.update({"cluster_loss": cluster_loss.detach(), "me_max": reg.detach(),
+                         "prediction_entropy": -reg.detach(), "teacher_prototypes_used": usage})
         return total, logs
 
     @torch.no_grad()

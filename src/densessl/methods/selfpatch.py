@@ -228,7 +228,7 @@ class SelfPatchLoss(DINOLoss):
 
     def forward(self, student_cls: torch.Tensor, teacher_cls: torch.Tensor,  # type: ignore[override]
                 student_patches: Sequence[torch.Tensor], teacher_patches: Sequence[torch.Tensor], epoch: int
-                ) -> tuple[torch.Tensor, dict[str, float]]:
+                ) -> tuple[torch.Tensor, dict[str, Any]]:
         if len(student_patches) != self.num_crops or len(teacher_patches) != self.num_crops:
             raise ValueError(f"expected {self.num_crops} crops of patch logits, got {len(student_patches)} "
                              f"(student) and {len(teacher_patches)} (teacher)")
@@ -236,12 +236,12 @@ class SelfPatchLoss(DINOLoss):
         temp = float(self.teacher_temps[min(epoch, len(self.teacher_temps) - 1)])
         # patch loss first: DINOLoss.forward below moves the image centre, not the patch centre
         p_loss = student_cls.new_zeros(())
-        patch_entropy = 0.0
+        patch_entropy = student_cls.new_zeros((), dtype=torch.float32)  # logs stay on the device (trainer.py)
         for s, t in zip(student_patches, teacher_patches):
             q = F.softmax((t - self.patch_center) / temp, dim=-1).detach()
             p_loss = p_loss + torch.sum(-q * F.log_softmax(s / self.student_temp, dim=-1), dim=-1).mean()
             with torch.no_grad():
-                patch_entropy += float(-(q * torch.log(q + 1e-12)).sum(-1).mean())
+                patch_entropy = patch_entropy + -(q * torch.log(q + 1e-12)).sum(-1).mean()
         p_loss = p_loss / self.num_crops
         self._all_crops_teacher = teacher_cls.detach() if self.center_from_all_crops else None
         try:
@@ -250,7 +250,7 @@ class SelfPatchLoss(DINOLoss):
             self._all_crops_teacher = None
         self.update_patch_center(teacher_patches)
         loss = c_loss + self.patch_loss_weight * p_loss
-        logs.update({"image_loss": float(c_loss.detach()), "patch_loss": float(p_loss.detach()),
+        logs.update({"image_loss": c_loss.detach(), "patch_loss": p_loss.detach(),
                      "patch_teacher_entropy": patch_entropy / self.num_crops})
         return loss, logs
 
@@ -331,7 +331,7 @@ class SelfPatch(DINO):
         )
         return SelfPatchMultiCropWrapper(backbone, heads)
 
-    def loss(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, Any]]:
         crops = batch["crops"]
         with torch.no_grad():  # the teacher sees every crop, with neighbour aggregation (loc=True)
             teacher_cls, teacher_patches = self.teacher(crops, loc=True)

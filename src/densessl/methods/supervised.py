@@ -123,15 +123,15 @@ class Supervised(PretrainMethod):
                                       cfg.num_classes)
         return LabelledViews(cfg.crop_size, cfg.crop_scale, cfg.flip_prob)
 
-    def loss(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, Any]]:
         if self.cfg.target == "patch":
             return self._patch_loss(batch)
         logits = self.student(batch["image"])
         loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.cfg.label_smoothing)
         accuracy = (logits.argmax(dim=1) == batch["label"]).float().mean()
-        return loss, {"train_top1": float(accuracy)}
+        return loss, {"train_top1": accuracy}  # a 0-dim tensor: read back at log steps only
 
-    def _patch_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    def _patch_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         """Per-patch cross-entropy over the labelled patches (unlabelled-majority patches ignored)."""
         logits = self.student(batch["image"])
         targets = batch["labels"].flatten(1)
@@ -144,7 +144,7 @@ class Supervised(PretrainMethod):
         labelled = flat_targets != IGNORE_INDEX
         correct = (flat_logits.argmax(dim=1) == flat_targets) & labelled
         accuracy = correct.sum() / labelled.sum().clamp(min=1)
-        return loss, {"train_patch_top1": float(accuracy), "labelled_patches": float(labelled.float().mean())}
+        return loss, {"train_patch_top1": accuracy, "labelled_patches": labelled.float().mean()}
 
     def export_backbone(self) -> nn.Module:
         return copy.deepcopy(self.student.backbone)

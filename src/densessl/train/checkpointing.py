@@ -41,7 +41,10 @@ FORMAT = "densessl-train/1"
 REQUIRED_KEYS = ("format", "method", "student", "teacher", "extra", "optimizer", "epoch", "batch_in_epoch")
 # TrainConfig fields that do not change the weights: a checkpoint written under other values of them belongs to
 # the same run (data order and augmentation are functions of (seed, epoch, index), not of the worker count).
-RESUME_NEUTRAL_FIELDS = frozenset({"num_workers", "log_every_steps", "checkpoint_every_steps", "tensorboard"})
+# compile and fused_adamw change how the step is computed (kernel fusion: rounding only), finite_check_every
+# when the loss is read back: turning them on or off mid-run continues the same run.
+RESUME_NEUTRAL_FIELDS = frozenset({"num_workers", "log_every_steps", "checkpoint_every_steps", "tensorboard",
+                                   "compile", "fused_adamw", "finite_check_every"})
 RESUME_MODES = ("auto", "anyway", "restart")
 RESUME_ENV = "DENSESSL_RESUME"  # default of --resume-anyway / --restart, for runs started by Snakemake
 log = logging.getLogger(__name__)

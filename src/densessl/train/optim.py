@@ -96,10 +96,16 @@ def resolve_optimizer_name(configured: str | None, method: PretrainMethod | type
     return name
 
 
-def build_optimizer(name: str, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    """lr and weight decay are set by the schedules before every step; only the fixed settings live here."""
+def build_optimizer(name: str, groups: list[dict[str, Any]], fused: bool = False) -> torch.optim.Optimizer:
+    """lr and weight decay are set by the schedules before every step; only the fixed settings live here.
+
+    ``fused`` (``train.fused_adamw`` on CUDA): AdamW's update as one fused kernel over every parameter instead
+    of torch's per-tensor (foreach) kernels, the same update rule; it applies to adamw only (SGD and LARS keep
+    their official implementations) and needs every parameter on a GPU, so the trainer passes it on CUDA only.
+    """
     if name == "adamw":
-        return torch.optim.AdamW(groups)  # DINO: torch.optim.AdamW(params_groups), torch defaults
+        # DINO: torch.optim.AdamW(params_groups), torch defaults
+        return torch.optim.AdamW(groups, fused=True) if fused else torch.optim.AdamW(groups)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=0, momentum=0.9)  # DINO: SGD(params_groups, lr=0, momentum=0.9)
     if name == "lars":

@@ -45,3 +45,15 @@ class TrainConfig:
     # (densessl.launch.resources); a distributed run records the layout it ran on here
     nproc_per_node: int | None = None
     nodes: int = 1
+    # --- how the step is computed, not what (docs/performance.md, "Step settings"); none of these is part of a
+    # run's resume identity (checkpointing.RESUME_NEUTRAL_FIELDS): they change rounding at most ---
+    # torch.compile of the method's loss (student and teacher forward, loss); off: a choice to measure on the GPU
+    # (benchmarks/train_step.py --compile), the first steps pay the compilation
+    compile: bool = False
+    # torch.optim.AdamW(fused=True) on CUDA (one kernel for every parameter's update); ignored on CPU and for
+    # sgd/lars
+    fused_adamw: bool = True
+    # steps between reads of the device-side record of the first non-finite loss (and, on several processes,
+    # between the all-reduces that agree on it and on a stop signal); it is also read before every checkpoint,
+    # so a NaN at step k never lets a checkpoint after k be written. 1 = the official per-step check
+    finite_check_every: int = 10

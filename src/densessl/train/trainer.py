@@ -11,6 +11,12 @@ ignore them, ``signals``) → checkpoint and exit with ``REQUEUE_EXIT_CODE``; a 
 with the step named and the diverged state kept apart from the last finite checkpoint; metrics as JSONL and
 TensorBoard scalars (``run_log``).
 
+No host synchronisation per step: the loss is checked for NaN/Inf on the device (``finite_check``) and read
+every ``train.finite_check_every`` steps and before every checkpoint; losses and method logs are read back only
+at ``train.log_every_steps``. ``train.compile`` compiles the method's loss, ``train.fused_adamw`` fuses AdamW's
+update on CUDA, bf16 autocast runs on CUDA (``train.precision``), ``train.channels_last`` lays out weights and
+images channels-last (docs/performance.md, "Step settings").
+
 Hooks a method class may define (all optional; ``PretrainMethod`` documents the required ones):
 
 * ``optimizer_name: ClassVar[str]`` — the optimiser used when ``train.optimizer`` is null (CLoVE: "lars").
@@ -27,7 +33,8 @@ Multi-GPU: started by torchrun (see ``densessl.train.launch``) the trainer joins
 CUDA, gloo on CPU), wraps ``method.student`` in DistributedDataParallel for the duration of ``fit`` (so a
 method's ``export_backbone`` sees its plain modules afterwards), shards the data per rank
 (``EpochPermutationSampler``), scales the lr with the global batch, writes checkpoints/logs on rank 0 only,
-makes all ranks agree on stopping (signal or non-finite loss) through one small all-reduce per step, checks
+makes all ranks agree on stopping (signal or non-finite loss) through one small all-reduce every
+``finite_check_every`` steps and before every checkpoint (a stop signal is acted on at the next such step), checks
 that the replicas hold identical weights after the first step and at every checkpoint, and ends ``fit`` with
 a barrier.
 """
@@ -39,7 +46,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -64,6 +71,7 @@ from densessl.train.distributed import (
     pick_device,
     sync_batchnorm,
 )
+from densessl.train.finite_check import FiniteLossRecord
 from densessl.train.launch import REQUEUE_EXIT_CODE, write_requeue_marker
 from densessl.train.optim import (
     CLIP_MODES,
@@ -124,6 +132,9 @@ class Trainer:
         micro = self.batch_plan.batch_size_per_gpu
         if cfg.precision not in ("bf16", "fp32"):
             raise ConfigError(f"train.precision: {cfg.precision!r}; allowed values: bf16, fp32")
+        if cfg.finite_check_every < 1:
+            raise ConfigError(f"train.finite_check_every: {cfg.finite_check_every}; must be at least 1 (1 reads the "
+                              f"loss back every step)")
         if cfg.clip_mode not in CLIP_MODES:
             raise ConfigError(f"train.clip_mode: {cfg.clip_mode!r}; allowed values: {', '.join(CLIP_MODES)} "
                               f"(DINO, SelfPatch, GTSA: per_parameter; LOCA: global_norm)")
@@ -149,8 +160,11 @@ class Trainer:
         self.wd_schedule = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, self.iters_per_epoch)
         self.momentum_schedule = cosine_schedule(cfg.momentum_teacher, 1.0, cfg.epochs, self.iters_per_epoch)
         self.optimizer_name = resolve_optimizer_name(cfg.optimizer, method)
-        self.optimizer = build_optimizer(self.optimizer_name, _method_param_groups(method, self.method.student))
+        self.optimizer = build_optimizer(self.optimizer_name, _method_param_groups(method, self.method.student),
+                                         fused=cfg.fused_adamw and self.device.type == "cuda")
         self.autocast = self.device.type == "cuda" and cfg.precision == "bf16"
+        self.finite = FiniteLossRecord(self.device)
+        self._compiled_loss: Callable[..., Any] | None = None
         self.epoch = 0
         self.batch_in_epoch = 0
         self._stop_signal: int | None = None
@@ -296,18 +310,41 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
 
-    def _agree(self, loss: torch.Tensor) -> tuple[float, float, bool, bool]:
-        """(local loss, mean loss over ranks, every rank finite, some rank got a stop signal): one all-reduce."""
-        local = float(loss.detach())
-        finite = math.isfinite(local)
+    def _agree(self, it: int, force: bool = False) -> bool:
+        """Stop now? On one process a stop signal is seen at once, and the finiteness record is read every
+        ``finite_check_every`` steps; on several, both are agreed in one all-reduce at those steps only (every
+        rank reaches the same steps, so the collective matches). ``force``: read now (before a checkpoint).
+        Raises ``NonFiniteLossError`` naming the first non-finite step of any rank."""
+        due = force or (it + 1) % self.cfg.finite_check_every == 0
         stop = self._stop_signal is not None
-        if self.world == 1:
-            return local, local, finite, stop
-        flags = torch.tensor([0.0 if finite else 1.0, 1.0 if stop else 0.0, local if finite else 0.0],
-                             dtype=torch.float64, device=self.device)
-        dist.all_reduce(flags)
-        bad, stops, total = flags.tolist()
-        return local, total / self.world, bad == 0, stops > 0
+        if not due:
+            return stop if self.world == 1 else False
+        first, stop_any = self.finite.agree(stop, self.world)
+        if first is not None:
+            local_step, local_value = self.finite.read()
+            where = (f"loss is {local_value}" if local_step == first else "loss is non-finite on another rank")
+            self._diverged(f"{where} at step {first} (epoch {first // self.iters_per_epoch})")
+        return stop_any
+
+    def _non_finite_before(self, exc: BaseException) -> None:
+        """A run that went on from a non-finite loss until its next check may fail inside the method first
+        (NaN indices, an empty Sinkhorn): name the non-finite step instead of the error it caused."""
+        if isinstance(exc, (NonFiniteLossError, Preempted)):
+            return
+        try:
+            first, value = self.finite.read()
+        except Exception:  # noqa: BLE001 - the device itself failed; the original error says more
+            return
+        if first is not None:
+            self._diverged(f"loss is {value} at step {first} (epoch {first // self.iters_per_epoch}), found after "
+                           f"{type(exc).__name__}: {exc}")
+
+    def _mean_over_ranks(self, loss: torch.Tensor) -> float:
+        """The loss averaged over every process (a collective at log steps only): one host synchronisation."""
+        total = loss.detach().double().reshape(1)
+        if self.world > 1:
+            dist.all_reduce(total)
+        return float(total) / self.world
 
     def check_replicas_in_sync(self, step: int) -> None:
         """Every rank must hold the same student and teacher parameters; compared by per-tensor sums."""
@@ -335,26 +372,38 @@ class Trainer:
                           num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda",
                           drop_last=True, persistent_workers=False, worker_init_fn=ignore_stop_signals)
 
-    def train_step(self, batch: Any, it: int) -> tuple[float, dict[str, float], bool]:
-        """One optimisation step on one batch at global iteration ``it``: (mean loss over ranks, method logs, stop
-        now?). Used by benchmarks/train_step.py, so the benchmark times exactly the path ``fit`` takes."""
+    def train_step(self, batch: Any, it: int) -> tuple[torch.Tensor, dict[str, Any], bool]:
+        """One optimisation step on one batch at global iteration ``it``: (this process's loss as a 0-dim tensor
+        on the device, method logs as floats or 0-dim tensors, stop now?). Nothing is read back from the device
+        except at finiteness checks; ``float()`` the results to read them. Used by benchmarks/train_step.py, so
+        the benchmark times exactly the path ``fit`` takes."""
         return self.train_step_accumulated([batch], it)
 
-    def train_step_accumulated(self, micro_batches: list[Any], it: int) -> tuple[float, dict[str, float], bool]:
+    def _loss_fn(self) -> Callable[..., Any]:
+        """The method's loss, compiled once on first use with ``train.compile`` (after the DDP wrap, which the
+        compiled code then calls through ``self.student``)."""
+        if not self.cfg.compile:
+            return self.method.loss
+        if self._compiled_loss is None:
+            self._compiled_loss = torch.compile(self.method.loss)
+        return self._compiled_loss
+
+    def train_step_accumulated(self, micro_batches: list[Any], it: int) -> tuple[torch.Tensor, dict[str, Any], bool]:
         """One optimisation step over ``accumulation`` micro-batches: each loss / their number is back-propagated
         (DDP all-reduces on the last one only), then one clip, step and teacher update, as CLoVE's
         ``main_pretrain.py`` does with ``--grad-accumulation-steps``. With one micro-batch this is the official
         step exactly. What a method computes from its batch alone (DINO's centre, LOCA's Sinkhorn, BatchNorm)
-        sees one micro-batch over all GPUs (docs/operations.md)."""
+        sees one micro-batch over all GPUs (docs/operations.md). A non-finite loss is recorded on the device
+        and raised at the next check (``_agree``); the step itself still runs."""
         for group in self.optimizer.param_groups:
             group["lr"] = float(self.lr_schedule[it]) * group.get("lr_scale", 1.0)
             if group.get("wd_schedule", True):  # DINO: only the regularised group follows the schedule
                 group["weight_decay"] = float(self.wd_schedule[it])
         self.optimizer.zero_grad(set_to_none=True)
         count = len(micro_batches)
-        means: list[float] = []
-        sums: dict[str, float] = {}
-        stop = False
+        losses: list[torch.Tensor] = []
+        sums: dict[str, Any] = {}
+        loss_fn = self._loss_fn()
         for i, batch in enumerate(micro_batches):
             # micro-batch 0 keeps the seed of an unaccumulated step; the others get seeds no rank uses
             torch.manual_seed(_step_seed(self.cfg.seed, self.rank + i * self.world, it))
@@ -362,22 +411,20 @@ class Trainer:
             last = i == count - 1
             with nullcontext() if last or self._ddp is None else self._ddp.no_sync():
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                    loss, logs = self.method.loss(batch, self.epoch)
-                local, mean, finite, stop_here = self._agree(loss)
-                if not finite:
-                    where = f"loss is {local}" if not math.isfinite(local) else "loss is non-finite on another rank"
-                    self._diverged(f"{where} at step {it} (epoch {self.epoch})")
+                    loss, logs = loss_fn(batch, self.epoch)
+                self.finite.note(loss, it)
                 (loss / count if count > 1 else loss).backward()
-            means.append(mean)
-            stop = stop or stop_here
-            for key, value in logs.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
+            losses.append(loss.detach().float())
+            for key, value in logs.items():  # tensors stay on the device until a log step reads them
+                sums[key] = sums[key] + value if key in sums else value
         if self.cfg.clip_grad > 0:
             clip_gradients(self._student(), self.cfg.clip_grad, self.cfg.clip_mode)
         self.method.cancel_gradients(self.epoch)
         self.optimizer.step()
         self.method.update_teacher(float(self.momentum_schedule[it]))
-        return sum(means) / count, {k: v / count for k, v in sums.items()}, stop
+        stop = self._agree(it)
+        loss = losses[0] if count == 1 else torch.stack(losses).mean()
+        return loss, {k: v / count if count > 1 else v for k, v in sums.items()}, stop
 
     def fit(self, max_steps: int | None = None) -> dict[str, Any]:
         """Train to the end (or ``max_steps`` more steps, used by tests); resume from the checkpoint if any."""
@@ -387,7 +434,7 @@ class Trainer:
                              "restart": self.resume == "restart"})
         previous = {s: signal.signal(s, self._handle_signal) for s in STOP_SIGNALS}
         steps_done, start = 0, time.time()
-        last_loss = math.nan
+        last_loss: torch.Tensor | None = None
         try:
             self._wrap_student()
             self.run_log.open_tensorboard(self.step)
@@ -402,18 +449,22 @@ class Trainer:
                     self.batch_in_epoch += 1
                     steps_done += 1
                     steps_since_log += 1
-                    progress.update(1, epoch=(self.epoch + 1, self.cfg.epochs), loss=last_loss,
-                                    lr=float(self.lr_schedule[it]))
-                    if steps_done == 1:
+                    if steps_done == 1 and self.world > 1:
+                        self._agree(it, force=True)  # NaN weights would read as replicas out of sync
                         self.check_replicas_in_sync(it)
+                    info: dict[str, Any] = {"epoch": (self.epoch + 1, self.cfg.epochs), "lr": float(self.lr_schedule[it])}
                     if it % self.cfg.log_every_steps == 0 or self.step == self.total_steps:
+                        loss_value = self._mean_over_ranks(last_loss)  # the only reads of a step's results
+                        info["loss"] = loss_value
                         now = time.perf_counter()
-                        self.run_log.metrics({"step": it, "epoch": self.epoch, "loss": last_loss,
+                        self.run_log.metrics({"step": it, "epoch": self.epoch, "loss": loss_value,
                                    "lr": float(self.lr_schedule[it]), "wd": float(self.wd_schedule[it]),
-                                   "momentum": float(self.momentum_schedule[it]), **logs,
+                                   "momentum": float(self.momentum_schedule[it]), **_floats(logs),
                                    "images_per_s": steps_since_log * self.total_batch / max(now - clock, 1e-9)})
                         clock, steps_since_log = now, 0
+                    progress.update(1, **info)
                     if stop:
+                        self._agree(it, force=True)  # a stop never checkpoints past a non-finite step
                         self.save_checkpoint()
                         self._barrier()
                         message = f"signal {self._stop_signal or 'on another rank'} at step {self.step}; checkpoint saved"
@@ -424,22 +475,30 @@ class Trainer:
                                               if self._stop_signal else "on another rank"})
                         raise Preempted(message)
                     if self.step % self.cfg.checkpoint_every_steps == 0:
+                        self._agree(it, force=True)
                         self.check_replicas_in_sync(it)
                         self.save_checkpoint()
                     if max_steps is not None and steps_done >= max_steps:
+                        self._agree(it, force=True)
                         self.check_replicas_in_sync(it)
                         self.save_checkpoint()
                         self._barrier()
                         self.run_log.attempt({"event": "paused", "step": self.step})
-                        return {"stopped_at_step": self.step, "last_loss": last_loss}
+                        return {"stopped_at_step": self.step, "last_loss": self._mean_over_ranks(last_loss)}
                 self.epoch += 1
                 self.batch_in_epoch = 0
+                self._agree(self.step - 1, force=True)
                 self.check_replicas_in_sync(self.step - 1)
                 self.save_checkpoint()
             progress.finish()
             self._barrier()
             self.run_log.attempt({"event": "finished", "step": self.step, "steps_this_run": steps_done})
         except Exception as exc:
+            try:
+                self._non_finite_before(exc)
+            except NonFiniteLossError as named:
+                self.run_log.attempt({"event": "failed", "step": self.step, "error": f"NonFiniteLossError: {named}"})
+                raise named from exc
             if not isinstance(exc, Preempted):  # recorded above, with its signal
                 self.run_log.attempt({"event": "failed", "step": self.step, "error": f"{type(exc).__name__}: {exc}"})
             raise
@@ -448,7 +507,8 @@ class Trainer:
                 signal.signal(s, handler)
             self.run_log.close()
             self._unwrap_student()
-        return {"steps": self.total_steps, "last_loss": last_loss, "wall_s": time.time() - start,
+        final_loss = self._mean_over_ranks(last_loss) if last_loss is not None else math.nan
+        return {"steps": self.total_steps, "last_loss": final_loss, "wall_s": time.time() - start,
                 "steps_this_run": steps_done, "batch_plan": self.batch_plan.as_dict()}
 
 
@@ -467,6 +527,17 @@ def _grouped(batches: Iterable[Any], size: int) -> Iterator[list[Any]]:
         if len(group) == size:
             yield group
             group = []
+
+
+def _floats(logs: dict[str, Any]) -> dict[str, float]:
+    """Method logs as floats for the metrics file; 0-dim tensors are read back together (one synchronisation)."""
+    keys = [k for k, v in logs.items() if isinstance(v, torch.Tensor)]
+    out = {k: float(v) for k, v in logs.items() if k not in keys}
+    if keys:
+        device = logs[keys[0]].device
+        values = torch.stack([logs[k].detach().double().reshape(()).to(device) for k in keys]).tolist()
+        out.update(zip(keys, values, strict=True))
+    return {k: out[k] for k in logs}
 
 
 def _to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
