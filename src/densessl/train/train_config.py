@@ -34,6 +34,10 @@ class TrainConfig:
     channels_last: bool = False
     seed: int = 0                       # DINO --seed
     num_workers: int = 10               # DINO --num_workers
+    # where the views are made: "cpu" (PIL in the DataLoader workers, the reference) or "device" (the workers
+    # read JPEG bytes; the training process decodes them with torchvision.io.decode_jpeg and makes the
+    # multi-crop views with kornia on the training device; DINO, SelfPatch and CLoVE; docs/performance.md)
+    data_path: str = "cpu"
     checkpoint_every_steps: int = 1000  # plus one at every epoch end
     log_every_steps: int = 10
     max_train_images: int | None = None  # use the first N images (smoke runs)

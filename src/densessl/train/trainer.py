@@ -64,6 +64,7 @@ from densessl.methods.base import PretrainMethod
 from densessl.progress import Progress
 from densessl.train import checkpointing
 from densessl.train.checkpointing import CHECKPOINT_NAME, DIVERGED_NAME
+from densessl.train.data_path import build_data_path
 from densessl.train.distributed import (
     broadcast_state,
     init_distributed,
@@ -85,7 +86,7 @@ from densessl.train.optim import (
     resolve_optimizer_name,
 )
 from densessl.train.run_log import TENSORBOARD_DIR, RunLog
-from densessl.train.sampling import EpochPermutationSampler, SeededAugmentation
+from densessl.train.sampling import EpochPermutationSampler
 from densessl.train.schedules import cosine_schedule
 from densessl.train.signals import STOP_SIGNALS, ignore_stop_signals
 from densessl.train.train_config import TrainConfig
@@ -144,9 +145,13 @@ class Trainer:
             self.method.to(memory_format=torch.channels_last)
         sync_batchnorm(self.method, self.world, self.device, self.rank, micro)
         broadcast_state(self.method, self.world)
-        self.dataset = SeededAugmentation(dataset, method.views(), cfg.seed)
+        # train.data_path: views made in the DataLoader workers (cpu) or on the training device (device)
+        self.data_path = build_data_path(cfg.data_path, dataset, method.views(), cfg.seed, self.device, method.name)
+        self.dataset = self.data_path.dataset
+        # (epoch, index) pairs: persistent workers keep their dataset copy across epochs
         self.sampler = EpochPermutationSampler(len(dataset), micro, cfg.seed, self.rank, self.world,
-                                               accumulation=self.accumulation)
+                                               accumulation=self.accumulation, with_epoch=True)
+        self._data_loader: DataLoader | None = None
         self.total_batch = self.batch_plan.batch_size
         if self.sampler.batches_per_epoch == 0:
             raise DenseSSLError(f"a step of {self.total_batch} images (per-GPU batch {micro} × {self.world} GPU(s) × "
@@ -171,9 +176,9 @@ class Trainer:
         self._ddp: nn.parallel.DistributedDataParallel | None = None
         self.run_log = RunLog(self.out_dir, self.rank, cfg.tensorboard)
         self.settings = checkpointing.run_settings(method.name, getattr(method, "cfg", None), cfg, len(dataset))
-        for key, default in (("batch_size", None), ("nodes", 1)):  # at these values the GPU-count rule's fields
-            if self.settings["train"].get(key) == default:        # change nothing: checkpoints from before them
-                self.settings["train"].pop(key, None)             # still resume
+        for key, default in (("batch_size", None), ("nodes", 1), ("data_path", "cpu")):  # at these values the
+            if self.settings["train"].get(key) == default:  # fields change nothing: checkpoints from before them
+                self.settings["train"].pop(key, None)       # still resume
         self.last_checkpoint_step: int | None = None
 
     # ----------------------------------------------------------------------------------------- setup
@@ -365,12 +370,19 @@ class Trainer:
     def _handle_signal(self, signum: int, _frame: Any) -> None:
         self._stop_signal = signum
 
-    def _loader(self) -> DataLoader:
+    def _loader(self) -> Iterator[Any]:
+        """This epoch's batches from where the last step left off, made by ``train.data_path``. One DataLoader
+        for the whole ``fit``: its workers persist across epochs (the sampler tells them the epoch)."""
         self.dataset.set_epoch(self.epoch)
         self.sampler.set_epoch(self.epoch, self.batch_in_epoch * self.accumulation)
-        return DataLoader(self.dataset, batch_size=self.batch_plan.batch_size_per_gpu, sampler=self.sampler,
-                          num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda",
-                          drop_last=True, persistent_workers=False, worker_init_fn=ignore_stop_signals)
+        if self._data_loader is None:
+            workers = self.cfg.num_workers
+            self._data_loader = DataLoader(
+                self.dataset, batch_size=self.batch_plan.batch_size_per_gpu, sampler=self.sampler,
+                num_workers=workers, pin_memory=self.device.type == "cuda", drop_last=True,
+                collate_fn=self.data_path.collate_fn, persistent_workers=workers > 0,
+                worker_init_fn=ignore_stop_signals)
+        return self.data_path.batches(self._data_loader)
 
     def train_step(self, batch: Any, it: int) -> tuple[torch.Tensor, dict[str, Any], bool]:
         """One optimisation step on one batch at global iteration ``it``: (this process's loss as a 0-dim tensor
@@ -507,6 +519,7 @@ class Trainer:
                 signal.signal(s, handler)
             self.run_log.close()
             self._unwrap_student()
+            self._data_loader = None  # ends persistent workers
         final_loss = self._mean_over_ranks(last_loss) if last_loss is not None else math.nan
         return {"steps": self.total_steps, "last_loss": final_loss, "wall_s": time.time() - start,
                 "steps_this_run": steps_done, "batch_plan": self.batch_plan.as_dict()}
