@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 from densessl.data.prepare import prepare_ade20k, prepare_coco
-from densessl.progress import human_duration
 from densessl.data.synthetic import PRESETS, synthesize
+from densessl.progress import human_duration
 
 FULL = {"coco": 118_287 + 5_000, "ade20k": 20_210 + 2_000}
 
