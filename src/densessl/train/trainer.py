@@ -454,6 +454,7 @@ class Trainer:
             progress = Progress(f"pretrain {self.method.name}", self.total_steps, initial=self.step,
                                 items_per_step=self.total_batch, bar=True, enabled=self.rank == 0)
             clock, steps_since_log = time.perf_counter(), 0
+            logged_loss: float | None = None
             while self.epoch < self.cfg.epochs:
                 for micro_batches in _grouped(self._loader(), self.accumulation):
                     it = self.step
@@ -464,16 +465,20 @@ class Trainer:
                     if steps_done == 1 and self.world > 1:
                         self._agree(it, force=True)  # NaN weights would read as replicas out of sync
                         self.check_replicas_in_sync(it)
-                    info: dict[str, Any] = {"epoch": (self.epoch + 1, self.cfg.epochs), "lr": float(self.lr_schedule[it])}
                     if it % self.cfg.log_every_steps == 0 or self.step == self.total_steps:
                         loss_value = self._mean_over_ranks(last_loss)  # the only reads of a step's results
-                        info["loss"] = loss_value
+                        logged_loss = loss_value
                         now = time.perf_counter()
                         self.run_log.metrics({"step": it, "epoch": self.epoch, "loss": loss_value,
                                    "lr": float(self.lr_schedule[it]), "wd": float(self.wd_schedule[it]),
                                    "momentum": float(self.momentum_schedule[it]), **_floats(logs),
                                    "images_per_s": steps_since_log * self.total_batch / max(now - clock, 1e-9)})
                         clock, steps_since_log = now, 0
+                    # the loss shown is the newest one read (log_every_steps), so a line never forces a GPU sync
+                    info: dict[str, Any] = {"epoch": (self.epoch + 1, self.cfg.epochs)}
+                    if logged_loss is not None:
+                        info["loss"] = logged_loss
+                    info["lr"] = float(self.lr_schedule[it])
                     progress.update(1, **info)
                     if stop:
                         self._agree(it, force=True)  # a stop never checkpoints past a non-finite step
