@@ -79,6 +79,21 @@ def test_override_files_validate_and_keep_the_preset(override):
         assert run.id == "gtsa/vit-tiny-p8-coco" and train["epochs"] == 60
         assert train["batch_size_per_gpu"] == 32 and train["lr"] == 0.0005  # the rest from smoke.yaml
         assert str(cfg.results).endswith("results/gtsa-long/smoke")
+    if override.name == "transfer-long.yaml":
+        # every transfer protocol, each enforcing its reference check over 2 random-init seeds, at 200 iterations
+        transfer = {"keypointrcnn_r50_fpn_coco", "semfpn_ade20k", "upernet_ade20k", "maskrcnn_vit_fpn_coco",
+                    "maskrcnn_r50_c4_coco", "maskrcnn_r50_fpn_coco", "maskrcnn_r50_fpn_lvis",
+                    "maskrcnn_r50_fpn_cityscapes", "fasterrcnn_r50_c4_voc"}
+        assert set(cfg.evaluations) == transfer and not cfg.method_runs
+        for protocol in transfer:
+            assert cfg.reference_check_enforced(protocol), protocol
+            roles = sorted(r.method for r in cfg.protocol_runs(protocol))
+            assert roles == ["random-init", "random-init", "supervised"], (protocol, roles)
+        detection = cfg.eval_settings("maskrcnn_r50_c4_coco")
+        assert detection["schedules"] == {"1x": {"max_length": 200, "milestones": [160]}}
+        assert detection["rpn_test_proposals"] == 100  # the rest from smoke.yaml
+        assert cfg.eval_settings("semfpn_ade20k")["iterations"] == 200
+        assert cfg.eval_settings("keypointrcnn_r50_fpn_coco")["iterations"] == 200
 
 
 def test_data_settings_follow_the_synthetic_generator(monkeypatch):
