@@ -99,9 +99,9 @@ def bench_one(cls: type, arch: str, args: argparse.Namespace, root: Path, peak: 
     images = [Image.open(p).convert("RGB") for p in sorted((root / "train").rglob("*.JPEG"))[:args.batch]]
     batch = paths.collated_batch(method, images)
     from densessl.train.optim import resolve_optimizer_name
-    from densessl.train.trainer import _to_device
+    from densessl.train.step_inputs import batch_to_device
 
-    flops_per_image = flops.step_flops(method, batch, device, _to_device) / args.batch
+    flops_per_image = flops.step_flops(method, batch, device, batch_to_device) / args.batch
     runners: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="densessl-bench-") as out_dir:
         if "step" in args.modes:

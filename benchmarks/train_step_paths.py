@@ -108,11 +108,11 @@ class EndToEndPath:
         self.data_path = getattr(self.trainer.cfg, "data_path", "cpu")
 
     def run(self, warmup: int, steps: int) -> float:
-        from densessl.train.trainer import _grouped
+        from densessl.train.step_inputs import group_micro_batches
 
         trainer = self.trainer
         trainer.epoch, trainer.batch_in_epoch = 0, 0
-        batches = _grouped(trainer._loader(), trainer.accumulation)
+        batches = group_micro_batches(trainer._loader(), trainer.accumulation)
         start = None
         for i, micro in enumerate(_take(batches, warmup + steps)):
             if i == warmup:
@@ -180,9 +180,9 @@ class OfficialPath:
         self.dataset = dataset
         self.batch = batch
         self.clip = 3.0  # DINO --clip_grad
-        from densessl.train.trainer import _to_device
+        from densessl.train.step_inputs import batch_to_device
 
-        self.to_device = _to_device
+        self.to_device = batch_to_device
 
     def _step(self, batch: Any, it: int) -> float:
         for i, group in enumerate(self.optimizer.param_groups):  # lr / wd schedules, as the official loop

@@ -44,31 +44,27 @@ from __future__ import annotations
 import math
 import os
 import signal
-import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from densessl.errors import CheckpointError, ConfigError, DenseSSLError
-from densessl.io import save_torch
+from densessl.errors import ConfigError, DenseSSLError
 from densessl.launch.batch_rule import BatchPlan, Recipe, plan_batch
 from densessl.methods.base import PretrainMethod
 from densessl.progress import Progress
 from densessl.train import checkpointing
-from densessl.train.checkpointing import CHECKPOINT_NAME, DIVERGED_NAME
+from densessl.train.checkpointing import CHECKPOINT_NAME
 from densessl.train.data_path import build_data_path
 from densessl.train.distributed import (
     broadcast_state,
     init_distributed,
-    out_of_sync,
     pick_device,
     sync_batchnorm,
 )
@@ -85,11 +81,15 @@ from densessl.train.optim import (
     param_groups,
     resolve_optimizer_name,
 )
-from densessl.train.run_log import TENSORBOARD_DIR, RunLog
+from densessl.train.run_log import RunLog
 from densessl.train.sampling import EpochPermutationSampler
 from densessl.train.schedules import cosine_schedule
 from densessl.train.signals import STOP_SIGNALS, ignore_stop_signals
+from densessl.train.step_inputs import batch_to_device, group_micro_batches, logs_as_floats
+from densessl.train.stops import NonFiniteLossError, Preempted
 from densessl.train.train_config import TrainConfig
+from densessl.train.trainer_collectives import RankAgreement
+from densessl.train.trainer_state import CheckpointState
 
 __all__ = ["CHECKPOINT_NAME", "CLIP_MODES", "OPTIMIZERS", "REQUEUE_EXIT_CODE", "NonFiniteLossError", "Preempted",
            "TrainConfig", "Trainer", "build_optimizer", "clip_gradients", "clip_gradients_global_norm",
@@ -97,20 +97,15 @@ __all__ = ["CHECKPOINT_NAME", "CLIP_MODES", "OPTIMIZERS", "REQUEUE_EXIT_CODE", "
 
 
 
-class NonFiniteLossError(DenseSSLError):
-    pass
-
-
-class Preempted(Exception):
-    """Raised after the checkpoint is written when SIGTERM/SIGUSR1 arrived."""
-
-
 def _step_seed(seed: int, rank: int, step: int) -> int:
     """A distinct RNG seed per (run seed, rank, step): dropout/drop-path of step t never depend on resume."""
     return ((seed * 1_000_003 + step) * 65_537 + rank) % (2**63 - 1)
 
 
-class Trainer:
+class Trainer(CheckpointState, RankAgreement):
+    """A method trained on a dataset under ``TrainConfig``; checkpoint state in ``CheckpointState``
+    (train/trainer_state.py), agreement between processes in ``RankAgreement`` (train/trainer_collectives.py)."""
+
     def __init__(self, method: PretrainMethod, dataset: Any, cfg: TrainConfig, out_dir: str | Path,
                  device: str | None = None, resume: str = "auto"):
         """``resume``: "auto" continues a checkpoint of the same settings and refuses one of others, "anyway"
@@ -210,162 +205,6 @@ class Trainer:
         s = self.method.student
         return s.module if isinstance(s, nn.parallel.DistributedDataParallel) else s
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "format": "densessl-train/1",
-            "method": self.method.name,
-            "student": self._student().state_dict(),
-            "teacher": self.method.teacher.state_dict() if self.method.teacher is not None else {},
-            "extra": self.method.extra_state(),
-            "optimizer": self.optimizer.state_dict(),
-            "optimizer_name": self.optimizer_name,
-            "world_size": self.world,
-            "batch_plan": self.batch_plan.as_dict(),
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "train_config": asdict(self.cfg),
-            "settings": self.settings,
-            "settings_hash": checkpointing.settings_hash(self.settings),
-        }
-
-    def save_checkpoint(self, path: Path | None = None) -> Path:
-        """Rank 0 writes atomically, keeping the previous checkpoint; the other ranks return at once (no
-        collective here). Non-finite weights are never written as a checkpoint: they go to
-        ``checkpoint.diverged.pt`` and the run stops, so the last finite checkpoint stays the one resumed."""
-        path = path or self.out_dir / CHECKPOINT_NAME
-        if self.rank == 0:
-            state = self.state_dict()
-            if not checkpointing.weights_finite(state):
-                self._diverged(f"weights are non-finite after step {self.step - 1} (epoch {self.epoch})", state)
-            if path == self.out_dir / CHECKPOINT_NAME:
-                checkpointing.save(state, self.out_dir)
-            else:
-                save_torch(state, path)
-            self.last_checkpoint_step = self.step
-            self.run_log.flush()
-        return path
-
-    def _diverged(self, what: str, state: dict[str, Any] | None = None) -> NoReturn:
-        """Keep the diverged state apart and stop with a message that says how to continue."""
-        if self.rank == 0:
-            checkpointing.save_diverged(state if state is not None else self.state_dict(), self.out_dir)
-        kept = (f"the last finite checkpoint (step {self.last_checkpoint_step}) stays in {CHECKPOINT_NAME}"
-                if self.last_checkpoint_step is not None else "no finite checkpoint was written yet")
-        raise NonFiniteLossError(f"{what}; the diverged state is in {self.out_dir / DIVERGED_NAME}, {kept}. Lower "
-                                 f"train.lr or disable bf16 (train.precision: fp32), then re-run with "
-                                 f"--resume-anyway to continue from the finite checkpoint, or --restart")
-
-    def load_checkpoint(self, path: Path, state: dict[str, Any] | None = None) -> None:
-        state = state if state is not None else checkpointing.read_verified(path)
-        self._check_compatible(path, state)
-        self._student().load_state_dict(state["student"])
-        if self.method.teacher is not None:
-            self.method.teacher.load_state_dict(state["teacher"])
-        self.method.load_extra_state({k: v.to(self.device) for k, v in state["extra"].items()})
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
-        self.last_checkpoint_step = self.step
-
-    def _check_compatible(self, path: Path, state: dict[str, Any]) -> None:
-        """What no flag can bridge: another method, process count or optimiser state layout."""
-        if state.get("method") != self.method.name:
-            raise CheckpointError(f"{path}: checkpoint of method {state.get('method')!r}, but this run trains "
-                                  f"{self.method.name!r}; re-run with --restart or choose another output directory")
-        saved_world = int(state.get("world_size", self.world))
-        if saved_world != self.world:
-            raise CheckpointError(f"{path}: written by a run on {saved_world} process(es), resumed on {self.world}; "
-                                  f"the data shards and lr scaling would change mid-run. Resume with "
-                                  f"train.nproc_per_node={saved_world}, or re-run with --restart to start over")
-        saved_optimizer = state.get("optimizer_name", self.optimizer_name)
-        if saved_optimizer != self.optimizer_name:
-            raise CheckpointError(f"{path}: optimiser state of {saved_optimizer!r}, but this run uses "
-                                  f"{self.optimizer_name!r}; set train.optimizer: {saved_optimizer} or re-run with "
-                                  f"--restart")
-
-    def _resume(self) -> Path | None:
-        """Load the newest usable checkpoint of this run if there is one (see ``resume``): the file resumed
-        (``checkpoint.previous.pt`` when the newest was torn or corrupt), or None."""
-        if self.resume == "restart":
-            if self.rank == 0:
-                checkpointing.remove_run_state(self.out_dir, TENSORBOARD_DIR)
-            self._barrier()
-            found = None
-        else:
-            found = checkpointing.load_latest(self.out_dir)
-        if found is not None:
-            state, path = found
-            self._check_compatible(path, state)
-            changes = checkpointing.settings_changes(state.get("settings"), self.settings)
-            if changes and self.resume != "anyway":
-                raise CheckpointError(
-                    f"{path}: checkpoint of other settings ({'; '.join(changes)}); re-run with --resume-anyway to "
-                    f"continue its step {int(state['epoch']) * self.iters_per_epoch + int(state['batch_in_epoch'])} "
-                    f"with the new settings, or with --restart to train from the start (under Snakemake: "
-                    f"DENSESSL_RESUME=anyway or DENSESSL_RESUME=restart in the environment)")
-            self.load_checkpoint(path, state)
-            if self.rank == 0:
-                note = f" with changed settings ({'; '.join(changes)})" if changes else ""
-                print(f"resuming from {path} at step {self.step} of {self.total_steps} (epoch {self.epoch}){note}",
-                      file=sys.stderr, flush=True)
-        self.run_log.truncate_metrics(self.step)
-        return found[1] if found is not None else None
-
-    # ----------------------------------------------------------------------------------------- collectives
-    def _barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def _agree(self, it: int, force: bool = False) -> bool:
-        """Stop now? On one process a stop signal is seen at once, and the finiteness record is read every
-        ``finite_check_every`` steps; on several, both are agreed in one all-reduce at those steps only (every
-        rank reaches the same steps, so the collective matches). ``force``: read now (before a checkpoint).
-        Raises ``NonFiniteLossError`` naming the first non-finite step of any rank."""
-        due = force or (it + 1) % self.cfg.finite_check_every == 0
-        stop = self._stop_signal is not None
-        if not due:
-            return stop if self.world == 1 else False
-        first, stop_any = self.finite.agree(stop, self.world)
-        if first is not None:
-            local_step, local_value = self.finite.read()
-            where = (f"loss is {local_value}" if local_step == first else "loss is non-finite on another rank")
-            self._diverged(f"{where} at step {first} (epoch {first // self.iters_per_epoch})")
-        return stop_any
-
-    def _non_finite_before(self, exc: BaseException) -> None:
-        """A run that went on from a non-finite loss until its next check may fail inside the method first
-        (NaN indices, an empty Sinkhorn): name the non-finite step instead of the error it caused."""
-        if isinstance(exc, (NonFiniteLossError, Preempted)):
-            return
-        try:
-            first, value = self.finite.read()
-        except Exception:  # noqa: BLE001 - the device itself failed; the original error says more
-            return
-        if first is not None:
-            self._diverged(f"loss is {value} at step {first} (epoch {first // self.iters_per_epoch}), found after "
-                           f"{type(exc).__name__}: {exc}")
-
-    def _mean_over_ranks(self, loss: torch.Tensor) -> float:
-        """The loss averaged over every process (a collective at log steps only): one host synchronisation."""
-        total = loss.detach().double().reshape(1)
-        if self.world > 1:
-            dist.all_reduce(total)
-        return float(total) / self.world
-
-    def check_replicas_in_sync(self, step: int) -> None:
-        """Every rank must hold the same student and teacher parameters; compared by per-tensor sums."""
-        if self.world == 1:
-            return
-        named = [(f"student.{n}", p) for n, p in self._student().named_parameters()]
-        if self.method.teacher is not None:
-            named += [(f"teacher.{n}", p) for n, p in self.method.teacher.named_parameters()]
-        names = out_of_sync(named, self.world)
-        if names:
-            raise DenseSSLError(f"after step {step} the {self.world} processes hold different weights for {names}: "
-                                f"{self.method.name}.loss must run the student as self.student(...) (the DDP "
-                                f"wrapper averages gradients only then), update parameters only through the "
-                                f"optimiser and update_teacher, and set find_unused_parameters = True on the "
-                                f"method class if some parameters get no gradient on some steps")
-
     # ----------------------------------------------------------------------------------------- loop
     def _handle_signal(self, signum: int, _frame: Any) -> None:
         self._stop_signal = signum
@@ -419,7 +258,7 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             # micro-batch 0 keeps the seed of an unaccumulated step; the others get seeds no rank uses
             torch.manual_seed(_step_seed(self.cfg.seed, self.rank + i * self.world, it))
-            batch = _to_device(batch, self.device, self.cfg.channels_last)
+            batch = batch_to_device(batch, self.device, self.cfg.channels_last)
             last = i == count - 1
             with nullcontext() if last or self._ddp is None else self._ddp.no_sync():
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
@@ -456,7 +295,7 @@ class Trainer:
             clock, steps_since_log = time.perf_counter(), 0
             logged_loss: float | None = None
             while self.epoch < self.cfg.epochs:
-                for micro_batches in _grouped(self._loader(), self.accumulation):
+                for micro_batches in group_micro_batches(self._loader(), self.accumulation):
                     it = self.step
                     last_loss, logs, stop = self.train_step_accumulated(micro_batches, it)
                     self.batch_in_epoch += 1
@@ -471,7 +310,7 @@ class Trainer:
                         now = time.perf_counter()
                         self.run_log.metrics({"step": it, "epoch": self.epoch, "loss": loss_value,
                                    "lr": float(self.lr_schedule[it]), "wd": float(self.wd_schedule[it]),
-                                   "momentum": float(self.momentum_schedule[it]), **_floats(logs),
+                                   "momentum": float(self.momentum_schedule[it]), **logs_as_floats(logs),
                                    "images_per_s": steps_since_log * self.total_batch / max(now - clock, 1e-9)})
                         clock, steps_since_log = now, 0
                     # the loss shown is the newest one read (log_every_steps), so a line never forces a GPU sync
@@ -535,35 +374,3 @@ def _batch_plan(method: str, cfg: TrainConfig, world: int) -> BatchPlan:
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     nodes, per_node = (world // per_node, per_node) if per_node > 0 and world % per_node == 0 else (1, world)
     return plan_batch(Recipe.from_train(method, asdict(cfg)), nodes, per_node)
-
-
-def _grouped(batches: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    """Consecutive lists of ``size`` micro-batches (the sampler yields whole groups only)."""
-    group: list[Any] = []
-    for batch in batches:
-        group.append(batch)
-        if len(group) == size:
-            yield group
-            group = []
-
-
-def _floats(logs: dict[str, Any]) -> dict[str, float]:
-    """Method logs as floats for the metrics file; 0-dim tensors are read back together (one synchronisation)."""
-    keys = [k for k, v in logs.items() if isinstance(v, torch.Tensor)]
-    out = {k: float(v) for k, v in logs.items() if k not in keys}
-    if keys:
-        device = logs[keys[0]].device
-        values = torch.stack([logs[k].detach().double().reshape(()).to(device) for k in keys]).tolist()
-        out.update(zip(keys, values, strict=True))
-    return {k: out[k] for k in logs}
-
-
-def _to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
-    if isinstance(batch, torch.Tensor):
-        moved = batch.to(device, non_blocking=True)
-        return moved.contiguous(memory_format=torch.channels_last) if channels_last and moved.ndim == 4 else moved
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device, channels_last) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device, channels_last) for v in batch)
-    return batch
