@@ -90,7 +90,7 @@ def test_override_files_validate_and_keep_the_preset(override):
             roles = sorted(r.method for r in cfg.protocol_runs(protocol))
             assert roles == ["random-init", "random-init", "supervised"], (protocol, roles)
         detection = cfg.eval_settings("maskrcnn_r50_c4_coco")
-        assert detection["schedules"] == {"1x": {"max_length": 200, "milestones": [160]}}
+        assert detection["schedules"] == {"1x": {"max_length": 600, "milestones": [480]}}
         assert detection["rpn_test_proposals"] == 100  # the rest from smoke.yaml
         assert cfg.eval_settings("semfpn_ade20k")["iterations"] == 200
         assert cfg.eval_settings("keypointrcnn_r50_fpn_coco")["iterations"] == 200
