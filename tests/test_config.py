@@ -85,8 +85,8 @@ def test_override_files_validate_and_keep_the_preset(override):
                     "maskrcnn_r50_c4_coco", "maskrcnn_r50_fpn_coco", "maskrcnn_r50_fpn_lvis",
                     "maskrcnn_r50_fpn_cityscapes", "fasterrcnn_r50_c4_voc"}
         assert set(cfg.evaluations) == transfer and not cfg.method_runs
-        for protocol in transfer:
-            assert cfg.reference_check_enforced(protocol), protocol
+        for protocol in transfer:  # Cityscapes: measured not to separate at 600 iterations, shown only
+            assert cfg.reference_check_enforced(protocol) == (protocol != "maskrcnn_r50_fpn_cityscapes"), protocol
             roles = sorted(r.method for r in cfg.protocol_runs(protocol))
             assert roles == ["random-init", "random-init", "supervised"], (protocol, roles)
         detection = cfg.eval_settings("maskrcnn_r50_c4_coco")
