@@ -397,3 +397,31 @@ def test_cityscapes_layout(tiny_root: Path) -> None:
             assert poly["imgHeight"] == h and poly["imgWidth"] == w
             assert poly["objects"] and all({"label", "polygon"} <= set(o) for o in poly["objects"])
     assert n == sum(TINY.counts["cityscapes"].values())
+
+
+def test_synthetic_counts_resize_one_dataset_only(tmp_path: Path) -> None:
+    """``data.synthetic_counts`` replaces one dataset's split sizes; its data settings (the DAG's rerun trigger)
+    change and no other dataset's do."""
+    from densessl.config import load_config
+    from densessl.data.synthetic import resized
+    from densessl.stages.data import run_data
+
+    size = resized("tiny", {"cityscapes": {"train": 6}})
+    assert size.counts["cityscapes"] == {"train": 6, "val": 2} and size.counts["coco"] == SynthSize.preset(
+        "tiny").counts["coco"]
+    for bad, named in (({"citiscapes": {"train": 2}}, "data.synthetic_counts.citiscapes: unknown dataset"),
+                       ({"cityscapes": {"test": 2}}, "data.synthetic_counts.cityscapes.test: unknown split"),
+                       ({"cityscapes": {"train": 0}}, "data.synthetic_counts.cityscapes.train: 0;"),
+                       ({"cityscapes": {"train": True}}, "data.synthetic_counts.cityscapes.train: True;")):
+        with pytest.raises(DataError) as raised:
+            resized("tiny", bad)
+        assert str(raised.value).startswith(named), raised.value
+    root = Path(__file__).resolve().parents[1]
+    plain = load_config([], preset="smoke", overrides={"results_dir": str(tmp_path / "a"),
+                                                       "data": {"synthetic_size": "tiny"}}, root=root)
+    grown = load_config([], preset="smoke", overrides={"results_dir": str(tmp_path / "b"), "data": {
+        "synthetic_size": "tiny", "synthetic_counts": {"cityscapes": {"train": 6}}}}, root=root)
+    assert plain.data_settings("coco") == grown.data_settings("coco")
+    assert plain.data_settings("cityscapes") != grown.data_settings("cityscapes")
+    manifest = json.loads(run_data(grown, "cityscapes").read_text())
+    assert manifest["summary"]["size"]["counts"] == {"train": 6, "val": 2}

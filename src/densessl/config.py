@@ -398,10 +398,13 @@ class Config:
             # the mirror is left out: it changes where bytes come from, not which bytes (same checksums)
             settings["download"] = bool(d.get("download", False))
         if settings["synthetic"]:
-            from densessl.data.synthetic import DATASETS, GENERATOR_VERSION, PRESETS
+            from densessl.data.synthetic import DATASETS, GENERATOR_VERSION, PRESETS, resized
 
-            size = PRESETS.get(str(settings["size"]))
-            if size is not None and dataset in DATASETS:
+            counts = (d.get("synthetic_counts") or {}).get(dataset)
+            if counts:
+                settings["counts"] = dict(counts)  # data.synthetic_counts: this dataset's splits resized
+            if str(settings["size"]) in PRESETS and dataset in DATASETS:
+                size = resized(str(settings["size"]), {dataset: counts} if counts else None)
                 settings["generator"] = {"version": GENERATOR_VERSION, "spec": size.spec(dataset)}
         return settings
 

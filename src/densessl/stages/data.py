@@ -24,12 +24,14 @@ def run_data(cfg: Config, dataset: str) -> Path:
     settings = cfg.data_settings(dataset)
     manifest_path = cfg.data_manifest(dataset)
     if settings["synthetic"]:
-        from densessl.data.synthetic import synthesize
+        from densessl.data.synthetic import resized, synthesize
 
         root = manifest_path.parent / "files"
         if root.exists():
             shutil.rmtree(root)
-        summary = synthesize(dataset, root, settings["size"], settings["seed"])
+        counts = settings.get("counts")
+        size = resized(settings["size"], {dataset: counts} if counts else None, "data.synthetic_counts")
+        summary = synthesize(dataset, root, size, settings["seed"])
         source = {"synthetic": True, "size": settings["size"], "seed": settings["seed"], "summary": summary}
     else:
         if not settings["root"]:

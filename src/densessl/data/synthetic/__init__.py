@@ -89,6 +89,35 @@ class SynthSize:
         return out
 
 
+def resized(size: str | SynthSize, counts: Mapping[str, Mapping[str, int]] | None,
+            where: str = "data.synthetic_counts") -> SynthSize:
+    """``size`` with some datasets' image counts replaced (``data.synthetic_counts``), the rest as the preset has them.
+
+    Why a per-dataset knob and not another preset: a measurement that needs one larger split (more Cityscapes
+    images for a less noisy AP) keeps every other dataset, and so every other job of the DAG, as it is."""
+    base = SynthSize.preset(size) if isinstance(size, str) else size
+    if not counts:
+        return base
+    if not isinstance(counts, Mapping):
+        raise DataError(f"{where}: {counts!r}; expected a mapping dataset -> {{split: images}}, e.g. "
+                        f"{{cityscapes: {{train: 480, val: 120}}}}")
+    merged = {name: dict(splits) for name, splits in base.counts.items()}
+    for dataset, splits in counts.items():
+        if dataset not in DATASETS:
+            raise DataError(f"{where}.{dataset}: unknown dataset; choose among {', '.join(DATASETS)}")
+        if not isinstance(splits, Mapping) or not splits:
+            raise DataError(f"{where}.{dataset}: {splits!r}; expected {{split: images}} with splits "
+                            f"{', '.join(merged[dataset])}")
+        for split, n in splits.items():
+            if split not in merged[dataset]:
+                raise DataError(f"{where}.{dataset}.{split}: unknown split; {dataset} has "
+                                f"{', '.join(merged[dataset])}")
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise DataError(f"{where}.{dataset}.{split}: {n!r}; must be a whole number of images ≥ 1")
+            merged[dataset][split] = n
+    return SynthSize(name=base.name, counts=merged, image_hw=dict(base.image_hw), davis_frames=base.davis_frames)
+
+
 PRESETS: dict[str, SynthSize] = {
     # Fits CPU: all datasets together in well under a minute on 2 cores.
     "smoke": SynthSize(
