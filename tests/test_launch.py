@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import sys
 
@@ -16,6 +18,7 @@ from densessl.train.launch import (
     resolve_nproc,
     torchrun_command,
     under_torchrun,
+    worker_env,
     write_requeue_marker,
 )
 from densessl.train.trainer import Preempted
@@ -35,10 +38,12 @@ def test_resolve_nproc_precedence():
 
 
 def test_torchrun_command_and_detection():
-    cmd = torchrun_command(4, ["pretrain", "--run", "dino/vit-s16-imagenet"], python="py")
+    cmd = torchrun_command(4, python="py")
     assert cmd == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
                    "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout", "120",
-                   "-m", "densessl", "pretrain", "--run", "dino/vit-s16-imagenet"]
+                   "-m", "densessl.train.torchrun_worker"]
+    assert json.loads(worker_env(["pretrain", "--run", "dino/vit-s16-imagenet"])["DENSESSL_WORKER_ARGV"]) == {
+        "module": "densessl", "argv": ["pretrain", "--run", "dino/vit-s16-imagenet"]}
     assert under_torchrun({"TORCHELASTIC_RUN_ID": "x"})
     assert under_torchrun({"LOCAL_RANK": "0", "WORLD_SIZE": "2"})
     assert not under_torchrun({"SLURM_PROCID": "0"})
@@ -98,3 +103,29 @@ def test_signal_policy_records_first_forwards_second_kills_third():
     assert child.sent == [signal.SIGTERM]
     policy(signal.SIGTERM, None)
     assert child.sent == [signal.SIGTERM, "KILL"]
+
+
+def test_workers_get_the_stage_words_torchrun_would_misparse(tmp_path):
+    """``--run`` is ambiguous to torchrun's argparse (its ``--run-path``) and ``--ro`` a prefix of its ``--role``:
+    both reach the workers as written, on a real 2-process torchrun."""
+    (tmp_path / "argv_echo.py").write_text(
+        "import json, os, sys\n"
+        "open(os.path.join(sys.argv[-1], 'rank%s.json' % os.environ['RANK']), 'w').write(json.dumps(sys.argv[1:]))\n")
+    argv = ["evaluate", "--run", "clove/resnet-tiny-imagenet", "--ro", "x", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    assert launch(argv, 2, lambda: None, module="argv_echo", env=env) == 0
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == argv
+
+
+def test_rank_0_leaves_the_marker_when_preempted(tmp_path):
+    def preempted():
+        raise Preempted("signal 15 at iteration 4")
+
+    marker = tmp_path / "requeue"
+    worker = {REQUEUE_MARKER_ENV: str(marker), "TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "2"}
+    assert launch(["evaluate"], 2, preempted, env={**worker, "RANK": "1"}) == REQUEUE_EXIT_CODE
+    assert not marker.exists()
+    assert launch(["evaluate"], 2, preempted, env={**worker, "RANK": "0"}) == REQUEUE_EXIT_CODE
+    assert marker.read_text() == "signal 15 at iteration 4\n"

@@ -59,7 +59,7 @@ def _weights(trainer) -> dict[str, torch.Tensor]:
 
 def _worker(out: Path) -> int:
     import densessl.train.checkpointing as checkpointing_module
-    from densessl.train.launch import REQUEUE_EXIT_CODE
+    from densessl.train.launch import REQUEUE_EXIT_CODE, write_requeue_marker
     from densessl.train.trainer import Preempted
 
     torch.set_num_threads(1)
@@ -132,7 +132,11 @@ def _worker(out: Path) -> int:
         report["D"] = str(exc)
     (out / f"report_rank{rank}.json").write_text(json.dumps(report), encoding="utf-8")
     torch.distributed.destroy_process_group()
-    return REQUEUE_EXIT_CODE if report["C"].startswith("preempted") else 0
+    if report["C"].startswith("preempted"):
+        if rank == 0:  # what launch() does for a stage that raised Preempted (torchrun itself exits 1)
+            write_requeue_marker(report["C"])
+        return REQUEUE_EXIT_CODE
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------ test

@@ -356,13 +356,18 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
                                     "the size it was trained at")
             elif args.protocol in DETECTION_PROTOCOLS:
                 from densessl.stages.evaluate import detection_nproc
-                from densessl.train.launch import launch
+                from densessl.train.launch import launch, under_torchrun
 
                 cfg = _config(args)
                 stage_argv = list(argv) if argv is not None else sys.argv[1:]
                 # mmdet protocols: one process per GPU under torchrun (their published batch is per 8 GPUs)
-                return launch(stage_argv, detection_nproc(cfg, args.protocol),
-                              lambda: print(run_evaluate(cfg, args.protocol, args.run, args.device)))
+                if under_torchrun():
+                    return launch(stage_argv, 1, lambda: print(run_evaluate(cfg, args.protocol, args.run,
+                                                                            args.device)))
+                nproc = detection_nproc(cfg, args.protocol)
+                with _lock(cfg.eval_metrics(args.protocol, cfg.run(args.run)).parent, "evaluation"):
+                    return launch(stage_argv, nproc,
+                                  lambda: print(run_evaluate(cfg, args.protocol, args.run, args.device)))
             else:
                 cfg = _config(args)
                 run = cfg.run(args.run)

@@ -339,9 +339,11 @@ class Config:
 
     @property
     def datasets(self) -> list[str]:
-        """Datasets the configured runs and evaluations read."""
-        needed = {r.data for r in self.pretrain_runs}
-        needed |= {EVALUATIONS[e]["dataset"] for e in self.evaluations}
+        """Datasets the DAG's jobs read: each evaluation's, and the pretraining data of the runs they evaluate (a
+        configured run that no evaluation selects is not trained, so its data is not made either)."""
+        jobs = self.evaluation_jobs()
+        needed = {EVALUATIONS[p]["dataset"] for p, _ in jobs}
+        needed |= {r.data for _, r in jobs if not r.released and not r.is_random_init}
         return sorted(needed)
 
     # ------------------------------------------------------------------ per-stage settings

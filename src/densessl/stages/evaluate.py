@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -112,15 +113,20 @@ def _run_detection(cfg: Config, protocol: str, backbone_path: Path, manifest: Pa
 
 
 def detection_nproc(cfg: Config, protocol: str) -> int:
-    """Processes for an mmdet protocol: its published ``gpus`` when CUDA devices are visible (the torchrun
-    launcher then starts one process per GPU), else 1 (CPU). A count the protocol's batch was not published for
-    is refused by the protocol itself, with the fix."""
+    """Processes for an mmdet protocol: its ``gpus`` (the published batch is per that many processes; the
+    torchrun launcher starts one per GPU). Without CUDA the same number of CPU processes join over gloo, which
+    is how the multi-process path runs where there is no GPU; SyncBN, which torch runs on CUDA tensors only, is
+    refused there before any process starts."""
     import torch
 
     from densessl.evaluate.transfer.mmdet_protocols import DetectionConfig
 
     det = build_dataclass(DetectionConfig, cfg.eval_settings(protocol), f"evaluate.{protocol}")
-    return det.gpus if torch.cuda.is_available() else 1
+    if det.gpus > 1 and det.norm == "SyncBN" and not torch.cuda.is_available():
+        raise ConfigError(f"evaluate.{protocol}: gpus {det.gpus} with norm SyncBN needs CUDA devices (torch's "
+                          f"SyncBatchNorm runs on GPU tensors only) and none is visible; run on a GPU node, or "
+                          f"set evaluate.{protocol}.norm: BN for CPU processes, or gpus: 1")
+    return det.gpus
 
 
 TOOLKIT_WORK_DIR = "work_dir"
@@ -148,6 +154,8 @@ def run_evaluate(cfg: Config, protocol: str, run_id: str, device: str | None = N
         manifest = cfg.data_manifest(EVALUATIONS[protocol]["dataset"])
         out = cfg.eval_metrics(protocol, run)
         metrics = _run_detection(cfg, protocol, backbone_path, manifest, out, settings, device)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return out  # every process of the run holds the evaluator's metrics; rank 0 writes them
         meta = read_json(backbone_path.with_suffix(".json"))
         write_json(out, {
             "protocol": protocol, "run": run.id, "method": run.method, "arch": run.arch, "pretrain_data": run.data,

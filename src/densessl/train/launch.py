@@ -3,10 +3,12 @@
 ``launch(argv, nproc, run_in_process)`` is what the pretrain stage calls. With ``nproc > 1`` and not already
 inside a torchrun worker, it re-executes the same command line under torchrun::
 
+    DENSESSL_WORKER_ARGV='{"module": "densessl", "argv": [<argv>]}' \
     python -m torch.distributed.run --standalone --nproc_per_node N \
-        --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout 120 -m densessl <argv>
+        --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout 120 -m densessl.train.torchrun_worker
 
-and waits for it; each worker then takes the in-process path, where the trainer reads ``WORLD_SIZE``/``RANK``/
+(the stage's words travel in the environment because torchrun's argparse would take ``--run`` for its own
+``--run-path``: ``torchrun_worker.py``) and waits for it; each worker then takes the in-process path, where the trainer reads ``WORLD_SIZE``/``RANK``/
 ``LOCAL_RANK`` from torchrun's environment and joins the process group. With ``nproc == 1`` (every CPU run,
 smoke scale) or inside a worker, ``run_in_process()`` runs here.
 
@@ -14,8 +16,9 @@ Exit codes. The trainer turns SIGTERM/SIGINT/SIGUSR1, sent to it alone or to its
 "finish the step, checkpoint, exit ``REQUEUE_EXIT_CODE``" (trainer.py; DataLoader workers ignore these
 signals, signals.py). torchrun does not pass a worker's exit code through: any failed worker makes it exit 1
 (measured with torch 2.14). So the launcher sets ``DENSESSL_REQUEUE_MARKER`` to a file in a private temporary
-folder; rank 0 of a preempted run writes it after the checkpoint; when torchrun ends and the file exists the
-launcher exits ``REQUEUE_EXIT_CODE``, otherwise with torchrun's own code.
+folder; rank 0 of a preempted run writes it when the stage raises ``Preempted`` (after its checkpoint: the
+trainer's, or an mmengine protocol's); when torchrun ends and the file exists the launcher exits
+``REQUEUE_EXIT_CODE``, otherwise with torchrun's own code.
 
 Signals. ``--signals-to-handle`` adds SIGUSR1 to what torchrun traps, so a SIGUSR1 does not kill torchrun
 (the default action) but is forwarded to the workers, which then have ``--shutdown-timeout`` seconds to
@@ -113,12 +116,19 @@ def resolve_nproc(requested: int | None = None, env: Mapping[str, str] | None = 
     return max(1, cuda_devices)
 
 
-def torchrun_command(nproc: int, argv: Sequence[str], module: str = "densessl",
-                     python: str | None = None) -> list[str]:
-    """The command that re-runs ``python -m <module> <argv>`` as ``nproc`` torchrun workers on this node."""
+def torchrun_command(nproc: int, python: str | None = None) -> list[str]:
+    """The command that starts ``nproc`` torchrun workers on this node, each running what
+    ``DENSESSL_WORKER_ARGV`` names (:func:`worker_env`; not on torchrun's command line, ``torchrun_worker.py``)."""
     return [python or sys.executable, "-m", "torch.distributed.run", "--standalone",
             "--nproc_per_node", str(nproc), "--signals-to-handle", TORCHRUN_SIGNALS,
-            "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S), "-m", module, *argv]
+            "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S), "-m", "densessl.train.torchrun_worker"]
+
+
+def worker_env(argv: Sequence[str], module: str = "densessl") -> dict[str, str]:
+    """The variable that makes each worker of :func:`torchrun_command` run ``python -m <module> <argv>``."""
+    from densessl.train.torchrun_worker import WORKER_ARGV_ENV, worker_spec
+
+    return {WORKER_ARGV_ENV: worker_spec(module, list(argv))}
 
 
 def write_requeue_marker(message: str, env: Mapping[str, str] | None = None) -> Path | None:
@@ -167,7 +177,8 @@ def run_torchrun(nproc: int, argv: Sequence[str], module: str = "densessl",
     with tempfile.TemporaryDirectory(prefix="densessl-launch-") as folder:
         marker = Path(folder) / "requeue"
         child_env[REQUEUE_MARKER_ENV] = str(marker)
-        code = wait_forwarding_signals(subprocess.Popen(torchrun_command(nproc, argv, module), env=child_env))
+        child_env.update(worker_env(argv, module))
+        code = wait_forwarding_signals(subprocess.Popen(torchrun_command(nproc), env=child_env))
         if marker.exists():
             print(f"densessl launch: {marker.read_text(encoding='utf-8').strip()}; exiting with "
                   f"{REQUEUE_EXIT_CODE} (requeue)", file=sys.stderr)
@@ -192,6 +203,8 @@ def launch(argv: Sequence[str], nproc: int, run_in_process: Callable[[], object]
     try:
         run_in_process()
     except Preempted as exc:
+        if env_map.get("RANK", "0") == "0":
+            write_requeue_marker(str(exc), env_map)  # torchrun exits 1 for any failed worker: the marker says why
         print(f"densessl: {exc}; exiting with {REQUEUE_EXIT_CODE} (requeue)", file=sys.stderr)
         return REQUEUE_EXIT_CODE
     return 0

@@ -69,7 +69,7 @@ from densessl.train.distributed import (
     sync_batchnorm,
 )
 from densessl.train.finite_check import FiniteLossRecord
-from densessl.train.launch import REQUEUE_EXIT_CODE, write_requeue_marker
+from densessl.train.launch import REQUEUE_EXIT_CODE
 from densessl.train.optim import (
     CLIP_MODES,
     OPTIMIZERS,
@@ -324,8 +324,6 @@ class Trainer(CheckpointState, RankAgreement):
                         self.save_checkpoint()
                         self._barrier()
                         message = f"signal {self._stop_signal or 'on another rank'} at step {self.step}; checkpoint saved"
-                        if self.rank == 0:
-                            write_requeue_marker(message)
                         self.run_log.attempt({"event": "preempted", "step": self.step,
                                               "signal": signal.Signals(self._stop_signal).name
                                               if self._stop_signal else "on another rank"})

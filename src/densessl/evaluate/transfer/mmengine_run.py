@@ -5,8 +5,8 @@ evaluators: everything the toolkit's own config files would hold) and hands it t
 which adds what belongs to the run rather than to the protocol and drives the toolkit's own ``Runner``:
 
 * ``work_dir`` (the folder next to ``metrics.json``; the toolkit writes its logs, the resolved config,
-  its scalars JSON and its checkpoints there), seed, launcher (one process per GPU under torchrun, none on
-  CPU), torch threads;
+  its scalars JSON and its checkpoints there), seed, launcher (``pytorch`` when torchrun started several
+  processes, one per GPU; without CUDA they join a gloo group, :func:`join_cpu_process_group`), torch threads;
 * resume: a re-run continues from the newest mmengine checkpoint in ``work_dir`` (mmengine's own
   ``resume=True``, found through the ``last_checkpoint`` file its ``CheckpointHook`` writes). mmengine writes
   its checkpoints in place, so a kill while writing, or a disk fault, leaves a torn file that ``resume`` would
@@ -177,22 +177,55 @@ def _launcher() -> str:
 
 
 def world_size() -> int:
-    """Processes of this run (torchrun's WORLD_SIZE; 1 on CPU): the protocols split the global batch by it."""
+    """Processes of this run (torchrun's WORLD_SIZE, else 1): the protocols split the global batch by it."""
     return max(1, int(os.environ.get("WORLD_SIZE", "1")))
 
 
+def rank() -> int:
+    """This process's rank in the run (0 alone): only rank 0 writes what the stage declares as its output."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _cpu_processes() -> bool:
+    """Several processes and no CUDA: the gloo path of the multi-process launch (how it is tested without a GPU)."""
+    return world_size() > 1 and not torch.cuda.is_available()
+
+
+def join_cpu_process_group() -> None:
+    """Join torchrun's process group over gloo when there is no CUDA device.
+
+    mmengine's ``pytorch`` launcher (``mmengine/dist/utils.py`` ``_init_dist_pytorch``) calls
+    ``torch.cuda.set_device(LOCAL_RANK)`` before it initialises the group, which fails without CUDA; its
+    Runner initialises the group only when none exists yet (``Runner.setup_env``), so joining it here first
+    leaves the rest of the toolkit's distributed path (samplers, DDP, result collection) unchanged."""
+    import torch.distributed as dist
+
+    if _cpu_processes() and not dist.is_initialized():
+        dist.init_process_group(backend="gloo")  # env:// from torchrun's MASTER_ADDR/PORT, RANK, WORLD_SIZE
+
+
 def _preemption_hook(signals: StopSignals) -> Any:
-    from mmengine.dist import is_main_process
+    from mmengine.dist import all_reduce, barrier, get_comm_device, get_world_size, is_main_process
     from mmengine.hooks import Hook
 
+    def stop_anywhere() -> bool:
+        """Whether any process has received a stop signal. The processes agree at every iteration: a signal
+        reaches them at slightly different times, and a rank that stopped alone would leave the others waiting
+        in the next iteration's gradient all-reduce, with no checkpoint written (the trainer agrees likewise)."""
+        if get_world_size() == 1:
+            return signals.received is not None
+        flag = torch.tensor([0 if signals.received is None else 1], device=get_comm_device())
+        all_reduce(flag, op="max")
+        return bool(flag.item())
+
     class PreemptionHook(Hook):
-        """Checkpoint and stop at the end of the iteration in which SIGTERM/SIGUSR1 arrived."""
+        """Checkpoint and stop at the end of the iteration in which SIGTERM/SIGUSR1 arrived (on any process)."""
 
         priority = "LOWEST"
 
         def after_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None,
                              outputs: Any = None) -> None:
-            if signals.received is None:
+            if not stop_anywhere():
                 return
             name = f"iter_{runner.iter + 1}.pth"
             # by_epoch=False records (epoch, iter + 1): the iteration just finished. An epoch-based loop
@@ -201,7 +234,8 @@ def _preemption_hook(signals: StopSignals) -> Any:
             path = Path(runner.work_dir) / name
             if is_main_process():  # save_checkpoint writes on rank 0 only; so does the pointer to it
                 (Path(runner.work_dir) / "last_checkpoint").write_text(str(path))  # what resume=True reads
-            raise Preempted(f"signal {signals.received} at iteration {runner.iter + 1}; "
+            barrier()  # no rank exits (and gets the rest stopped by torchrun) before rank 0 has written
+            raise Preempted(f"signal {signals.received or 'on another rank'} at iteration {runner.iter + 1}; "
                             f"toolkit checkpoint saved to {path}")
 
     return PreemptionHook()
@@ -286,6 +320,11 @@ def run_config(cfg: dict[str, Any], run: ToolkitRun) -> dict[str, Any]:
     if checkpoint and 0 < int(checkpoint.get("max_keep_ckpts", -1)) < KEEP_CHECKPOINTS:
         checkpoint["max_keep_ckpts"] = KEEP_CHECKPOINTS  # a torn newest must have a complete one before it
         out["default_hooks"] = {**hooks, "checkpoint": checkpoint}
+    if _cpu_processes() and "model_wrapper_cfg" not in out:
+        # mmengine wraps with device_ids=[LOCAL_RANK] (runner.py wrap_model), which DDP refuses for a CPU
+        # module; the same wrapper without device ids is what DDP takes on CPU
+        out["model_wrapper_cfg"] = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False,
+                                        find_unused_parameters=bool(out.get("find_unused_parameters", False)))
     env_cfg = dict(out.get("env_cfg", {}))
     env_cfg.setdefault("mp_cfg", dict(mp_start_method="fork", opencv_num_threads=0))
     env_cfg.setdefault("dist_cfg", dict(backend="nccl" if torch.cuda.is_available() else "gloo"))
@@ -314,7 +353,11 @@ def train_and_test(cfg: dict[str, Any], run: ToolkitRun) -> dict[str, Any]:
     register_worker_init()
     _pickle_buffers_plainly()
     run.work_dir.mkdir(parents=True, exist_ok=True)
-    usable_resume_checkpoint(run.work_dir)
+    # rank 0 repairs the resume pointer before it joins the process group; the others read the pointer only in
+    # train(), after the group's rendezvous (which waits for rank 0), so they see the repaired one
+    if rank() == 0:
+        usable_resume_checkpoint(run.work_dir)
+    join_cpu_process_group()
     runner = Runner.from_cfg(Config(run_config(cfg, run)))
     with StopSignals() as signals:
         runner.register_hook(_preemption_hook(signals), priority="LOWEST")
