@@ -85,8 +85,8 @@ def test_override_files_validate_and_keep_the_preset(override):
                     "maskrcnn_r50_c4_coco", "maskrcnn_r50_fpn_coco", "maskrcnn_r50_fpn_lvis",
                     "maskrcnn_r50_fpn_cityscapes", "fasterrcnn_r50_c4_voc"}
         assert set(cfg.evaluations) == transfer and not cfg.method_runs
-        for protocol in transfer:  # Cityscapes: measured not to separate at 600 iterations, shown only
-            assert cfg.reference_check_enforced(protocol) == (protocol != "maskrcnn_r50_fpn_cityscapes"), protocol
+        for protocol in transfer:
+            assert cfg.reference_check_enforced(protocol), protocol
             roles = sorted(r.method for r in cfg.protocol_runs(protocol))
             assert roles == ["random-init", "random-init", "supervised"], (protocol, roles)
         detection = cfg.eval_settings("maskrcnn_r50_c4_coco")
@@ -94,6 +94,20 @@ def test_override_files_validate_and_keep_the_preset(override):
         assert detection["rpn_test_proposals"] == 100  # the rest from smoke.yaml
         assert cfg.eval_settings("semfpn_ade20k")["iterations"] == 200
         assert cfg.eval_settings("keypointrcnn_r50_fpn_coco")["iterations"] == 200
+        # Cityscapes on a split three times the smoke one, all of its val images tested
+        assert cfg.data_settings("cityscapes")["generator"]["spec"]["counts"] == {"train": 480, "val": 120}
+        assert cfg.data_settings("coco") == load_config([REPO / "config.yaml"], root=REPO).data_settings("coco")
+        cityscapes = cfg.eval_settings("maskrcnn_r50_fpn_cityscapes")
+        assert cityscapes["max_test_images"] is None and cityscapes["schedules"]["1x"]["max_length"] == 600
+
+
+def test_datasets_are_those_the_dag_reads(tmp_path):
+    """A configuration that evaluates Cityscapes alone makes (and its report reads) Cityscapes and the supervised
+    reference's ImageNet, not the COCO of the ViT reference that nothing evaluates."""
+    cfg = load_config([write(tmp_path, {"evaluations": ["maskrcnn_r50_fpn_cityscapes"], "runs": [],
+                                        "results_dir": str(tmp_path / "r")})], root=REPO)
+    assert any(r.data == "coco" for r in cfg.pretrain_runs)
+    assert cfg.datasets == ["cityscapes", "imagenet"]
 
 
 def test_data_settings_follow_the_synthetic_generator(monkeypatch):
