@@ -1,4 +1,4 @@
-"""The Snakemake convert rule reruns when what determines an exported backbone changes.
+"""The Snakemake convert rule reruns when what determines an exported backbone changes, and only then.
 
 A released entry's settings (url, sha256, path, format, options) are not input files; without a ``settings``
 param, changing e.g. ``options.checkpoint_key`` left the old backbone.safetensors "up to date".
@@ -51,6 +51,14 @@ def test_changing_a_released_option_reruns_convert(tmp_path: Path) -> None:
 
     same = _snakemake(tmp_path, "-n")  # the settings hash is stable across invocations
     assert same.returncode == 0 and "Nothing to be done" in same.stdout + same.stderr, same.stdout[-2000:]
+
+    # one more override file that leaves this job's settings as they are: the config file list is not a param
+    (tmp_path / "extra.yaml").write_text(yaml.safe_dump({"random_init_seeds": [0, 1]}))
+    extra = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
+                            str(tmp_path), "-n", TARGET, "--configfile", str(tmp_path / "config.yaml"),
+                            str(tmp_path / "extra.yaml")], capture_output=True, text=True, timeout=300)
+    log = extra.stdout + extra.stderr
+    assert extra.returncode == 0 and "Nothing to be done" in log, log[-2000:]
 
     _write_config(tmp_path, checkpoint, "student")
     changed = _snakemake(tmp_path, "-n")

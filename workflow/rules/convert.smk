@@ -5,12 +5,10 @@ rule convert:
         weights=f"{RESULTS}/pretrain/{{method}}/{{name}}/backbone.safetensors",
         sidecar=f"{RESULTS}/pretrain/{{method}}/{{name}}/backbone.json",
     params:
-        cli=PY,
-        config=CONFIG_ARGS,
         run=run_id,
         settings=lambda w: stable_hash(CFG.convert_settings(run_of(w))),
     log:
         f"{RESULTS}/logs/convert/{{method}}/{{name}}.log",
     threads: 1
     shell:
-        "{params.cli} convert {params.config} --run {params.run} --threads {threads} > {log} 2>&1"
+        "{PY} convert {CONFIG_ARGS} --run {params.run} --threads {threads} > {log} 2>&1"

@@ -2,8 +2,6 @@ rule data:
     output:
         manifest=f"{RESULTS}/data/{{dataset}}/manifest.json",
     params:
-        cli=PY,
-        config=CONFIG_ARGS,
         settings=lambda w: stable_hash(CFG.data_settings(w.dataset)),
     log:
         f"{RESULTS}/logs/data/{{dataset}}.log",
@@ -13,4 +11,4 @@ rule data:
     # changes the order, not measurably the total; on a cluster it starts the long jobs first.
     priority: 20
     shell:
-        "{params.cli} data {params.config} --dataset {wildcards.dataset} > {log} 2>&1"
+        "{PY} data {CONFIG_ARGS} --dataset {wildcards.dataset} > {log} 2>&1"

@@ -7,8 +7,6 @@ rule evaluate:
                        caption="../report/evaluate.rst", category="Evaluations", subcategory="{protocol}",
                        labels={"protocol": "{protocol}", "run": "{method}/{name}"}),
     params:
-        cli=PY,
-        config=CONFIG_ARGS,
         run=run_id,
         settings=lambda w: stable_hash(CFG.eval_settings(w.protocol)),
     log:
@@ -19,4 +17,4 @@ rule evaluate:
         gpus=lambda w: CFG.eval_gpus(w.protocol),
         gpu=lambda w: CFG.eval_gpus(w.protocol),
     shell:
-        "{params.cli} evaluate {wildcards.protocol} {params.config} --run {params.run} --threads {threads} > {log} 2>&1"
+        "{PY} evaluate {wildcards.protocol} {CONFIG_ARGS} --run {params.run} --threads {threads} > {log} 2>&1"

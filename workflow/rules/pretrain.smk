@@ -4,8 +4,6 @@ rule pretrain:
     output:
         final=f"{RESULTS}/pretrain/{{method}}/{{name}}/final.pt",
     params:
-        cli=PY,
-        config=CONFIG_ARGS,
         run=run_id,
         settings=lambda w: stable_hash(CFG.pretrain_settings(run_of(w))),
     log:
@@ -20,4 +18,4 @@ rule pretrain:
     resources:
         **{key: _pretrain_resource(key) for key in pretrain_resource_keys(CFG)},
     shell:
-        "{params.cli} pretrain {params.config} --run {params.run} --threads {threads} > {log} 2>&1"
+        "{PY} pretrain {CONFIG_ARGS} --run {params.run} --threads {threads} > {log} 2>&1"

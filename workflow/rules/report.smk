@@ -13,10 +13,10 @@ rule report:
         [report(str(p), caption=f"../report/{REPORT_CAPTIONS[p.name]}", category="Report")
          for p in CFG.report_outputs()],
     params:
-        cli=PY,
-        config=CONFIG_ARGS,
+        # the report reads the whole configuration (tables, baselines, checks): any edit rebuilds it (seconds)
+        settings=stable_hash(CFG.data),
     log:
         f"{RESULTS}/logs/report.log",
     threads: 1
     shell:
-        "{params.cli} report {params.config} > {log} 2>&1"
+        "{PY} report {CONFIG_ARGS} > {log} 2>&1"
