@@ -19,8 +19,9 @@ CFG = load_config(CONFIG_FILES, preset=config.get("preset"), root=Path(workflow.
 CONFIG_ARGS = " ".join(f"--config {f}" for f in CONFIG_FILES) + f" --preset {CFG.preset}"
 # CONFIG_ARGS and PY appear in the rules' shell commands by name, not as params: Snakemake reruns a job whose
 # params change, and the config file list, the checkout's path and the interpreter's say nothing about a job's
-# output. What does is each rule's `settings` param (a hash of the settings that job reads), so adding an
-# override file, moving the checkout or the venv reruns only the jobs whose settings changed.
+# output. What does is each rule's `settings` param (a hash of the settings that job reads), so an added override
+# file reruns only the jobs whose settings it changes (tests/test_convert_rule.py), and a new path of the checkout
+# or of the venv none for that reason.
 # The interpreter running Snakemake (the project venv) also runs every stage, locally or on SLURM nodes.
 # `exec`: the stage replaces the rule's bash, which would otherwise die of the SIGTERM that SLURM sends every
 # process of the job step before a time limit or preemption, and end the step before the stage has saved its
