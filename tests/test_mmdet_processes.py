@@ -19,6 +19,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -151,3 +152,17 @@ def test_cpu_processes_get_a_wrapper_without_device_ids(monkeypatch, tmp_path):
                                         "broadcast_buffers": False, "find_unused_parameters": True}
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert "model_wrapper_cfg" not in run_config({}, ToolkitRun(work_dir=tmp_path, scope="mmdet"))
+
+
+def test_fewer_visible_gpus_than_the_protocol_asks_for_is_refused(monkeypatch):
+    """Eight processes on a node with two GPUs would fail in mmengine's set_device; one line names the fix."""
+    from densessl.errors import ConfigError
+    from densessl.stages.evaluate import detection_nproc
+
+    cfg = load_config([], preset="smoke", overrides={"evaluate": {"maskrcnn_r50_fpn_coco": {"gpus": 8}}}, root=ROOT)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match=r"gpus 8 .* shows 2 GPU\(s\).*evaluate\.maskrcnn_r50_fpn_coco\.gpus"):
+        detection_nproc(cfg, "maskrcnn_r50_fpn_coco")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert detection_nproc(cfg, "maskrcnn_r50_fpn_coco") == 8

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -126,6 +125,12 @@ def detection_nproc(cfg: Config, protocol: str) -> int:
         raise ConfigError(f"evaluate.{protocol}: gpus {det.gpus} with norm SyncBN needs CUDA devices (torch's "
                           f"SyncBatchNorm runs on GPU tensors only) and none is visible; run on a GPU node, or "
                           f"set evaluate.{protocol}.norm: BN for CPU processes, or gpus: 1")
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if 0 < visible < det.gpus:
+        raise ConfigError(f"evaluate.{protocol}: gpus {det.gpus} (one process per GPU, total batch "
+                          f"{det.total_batch} at lr {det.lr}) but this node shows {visible} GPU(s); run it on "
+                          f"{det.gpus} GPUs (the DAG's evaluate rule asks the scheduler for them), or set "
+                          f"evaluate.{protocol}.gpus and lr for the batch you run")
     return det.gpus
 
 
@@ -154,7 +159,9 @@ def run_evaluate(cfg: Config, protocol: str, run_id: str, device: str | None = N
         manifest = cfg.data_manifest(EVALUATIONS[protocol]["dataset"])
         out = cfg.eval_metrics(protocol, run)
         metrics = _run_detection(cfg, protocol, backbone_path, manifest, out, settings, device)
-        if int(os.environ.get("RANK", "0")) != 0:
+        from densessl.evaluate.transfer.mmengine_run import rank
+
+        if rank() != 0:
             return out  # every process of the run holds the evaluator's metrics; rank 0 writes them
         meta = read_json(backbone_path.with_suffix(".json"))
         write_json(out, {

@@ -1,6 +1,6 @@
-"""Run a pretraining stage on N processes (one per GPU) of one node.
+"""Run a stage on N processes (one per GPU) of one node.
 
-``launch(argv, nproc, run_in_process)`` is what the pretrain stage calls. With ``nproc > 1`` and not already
+``launch(argv, nproc, run_in_process)`` is what the pretrain stage and the mmdet evaluations call. With ``nproc > 1`` and not already
 inside a torchrun worker, it re-executes the same command line under torchrun::
 
     DENSESSL_WORKER_ARGV='{"module": "densessl", "argv": [<argv>]}' \
@@ -8,8 +8,8 @@ inside a torchrun worker, it re-executes the same command line under torchrun::
         --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout 120 -m densessl.train.torchrun_worker
 
 (the stage's words travel in the environment because torchrun's argparse would take ``--run`` for its own
-``--run-path``: ``torchrun_worker.py``) and waits for it; each worker then takes the in-process path, where the trainer reads ``WORLD_SIZE``/``RANK``/
-``LOCAL_RANK`` from torchrun's environment and joins the process group. With ``nproc == 1`` (every CPU run,
+``--run-path``: ``torchrun_worker.py``) and waits for it; each worker then takes the in-process path, where the
+stage reads ``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` from torchrun's environment and joins the process group. With ``nproc == 1`` (every CPU run,
 smoke scale) or inside a worker, ``run_in_process()`` runs here.
 
 Exit codes. The trainer turns SIGTERM/SIGINT/SIGUSR1, sent to it alone or to its whole process group, into
